@@ -1,0 +1,1 @@
+"""The release-gate backend built on the gatemetrics engine."""

@@ -1,0 +1,1 @@
+"""The backend application: the release gate, its metrics and its HTTP surface."""

@@ -1,0 +1,1 @@
+"""Release testing: policy, gate, audit log and the gate's metrics."""

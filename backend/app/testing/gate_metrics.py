@@ -1,0 +1,247 @@
+"""The release gate's metrics: its schema on the gatemetrics engine, a store and an exporter.
+
+Families (every label value is exported from the start at 0, so ``increase()`` sees the first
+event):
+
+=========================================== ========== =========================================
+family                                      label      values
+=========================================== ========== =========================================
+``release_gate_decision_total``             decision   ALLOW, DENY
+``release_gate_reason_total``               reason     the 10 :class:`BlockReasonCode` values
+``release_gate_contract_breach_total``      kind       NO_OVERRIDE
+``release_gate_audit_write_failures_total`` (none)
+``release_gate_metric_write_failures_total`` (none)
+=========================================== ========== =========================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from backend.app.testing.release_policy import BlockReasonCode
+from gatemetrics.exposition import render_json, render_prometheus
+from gatemetrics.schema import Family, Schema
+from gatemetrics.store import CounterStore
+
+__all__ = ["GATE_SCHEMA", "GateMetricExporter", "GateMetricStore"]
+
+DECISIONS = ("ALLOW", "DENY")
+BREACH_KINDS = ("NO_OVERRIDE",)
+
+GATE_SCHEMA = Schema(
+    (
+        Family(
+            "release_gate_decision_total",
+            "Release gate decisions, by the decision returned to the caller.",
+            key="decision_counts",
+            label="decision",
+            values=DECISIONS,
+        ),
+        Family(
+            "release_gate_reason_total",
+            "Reasons attached to DENY decisions; each distinct reason counts once per decision.",
+            key="reason_counts",
+            label="reason",
+            values=tuple(r.value for r in BlockReasonCode),
+        ),
+        Family(
+            "release_gate_contract_breach_total",
+            "Overrides attempted on a block with an absolute reason (hard-rejected).",
+            key="breach_counts",
+            label="kind",
+            values=BREACH_KINDS,
+        ),
+        Family(
+            "release_gate_audit_write_failures_total",
+            "Gate decisions whose audit entry could not be written (the decision was denied).",
+            key="audit_write_failures",
+        ),
+        Family(
+            "release_gate_metric_write_failures_total",
+            "Failed attempts to persist this process's gate metrics (counts stay in memory).",
+            key="metric_write_failures",
+        ),
+    )
+)
+
+_ALLOW = GATE_SCHEMA.slot("decision_counts", "ALLOW")
+_DENY = GATE_SCHEMA.slot("decision_counts", "DENY")
+_BREACH = GATE_SCHEMA.slot("breach_counts", "NO_OVERRIDE")
+_AUDIT_FAILURE = GATE_SCHEMA.slot("audit_write_failures")
+_METRIC_FAILURE = GATE_SCHEMA.slot("metric_write_failures")
+# Keyed by the plain string value: a StrEnum member hashes and compares equal to its value, so
+# one lookup serves both BlockReasonCode members and strings.
+_REASON_SLOTS: dict[str, int] = {
+    r.value: GATE_SCHEMA.slot("reason_counts", r.value) for r in BlockReasonCode
+}
+# The hot path looks members up by identity: hashing a StrEnum member runs Enum.__hash__ in
+# Python (about 0.25 µs here), five times the cost of an int key. Members live as long as the
+# interpreter, so no other object can share their id.
+_MEMBER_SLOTS: dict[int, int] = {id(r): _REASON_SLOTS[r.value] for r in BlockReasonCode}
+_MEMBER_GET = _MEMBER_SLOTS.get
+
+
+class GateMetricStore(CounterStore):
+    """In-memory release-gate counters for one process; thread-safe.
+
+    Recording never raises for odd reasons: anything that is not a :class:`BlockReasonCode`
+    member or one of their string values is skipped, so the label set stays bounded whatever a
+    caller passes.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(GATE_SCHEMA, clock=clock)
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def record_decision(
+        self, allowed: bool, reasons: Iterable[BlockReasonCode | str] | str | None = ()
+    ) -> None:
+        """Count one decision; for a DENY, count each distinct valid reason once.
+
+        ``allowed`` must be a real ``bool`` (a truthy string such as ``"false"`` would otherwise
+        count the wrong way). ``reasons`` is ignored for an ALLOW.
+        """
+        # acquire/try/finally instead of ``with``: about 0.1 µs less per call on CPython 3.11,
+        # a tenth of this method's budget.
+        lock = self._lock
+        if allowed is True:
+            lock.acquire()
+            try:
+                self._counts[_ALLOW] += 1
+            finally:
+                lock.release()
+            return
+        if allowed is not False:
+            raise TypeError(f"allowed must be a bool, not {type(allowed).__name__}")
+        cls = reasons.__class__
+        if cls is list or cls is tuple:
+            slots: list[int] = []
+            for r in reasons:  # type: ignore[union-attr]
+                s = _MEMBER_GET(id(r))
+                if s is None:
+                    s = _slot_of(r)
+                    if s is None:
+                        continue
+                if s not in slots:
+                    slots.append(s)
+        else:
+            slots = _reason_slots(reasons)
+        lock.acquire()
+        try:
+            counts = self._counts
+            counts[_DENY] += 1
+            for s in slots:
+                counts[s] += 1
+        finally:
+            lock.release()
+
+    def record_breach(self) -> None:
+        """Count one contract breach (an override attempted on an absolute block)."""
+        with self._lock:
+            self._counts[_BREACH] += 1
+
+    def record_audit_write_failure(self) -> None:
+        """Count one audit entry that could not be written."""
+        with self._lock:
+            self._counts[_AUDIT_FAILURE] += 1
+
+    def record_metric_write_failure(self) -> None:
+        """Count one failed attempt to persist these metrics."""
+        with self._lock:
+            self._counts[_METRIC_FAILURE] += 1
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def decision_counts(self) -> dict[str, int]:
+        """``{"ALLOW": n, "DENY": n}``."""
+        return self.snapshot().family("decision_counts")
+
+    def reason_counts(self) -> dict[str, int]:
+        """Count per :class:`BlockReasonCode` value, every reason present."""
+        return self.snapshot().family("reason_counts")
+
+    def breach_counts(self) -> dict[str, int]:
+        """``{"NO_OVERRIDE": n}``."""
+        return self.snapshot().family("breach_counts")
+
+    def audit_write_failures(self) -> int:
+        return self.get("audit_write_failures")
+
+    def metric_write_failures(self) -> int:
+        return self.get("metric_write_failures")
+
+    @property
+    def store_generation(self) -> int:
+        """How many times this store has been persisted (0 until the first save)."""
+        return self.generation
+
+    @property
+    def store_start_timestamp(self) -> float:
+        """When this store began counting, in seconds since the epoch."""
+        return self.start_timestamp
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateMetricStore:
+        """A store holding ``data`` (the :meth:`to_dict` layout).
+
+        Raises :class:`gatemetrics.SchemaError` (a ``ValueError``) naming the field for a wrong
+        type, a negative or non-integer count, or an unknown family or label value.
+        """
+        store = cls()
+        store.restore(data)
+        return store
+
+
+def _slot_of(reason: object) -> int | None:
+    """The slot of one reason that is not a BlockReasonCode member, or None to skip it."""
+    if type(reason) is str:
+        return _REASON_SLOTS.get(reason)
+    if not isinstance(reason, str):
+        return None  # bytes, numbers, None, containers: never a reason
+    try:
+        # A str subclass (another StrEnum, say) counts by its string value.
+        return _REASON_SLOTS.get(str.__str__(reason))
+    except Exception:  # noqa: BLE001 - a hostile subclass is skipped, never raised
+        return None
+
+
+def _reason_slots(reasons: object) -> list[int]:
+    """The distinct slots of the valid reasons in any input; everything else is skipped."""
+    if reasons is None:
+        return []
+    if isinstance(reasons, str):
+        # A lone reason, not a sequence of one-character strings.
+        s = _MEMBER_SLOTS.get(id(reasons))
+        if s is None:
+            s = _slot_of(reasons)
+        return [] if s is None else [s]
+    slots: list[int] = []
+    try:
+        for r in reasons:  # type: ignore[attr-defined]
+            s = _MEMBER_SLOTS.get(id(r))
+            if s is None:
+                s = _slot_of(r)
+            if s is not None and s not in slots:
+                slots.append(s)
+    except Exception:  # noqa: BLE001, S110 - not iterable or fails mid-way: keep what was read
+        pass
+    return slots
+
+
+class GateMetricExporter:
+    """Renders a :class:`GateMetricStore` (or a merged view of a shard directory)."""
+
+    @staticmethod
+    def export_prometheus(store: CounterStore) -> str:
+        """Prometheus text exposition 0.0.4, deterministic, every series present."""
+        return render_prometheus(store.snapshot())
+
+    @staticmethod
+    def export_json(store: CounterStore) -> str:
+        """The :meth:`GateMetricStore.to_dict` layout as JSON with sorted keys."""
+        return render_json(store.snapshot())

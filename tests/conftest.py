@@ -1,0 +1,59 @@
+"""Shared fixtures and settings for the whole test suite.
+
+Real tools (promtool, node_exporter, Prometheus, gunicorn) are looked up on PATH. On a laptop
+without them the tests that need them skip; with ``GATEMETRICS_REQUIRE_TOOLS=1`` (set by
+``.ci/run``) a missing tool fails the test instead, and any skip at all fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
+
+# deadline=None: fsync and process start-up jitter on shared machines.
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.register_profile("thorough", max_examples=2000, stateful_step_count=50, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def require_tool(name: str) -> str:
+    """The path of tool ``name``; skip without it, or fail when CI requires real tools."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found on PATH"
+        if REQUIRE_TOOLS:
+            pytest.fail(f"{message} (GATEMETRICS_REQUIRE_TOOLS=1 forbids skipping)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def promtool() -> str:
+    """Path of Prometheus's promtool (Debian package ``prometheus``)."""
+    return require_tool("promtool")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI every skip is a failure: a skipped check is a check that did not run."""
+    if not REQUIRE_TOOLS:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if skipped and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter is not None:
+            reporter.write_line(
+                f"FAILED: {skipped} test(s) skipped with GATEMETRICS_REQUIRE_TOOLS=1", red=True
+            )

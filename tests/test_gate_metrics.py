@@ -1,0 +1,375 @@
+"""Tests of backend.app.testing.gate_metrics: the gate's counters on the engine."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricExporter, GateMetricStore
+from backend.app.testing.release_policy import BlockReasonCode
+from gatemetrics import SchemaError
+from tests.exposition_parser import parse
+from tests.strategies import any_reason, store_ops, valid_reason
+
+REASONS = [r.value for r in BlockReasonCode]
+FAMILIES = [
+    "release_gate_decision_total",
+    "release_gate_reason_total",
+    "release_gate_contract_breach_total",
+    "release_gate_audit_write_failures_total",
+    "release_gate_metric_write_failures_total",
+]
+# Every series the exposition may ever carry (design.md section 4, invariant 1).
+ALLOWED_SERIES: dict[str, set[tuple[str, str] | None]] = {
+    "release_gate_decision_total": {("decision", "ALLOW"), ("decision", "DENY")},
+    "release_gate_reason_total": {("reason", r) for r in REASONS},
+    "release_gate_contract_breach_total": {("kind", "NO_OVERRIDE")},
+    "release_gate_audit_write_failures_total": {None},
+    "release_gate_metric_write_failures_total": {None},
+}
+
+
+def apply(store: GateMetricStore, ops: list[tuple[Any, ...]]) -> None:
+    for op in ops:
+        if op[0] == "decision":
+            store.record_decision(op[1], op[2])
+        elif op[0] == "breach":
+            store.record_breach()
+        elif op[0] == "audit_failure":
+            store.record_audit_write_failure()
+        else:
+            store.record_metric_write_failure()
+
+
+def valid_distinct(reasons: list[Any]) -> set[str]:
+    out = set()
+    for r in reasons:
+        if isinstance(r, str) and r in REASONS:
+            out.add(str(r))
+    return out
+
+
+# -- unit tests ------------------------------------------------------------------------------
+
+
+def test_a_new_store_counts_zero_everywhere() -> None:
+    store = GateMetricStore()
+    assert store.decision_counts() == {"ALLOW": 0, "DENY": 0}
+    assert store.reason_counts() == dict.fromkeys(REASONS, 0)
+    assert list(store.reason_counts()) == REASONS
+    assert store.breach_counts() == {"NO_OVERRIDE": 0}
+    assert store.audit_write_failures() == 0
+    assert store.metric_write_failures() == 0
+    assert store.store_generation == 0
+
+
+def test_store_start_timestamp_comes_from_the_injected_clock() -> None:
+    assert GateMetricStore(clock=lambda: 1_700_000_000.25).store_start_timestamp == 1_700_000_000.25
+
+
+def test_allow_counts_allow_and_ignores_reasons() -> None:
+    store = GateMetricStore()
+    store.record_decision(True, [BlockReasonCode.TIER_FAIL])
+    store.record_decision(True)
+    assert store.decision_counts() == {"ALLOW": 2, "DENY": 0}
+    assert sum(store.reason_counts().values()) == 0
+
+
+def test_deny_counts_each_distinct_reason_once() -> None:
+    store = GateMetricStore()
+    store.record_decision(
+        False, [BlockReasonCode.TIER_FAIL, "TIER_FAIL", BlockReasonCode.DRIFT_ALERT]
+    )
+    assert store.decision_counts() == {"ALLOW": 0, "DENY": 1}
+    assert store.reason_counts()["TIER_FAIL"] == 1
+    assert store.reason_counts()["DRIFT_ALERT"] == 1
+    assert sum(store.reason_counts().values()) == 2
+
+
+def test_deny_without_reasons_counts_only_the_decision() -> None:
+    store = GateMetricStore()
+    store.record_decision(False)
+    store.record_decision(False, None)
+    store.record_decision(False, [])
+    assert store.decision_counts()["DENY"] == 3
+    assert sum(store.reason_counts().values()) == 0
+
+
+@pytest.mark.parametrize(
+    "reasons",
+    [
+        ["tier_fail", "TIER_FAIL ", "", "NO_OVERRIDE", "ALLOW"],
+        [None, 3, 2.5, b"TIER_FAIL", ["TIER_FAIL"], {"TIER_FAIL": 1}],
+        12,  # not iterable at all
+        ['TIER_FAIL"} 1\nrelease_gate_reason_total{reason="X'],
+    ],
+)
+def test_invalid_reasons_are_skipped_silently(reasons: Any) -> None:
+    store = GateMetricStore()
+    store.record_decision(False, reasons)
+    assert store.decision_counts()["DENY"] == 1
+    assert sum(store.reason_counts().values()) == 0
+
+
+def test_a_lone_string_reason_counts_as_one_reason() -> None:
+    store = GateMetricStore()
+    store.record_decision(False, "FLAKY_TESTS")
+    store.record_decision(False, BlockReasonCode.NO_DRIFT_DATA)
+    assert store.reason_counts()["FLAKY_TESTS"] == 1
+    assert store.reason_counts()["NO_DRIFT_DATA"] == 1
+    assert sum(store.reason_counts().values()) == 2
+
+
+def test_a_failing_reason_iterator_keeps_what_it_yielded() -> None:
+    def reasons() -> Any:
+        yield "OPS_GATE_FAIL"
+        raise RuntimeError("broken generator")
+
+    store = GateMetricStore()
+    store.record_decision(False, reasons())
+    assert store.reason_counts()["OPS_GATE_FAIL"] == 1
+    assert store.decision_counts()["DENY"] == 1
+
+
+@pytest.mark.parametrize("allowed", ["false", 0, 1, None])
+def test_allowed_must_be_a_bool(allowed: Any) -> None:
+    store = GateMetricStore()
+    with pytest.raises(TypeError, match="bool"):
+        store.record_decision(allowed, [])
+    assert store.decision_counts() == {"ALLOW": 0, "DENY": 0}
+
+
+def test_breach_audit_and_metric_failure_counters() -> None:
+    store = GateMetricStore()
+    store.record_breach()
+    store.record_breach()
+    store.record_audit_write_failure()
+    for _ in range(3):
+        store.record_metric_write_failure()
+    assert store.breach_counts() == {"NO_OVERRIDE": 2}
+    assert store.audit_write_failures() == 1
+    assert store.metric_write_failures() == 3
+    assert store.decision_counts() == {"ALLOW": 0, "DENY": 0}
+
+
+def test_many_threads_count_exactly() -> None:
+    store = GateMetricStore()
+    threads_n, per_thread = 8, 4000
+    barrier = threading.Barrier(threads_n)
+
+    def work() -> None:
+        barrier.wait()
+        for i in range(per_thread):
+            if i % 2:
+                store.record_decision(True)
+            else:
+                store.record_decision(False, [BlockReasonCode.TIER_FAIL, "CANARY_BREAKING"])
+            if i % 4 == 0:
+                store.record_breach()
+                store.record_audit_write_failure()
+                store.record_metric_write_failure()
+
+    threads = [threading.Thread(target=work) for _ in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = threads_n * per_thread
+    assert store.decision_counts() == {"ALLOW": total // 2, "DENY": total // 2}
+    assert store.reason_counts()["TIER_FAIL"] == total // 2
+    assert store.reason_counts()["CANARY_BREAKING"] == total // 2
+    assert store.breach_counts()["NO_OVERRIDE"] == total // 4
+    assert store.audit_write_failures() == total // 4
+    assert store.metric_write_failures() == total // 4
+
+
+# -- to_dict / from_dict -----------------------------------------------------------------------
+
+
+def test_to_dict_has_the_documented_layout() -> None:
+    store = GateMetricStore(clock=lambda: 42.0)
+    store.record_decision(False, ["GUARD_VIOLATION"])
+    assert store.to_dict() == {
+        "decision_counts": {"ALLOW": 0, "DENY": 1},
+        "reason_counts": {r: int(r == "GUARD_VIOLATION") for r in REASONS},
+        "breach_counts": {"NO_OVERRIDE": 0},
+        "audit_write_failures": 0,
+        "metric_write_failures": 0,
+        "store_generation": 0,
+        "store_start_timestamp": 42.0,
+    }
+
+
+def _valid_doc() -> dict[str, Any]:
+    return GateMetricStore(clock=lambda: 1.0).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d["decision_counts"].update(MAYBE=1), "decision_counts.MAYBE"),
+        (lambda d: d["reason_counts"].update(tier_fail=1), "reason_counts.tier_fail"),
+        (lambda d: d["breach_counts"].update(OTHER=1), "breach_counts.OTHER"),
+        (lambda d: d.update(extra_family={}), "extra_family"),
+        (lambda d: d["decision_counts"].update(ALLOW=-1), "decision_counts.ALLOW"),
+        (lambda d: d["decision_counts"].update(ALLOW=1.0), "decision_counts.ALLOW"),
+        (lambda d: d["decision_counts"].update(ALLOW="1"), "decision_counts.ALLOW"),
+        (lambda d: d["decision_counts"].update(ALLOW=True), "decision_counts.ALLOW"),
+        (lambda d: d.update(audit_write_failures=None), "audit_write_failures"),
+        (lambda d: d.update(metric_write_failures=-2), "metric_write_failures"),
+        (lambda d: d.update(reason_counts=[1, 2]), "reason_counts"),
+        (lambda d: d.update(store_generation="7"), "store_generation"),
+        (lambda d: d.pop("store_start_timestamp"), "store_start_timestamp"),
+    ],
+)
+def test_from_dict_rejects_malformed_input_naming_the_field(mutate: Any, field: str) -> None:
+    doc = _valid_doc()
+    mutate(doc)
+    with pytest.raises(SchemaError) as err:
+        GateMetricStore.from_dict(doc)
+    assert err.value.field == field
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("doc", [None, [], "{}", 3])
+def test_from_dict_rejects_non_mappings(doc: Any) -> None:
+    with pytest.raises(SchemaError):
+        GateMetricStore.from_dict(doc)
+
+
+def test_from_dict_restores_metadata() -> None:
+    doc = _valid_doc() | {"store_generation": 9, "store_start_timestamp": 1_700_000_000.5}
+    store = GateMetricStore.from_dict(doc)
+    assert store.store_generation == 9
+    assert store.store_start_timestamp == 1_700_000_000.5
+
+
+@given(store_ops, st.floats(0, 4e9, allow_nan=False), st.integers(0, 2**40))
+def test_from_dict_of_to_dict_round_trips(ops: list[Any], start: float, generation: int) -> None:
+    """P6: from_dict(to_dict()) gives back an equal store, through JSON too."""
+    store = GateMetricStore(clock=lambda: start)
+    apply(store, ops)
+    doc = store.to_dict() | {"store_generation": generation}
+    clone = GateMetricStore.from_dict(doc)
+    assert clone.to_dict() == doc
+    assert GateMetricStore.from_dict(orjson.loads(orjson.dumps(doc))).to_dict() == doc
+    assert GateMetricExporter.export_json(clone) == GateMetricExporter.export_json(
+        GateMetricStore.from_dict(doc)
+    )
+
+
+# -- properties ------------------------------------------------------------------------------
+
+
+@given(st.lists(st.tuples(st.booleans(), st.lists(any_reason, max_size=5)), max_size=80))
+def test_decision_totals_match_calls_and_reasons_match_denies(
+    calls: list[tuple[bool, list[Any]]],
+) -> None:
+    """P1: decision totals equal the number of calls; reason counts match the DENY calls."""
+    store = GateMetricStore()
+    for allowed, reasons in calls:
+        store.record_decision(allowed, reasons)
+    allows = sum(1 for allowed, _ in calls if allowed)
+    assert store.decision_counts() == {"ALLOW": allows, "DENY": len(calls) - allows}
+    expected = Counter(r for allowed, rs in calls if not allowed for r in valid_distinct(rs))
+    assert store.reason_counts() == {r: expected[r] for r in REASONS}
+
+
+@given(store_ops)
+def test_labels_stay_bounded_under_any_operations(ops: list[Any]) -> None:
+    """P4: whatever is recorded, hostile reasons included, only the declared series exist."""
+    store = GateMetricStore()
+    apply(store, ops)
+    families = parse(GateMetricExporter.export_prometheus(store))
+    assert list(families) == FAMILIES
+    for name, fam in families.items():
+        assert set(fam.samples) == ALLOWED_SERIES[name]
+    doc = store.to_dict()
+    assert set(doc["reason_counts"]) == set(REASONS)
+    assert set(doc["decision_counts"]) == {"ALLOW", "DENY"}
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.lists(valid_reason, max_size=4)), max_size=40),
+    st.randoms(),
+)
+def test_equal_counts_give_byte_identical_exposition(
+    calls: list[tuple[bool, list[Any]]], rnd: Any
+) -> None:
+    """P7: equal counts give byte-identical exposition and JSON, with every family present."""
+    a, b = GateMetricStore(clock=lambda: 1.0), GateMetricStore(clock=lambda: 1.0)
+    for allowed, reasons in calls:
+        a.record_decision(allowed, reasons)
+    shuffled = list(calls)
+    rnd.shuffle(shuffled)
+    for allowed, reasons in shuffled:
+        b.record_decision(allowed, list(reversed(reasons)))
+    text = GateMetricExporter.export_prometheus(a)
+    assert text == GateMetricExporter.export_prometheus(b)
+    assert GateMetricExporter.export_json(a) == GateMetricExporter.export_json(b)
+    for name in FAMILIES:
+        assert f"# TYPE {name} counter\n" in text
+
+
+# -- exposition ------------------------------------------------------------------------------
+
+
+def test_exposition_has_every_series_at_zero_from_the_start() -> None:
+    families = parse(GateMetricExporter.export_prometheus(GateMetricStore()))
+    assert list(families) == FAMILIES
+    for name, fam in families.items():
+        assert fam.kind == "counter"
+        assert fam.help
+        assert set(fam.samples) == ALLOWED_SERIES[name]
+        assert set(fam.samples.values()) == {0}
+
+
+def test_exposition_reflects_counts() -> None:
+    store = GateMetricStore()
+    store.record_decision(False, [BlockReasonCode.OPS_GATE_FAIL])
+    store.record_breach()
+    text = GateMetricExporter.export_prometheus(store)
+    assert 'release_gate_decision_total{decision="DENY"} 1\n' in text
+    assert 'release_gate_reason_total{reason="OPS_GATE_FAIL"} 1\n' in text
+    assert 'release_gate_contract_breach_total{kind="NO_OVERRIDE"} 1\n' in text
+
+
+def test_export_json_is_sorted_to_dict() -> None:
+    store = GateMetricStore()
+    store.record_decision(True)
+    text = GateMetricExporter.export_json(store)
+    assert orjson.loads(text) == store.to_dict()
+    assert text == orjson.dumps(store.to_dict(), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def test_exporter_works_as_instance_and_class() -> None:
+    store = GateMetricStore()
+    assert GateMetricExporter().export_prometheus(store) == GateMetricExporter.export_prometheus(
+        store
+    )
+
+
+def test_schema_reason_labels_are_the_block_reason_codes() -> None:
+    assert GATE_SCHEMA.family("reason_counts").values == tuple(REASONS)
+
+
+def test_promtool_check_metrics_has_no_findings(promtool: str) -> None:
+    store = GateMetricStore()
+    store.record_decision(False, ["TIER_FAIL", "NO_CANARY_DATA"])
+    store.record_breach()
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=GateMetricExporter.export_prometheus(store),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.stdout + result.stderr).strip() == ""
