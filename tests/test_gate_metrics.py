@@ -373,3 +373,35 @@ def test_promtool_check_metrics_has_no_findings(promtool: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (result.stdout + result.stderr).strip() == ""
+
+
+# -- record_outcome --------------------------------------------------------------------------
+
+
+def test_record_outcome_counts_a_whole_check_at_once() -> None:
+    store = GateMetricStore()
+    store.record_outcome(False, ["GUARD_VIOLATION", "GUARD_VIOLATION"], breach=True)
+    store.record_outcome(False, [], audit_write_failure=True)
+    store.record_outcome(True, ["TIER_FAIL"])
+    assert store.decision_counts() == {"ALLOW": 1, "DENY": 2}
+    assert store.reason_counts()["GUARD_VIOLATION"] == 1
+    assert sum(store.reason_counts().values()) == 1
+    assert store.breach_counts() == {"NO_OVERRIDE": 1}
+    assert store.audit_write_failures() == 1
+
+
+def test_record_outcome_rejects_non_bool_and_counts_nothing() -> None:
+    store = GateMetricStore()
+    with pytest.raises(TypeError):
+        store.record_outcome(1, [], breach=True)  # type: ignore[arg-type]
+    assert store.to_dict() == GateMetricStore(clock=lambda: store.store_start_timestamp).to_dict()
+
+
+@given(st.lists(st.tuples(st.booleans(), st.lists(any_reason, max_size=4)), max_size=30))
+def test_record_outcome_counts_like_record_decision(calls: list[tuple[bool, list[Any]]]) -> None:
+    """P1 for record_outcome: it counts exactly what record_decision counts."""
+    a, b = GateMetricStore(clock=lambda: 0.0), GateMetricStore(clock=lambda: 0.0)
+    for allowed, reasons in calls:
+        a.record_decision(allowed, reasons)
+        b.record_outcome(allowed, reasons)
+    assert a.to_dict() == b.to_dict()

@@ -140,6 +140,36 @@ class GateMetricStore(CounterStore):
         finally:
             lock.release()
 
+    def record_outcome(
+        self,
+        allowed: bool,
+        reasons: Iterable[BlockReasonCode | str] | str | None = (),
+        *,
+        breach: bool = False,
+        audit_write_failure: bool = False,
+    ) -> None:
+        """Count everything one gate check emits in one atomic step.
+
+        The decision (and its reasons for a DENY), plus optionally a contract breach and an
+        audit write failure. Readers never see half of one check's counts, and a store that
+        persists on every change persists once per check instead of up to three times.
+        """
+        if allowed is not True and allowed is not False:
+            raise TypeError(f"allowed must be a bool, not {type(allowed).__name__}")
+        slots = [_ALLOW] if allowed else [_DENY, *_reason_slots(reasons)]
+        if breach:
+            slots.append(_BREACH)
+        if audit_write_failure:
+            slots.append(_AUDIT_FAILURE)
+        lock = self._lock
+        lock.acquire()
+        try:
+            counts = self._counts
+            for s in slots:
+                counts[s] += 1
+        finally:
+            lock.release()
+
     def record_breach(self) -> None:
         """Count one contract breach (an override attempted on an absolute block)."""
         with self._lock:
