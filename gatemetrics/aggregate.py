@@ -221,6 +221,7 @@ class CompactionReport:
 class Aggregate:
     """The merged counts of one directory, and how they were found. Immutable."""
 
+    directory: str
     schema: Schema
     namespace: str
     counts: tuple[int, ...]
@@ -419,6 +420,7 @@ class _Run:
             _faults.point("compact.scanned")
             compaction, report_archive = self._compact(to_quarantine, pending)
         return Aggregate(
+            directory=self.dir,
             schema=self.schema,
             namespace=self.namespace,
             counts=tuple(self.totals),
