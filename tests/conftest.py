@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.processes import Reaper
+
+if TYPE_CHECKING:
+    from gatemetrics import CounterStore, Schema
 
 REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
 
@@ -57,3 +64,44 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(
                 f"FAILED: {skipped} test(s) skipped with GATEMETRICS_REQUIRE_TOOLS=1", red=True
             )
+
+
+# -- gatemetrics pytest plugin: this repository's stores are the release gate's ----------------
+# (the plugin itself is registered through the pytest11 entry point; pytester tests it.)
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def gatemetrics_schema() -> Schema:
+    from backend.app.testing.gate_metrics import GATE_SCHEMA
+
+    return GATE_SCHEMA
+
+
+@pytest.fixture
+def gatemetrics_store_factory() -> Callable[[], CounterStore]:
+    from backend.app.testing.gate_metrics import GateMetricStore
+
+    return GateMetricStore
+
+
+@pytest.fixture
+def gatemetrics_namespace() -> str:
+    return "release_gate"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """anyio tests run on asyncio (design.md section 6)."""
+    return "asyncio"
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Child processes a test starts; whatever is still running at teardown is SIGKILLed by pid."""
+    reaper = Reaper()
+    try:
+        yield reaper
+    finally:
+        reaper.kill_all()
