@@ -512,7 +512,9 @@ def save_to_dir(
     except (TypeError, GatemetricsError):
         raise
     except Exception as exc:  # noqa: BLE001 - a path that cannot even be resolved
-        _log.warning("saving to %s failed: %s", directory, exc)
+        if failure_key is not None:
+            store._count_quietly(store.schema.slot(failure_key))
+        _log.warning("saving to %s failed (counted): %s", directory, exc)
         return False
     return shard.save()
 
