@@ -3,8 +3,9 @@
 The engine knows nothing of release gates: it offers counter families with fixed label values
 (:class:`Family`, :class:`Schema`), a thread-safe in-memory store (:class:`CounterStore`),
 deterministic rendering (:func:`render_prometheus`, :func:`render_json`), per-process shards on
-disk (:func:`save_to_dir`, :func:`bind`, :class:`Shard`), the aggregator that merges and compacts
-a shard directory (:func:`aggregate`), and anyio helpers (:func:`periodic_saver`, :func:`asave`).
+disk (:func:`save_to_dir`, :func:`bind`, :class:`Shard`), the aggregator that merges and
+compacts a shard directory (:func:`aggregate_dir`), and anyio helpers (:func:`periodic_saver`,
+:func:`asave`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from gatemetrics.aggregate import (
     ArchiveReport,
     CompactionReport,
     ShardReport,
-    aggregate,
+    aggregate_dir,
     pipeline_schema,
 )
 from gatemetrics.aio import asave, periodic_saver
@@ -53,7 +54,7 @@ __all__ = [
     "ShardReport",
     "ShardWriteError",
     "Snapshot",
-    "aggregate",
+    "aggregate_dir",
     "asave",
     "bind",
     "close_all_bindings",

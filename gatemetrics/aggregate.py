@@ -46,6 +46,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 import time
@@ -82,7 +83,7 @@ __all__ = [
     "ArchiveReport",
     "CompactionReport",
     "ShardReport",
-    "aggregate",
+    "aggregate_dir",
     "pipeline_schema",
 ]
 
@@ -117,6 +118,7 @@ COMPACT_STEPS = (
 )
 
 _log = logging.getLogger("gatemetrics.aggregate")
+_NAMESPACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]*\Z")
 
 State = Literal["live", "dead", "absorbed"]
 _CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
@@ -154,6 +156,9 @@ def pipeline_schema(schema: Schema, namespace: str) -> Schema:
     ``<namespace>_quarantined_shards_total`` (counter) and ``<namespace>_shards{state}`` (gauge,
     ``live``/``dead``).
     """
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        # No leading underscore or colon: "__" is Prometheus's, colons are for recording rules.
+        raise SchemaError("namespace", f"must match [a-zA-Z][a-zA-Z0-9_]*, not {namespace!r}")
     key = f"pipeline:{namespace}"
     cached = schema._cache.get(key)
     if cached is None:
@@ -262,7 +267,7 @@ class Aggregate:
         return render_json(self.pipeline_snapshot())
 
 
-def aggregate(
+def aggregate_dir(
     directory: str | os.PathLike[str],
     schema: Schema,
     *,

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from gatemetrics.aggregate import Aggregate, aggregate
+from gatemetrics.aggregate import Aggregate, aggregate_dir
 from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.schema import Schema
 from gatemetrics.shards import Durability, write_file_atomically
@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
 def _aggregate(args: argparse.Namespace, *, compact: bool) -> Aggregate:
     directory = os.path.abspath(args.dir)
     try:
-        return aggregate(
+        return aggregate_dir(
             directory,
             args.schema_obj,
             namespace=args.namespace,

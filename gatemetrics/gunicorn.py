@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from gatemetrics.aggregate import aggregate
+from gatemetrics.aggregate import aggregate_dir
 from gatemetrics.schema import Schema
 from gatemetrics.shards import close_all_bindings
 
@@ -87,7 +87,7 @@ def child_exit(server: Any, worker: Any) -> None:
     if not directory:
         return
     try:
-        aggregate(
+        aggregate_dir(
             directory,
             config.schema,
             namespace=config.namespace,

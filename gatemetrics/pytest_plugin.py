@@ -97,11 +97,13 @@ def gatemetrics_aggregate(
     gatemetrics_namespace: str,
 ) -> Callable[..., Aggregate]:
     """``aggregate(compact=False)``: the merged counts of ``gatemetrics_dir`` right now."""
-    from gatemetrics.aggregate import aggregate  # noqa: PLC0415 - keep plugin import free
+    from gatemetrics.aggregate import aggregate_dir  # noqa: PLC0415 - keep plugin import free
 
     schema = gatemetrics_store_factory().schema
 
     def run(*, compact: bool = False) -> Aggregate:
-        return aggregate(gatemetrics_dir, schema, namespace=gatemetrics_namespace, compact=compact)
+        return aggregate_dir(
+            gatemetrics_dir, schema, namespace=gatemetrics_namespace, compact=compact
+        )
 
     return run

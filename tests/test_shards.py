@@ -25,7 +25,7 @@ from gatemetrics import (
     Shard,
     ShardWriteError,
     _faults,
-    aggregate,
+    aggregate_dir,
     bind,
     new_identity,
     save_to_dir,
@@ -39,7 +39,7 @@ SHARD_NAME = re.compile(r"shard-[0-9a-f]{8}-\d+-[0-9a-f]+-[0-9a-f]{16}\.json\Z")
 
 def totals(directory: Path) -> dict[str, int]:
     return (
-        aggregate(directory, GATE_SCHEMA, namespace=GATE_NAMESPACE)
+        aggregate_dir(directory, GATE_SCHEMA, namespace=GATE_NAMESPACE)
         .snapshot()
         .family("decision_counts")
     )
@@ -233,7 +233,7 @@ def test_saving_after_close_starts_a_new_incarnation_with_only_new_counts(tmp_pa
     assert first is not None
     assert shard.identity.incarnation != first.incarnation
     assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
-    aggregate(tmp_path, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=True)
+    aggregate_dir(tmp_path, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=True)
     assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
     assert len(files(tmp_path, ".json")) == 2  # archive.json and the live shard
     shard.close()
@@ -386,7 +386,7 @@ def test_write_through_failures_are_counted_without_recursion(
     fault(lambda step: None)
     assert binding.close()
     assert (
-        aggregate(tmp_path, GATE_SCHEMA, namespace=GATE_NAMESPACE)
+        aggregate_dir(tmp_path, GATE_SCHEMA, namespace=GATE_NAMESPACE)
         .snapshot()
         .get("metric_write_failures")
         == 5
@@ -412,7 +412,7 @@ def test_write_through_is_exact_when_sigkilled_right_after_the_call_returned(
     assert read_line(proc) == "returned"
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
-    snap = aggregate(tmp_path, GATE_SCHEMA, namespace=GATE_NAMESPACE).snapshot()
+    snap = aggregate_dir(tmp_path, GATE_SCHEMA, namespace=GATE_NAMESPACE).snapshot()
     assert snap.family("decision_counts") == {"ALLOW": 46, "DENY": 91}
     assert snap.get("reason_counts", "NO_TIER_DATA") == 91
     assert snap.get("breach_counts", "NO_OVERRIDE") == 14
@@ -542,9 +542,6 @@ def test_preload_style_fork_after_counts_never_double_counts(
 
 
 def _mp_worker(directory: str, n: int) -> None:
-    from backend.app.testing.gate_metrics import GateMetricStore as Store
-
-    del Store
     # The store inherited from the parent (module global below) must be empty here.
     assert _INHERITED is not None
     assert _INHERITED.decision_counts() == {"ALLOW": 0, "DENY": 0}
@@ -639,7 +636,7 @@ def test_a_save_killed_at_any_step_loses_nothing_saved_and_counts_nothing_twice(
     assert totals(tmp_path) == expected
     orphan_tmp = step in ("save.tmp_written", "save.tmp_synced")
     assert len(files(tmp_path, ".tmp")) == int(orphan_tmp)
-    result = aggregate(tmp_path, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=True)
+    result = aggregate_dir(tmp_path, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=True)
     assert result.snapshot().family("decision_counts") == expected
     assert result.compaction is not None
     assert result.compaction.removed_temp_files == int(orphan_tmp)
@@ -654,7 +651,7 @@ def test_counter_store_of_any_schema_saves_too(tmp_path: Path) -> None:
     store = CounterStore(schema)
     store.increment("jobs", "b", 4)
     assert save_to_dir(store, tmp_path)
-    result = aggregate(tmp_path, schema, namespace="jobs")
+    result = aggregate_dir(tmp_path, schema, namespace="jobs")
     assert result.snapshot().family("jobs") == {"a": 0, "b": 4}
     assert 'jobs_shards{state="live"} 1' in result.render_prometheus()
     shard_for(store, tmp_path).close(save=False)

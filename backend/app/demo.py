@@ -28,7 +28,7 @@ from typing import Literal, TextIO
 
 from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA, GateMetricStore
 from backend.app.testing.release_policy import BlockReasonCode
-from gatemetrics.aggregate import Aggregate, aggregate
+from gatemetrics.aggregate import Aggregate, aggregate_dir
 
 __all__ = ["run_demo"]
 
@@ -178,7 +178,9 @@ class _Demo:
         self.last_totals = result.counts
 
     def aggregate(self, *, compact: bool) -> Aggregate:
-        result = aggregate(self.shard_dir, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=compact)
+        result = aggregate_dir(
+            self.shard_dir, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=compact
+        )
         self.check_monotonic(result)
         if compact:
             self.compactions += 1

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 from backend.app.testing.release_policy import BlockReasonCode
-from gatemetrics.aggregate import Aggregate, aggregate
+from gatemetrics.aggregate import Aggregate, aggregate_dir
 from gatemetrics.exposition import render_json, render_prometheus
 from gatemetrics.schema import Family, Schema
 from gatemetrics.shards import Binding, Durability, Mode, bind, save_to_dir
@@ -301,7 +301,7 @@ class GateMetricStore(CounterStore):
         ``LockTimeoutError`` if an aggregation holds the directory for ``lock_timeout`` s.
         """
         return GateMetricView(
-            aggregate(path, GATE_SCHEMA, namespace=GATE_NAMESPACE, lock_timeout=lock_timeout)
+            aggregate_dir(path, GATE_SCHEMA, namespace=GATE_NAMESPACE, lock_timeout=lock_timeout)
         )
 
     @classmethod
