@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +18,17 @@ from typing import Any
 import orjson
 import pytest
 from filelock import FileLock
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import gatemetrics.aggregate as aggregate_module
 from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA, GateMetricStore
 from gatemetrics import (
     MAX_COUNT,
+    Identity,
     LockTimeoutError,
     SchemaError,
+    Shard,
     ShardWriteError,
     _faults,
     aggregate_dir,
@@ -29,6 +36,7 @@ from gatemetrics import (
     shard_for,
 )
 from gatemetrics.aggregate import COMPACT_STEPS, MAX_SHARD_BYTES, QUARANTINE_DIR, Aggregate
+from gatemetrics.shards import SAVE_STEPS
 from tests.exposition_parser import parse
 from tests.processes import Reaper, run_python
 
@@ -640,3 +648,290 @@ def test_a_crash_hook_that_raises_midway_is_a_crash_not_an_error(tmp_path: Path)
         "DENY": 0,
     }
     shutil.rmtree(tmp_path / QUARANTINE_DIR, ignore_errors=True)
+
+
+# -- the model: a RuleBasedStateMachine over real files -----------------------------------------
+
+
+reason_lists = st.lists(st.sampled_from(list(REASONS)), max_size=3)
+
+
+class _Proc:
+    """One modelled process incarnation: a store, its shard, and what it last saved."""
+
+    def __init__(self, directory: Path, pid: int) -> None:
+        def identity() -> Identity:
+            ns = time.time_ns()
+            return Identity(f"00000000-{pid}-{ns:x}-{secrets.token_hex(8)}", pid, "model", 0.0)
+
+        self.pid = pid
+        self.store = GateMetricStore()
+        self.shard = Shard(self.store, directory, durability="none", identity_factory=identity)
+        self.saved = [0] * GATE_SCHEMA.size
+        self.has_file = False  # whether its current incarnation's shard exists
+
+    def counts(self) -> list[int]:
+        return list(self.store.snapshot().counts)
+
+    def die(self) -> None:
+        """SIGKILL in-process: the kernel drops the lock, nothing else happens."""
+        lock, self.shard._lock = self.shard._lock, None
+        self.shard._identity = None
+        if lock is not None:
+            lock.release()
+
+
+class ShardDirectoryMachine(RuleBasedStateMachine):
+    """Processes record, save, fork, die and get their pids reused; aggregators run and crash.
+
+    After every step the read-only aggregate equals the model (the sum of what every
+    incarnation last saved), never decreases, and carries only the declared series.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="gm-model-"))
+        self.live: list[_Proc] = []
+        self.dead_total = [0] * GATE_SCHEMA.size
+        self.dead_pids: list[int] = []
+        self.next_pid = 100_000
+        self.quarantined = 0
+        self.last = [0] * GATE_SCHEMA.size
+        self.forks = 0
+
+    def teardown(self) -> None:
+        _faults.HOOK = None
+        for proc in self.live:
+            proc.die()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _pick(self, i: int) -> _Proc:
+        return self.live[i % len(self.live)]
+
+    def _bury(self, proc: _Proc) -> None:
+        self.live.remove(proc)
+        self.dead_pids.append(proc.pid)
+        self.dead_total = [a + b for a, b in zip(self.dead_total, proc.saved, strict=True)]
+
+    @precondition(lambda self: len(self.live) < 4)
+    @rule(reuse=st.booleans())
+    def start(self, reuse: bool) -> None:
+        if reuse and self.dead_pids:
+            pid = self.dead_pids[-1]  # pid reuse: same pid, a new incarnation
+        else:
+            self.next_pid += 1
+            pid = self.next_pid
+        self.live.append(_Proc(self.dir, pid))
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 9), calls=st.lists(st.tuples(st.booleans(), reason_lists), max_size=4))
+    def record(self, i: int, calls: list[tuple[bool, list[str]]]) -> None:
+        proc = self._pick(i)
+        for allowed, reasons in calls:
+            proc.store.record_outcome(allowed, reasons, breach=len(reasons) == 3)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 9))
+    def save(self, i: int) -> None:
+        proc = self._pick(i)
+        assert proc.shard.save()
+        proc.saved = proc.counts()
+        proc.has_file = True
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 9), step=st.sampled_from(SAVE_STEPS))
+    def crash_while_saving(self, i: int, step: str) -> None:
+        proc = self._pick(i)
+        _faults.HOOK = _crash_at(step, 0)
+        try:
+            with pytest.raises(_faults.SimulatedCrash):
+                proc.shard.save()
+        finally:
+            _faults.HOOK = None
+        if step in ("save.replaced", "save.done"):
+            proc.saved = proc.counts()
+        proc.die()
+        self._bury(proc)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 9))
+    def exit_gracefully(self, i: int) -> None:
+        proc = self._pick(i)
+        assert proc.shard.close(save=True)
+        proc.saved = proc.counts()
+        self._bury(proc)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 9))
+    def sigkill(self, i: int) -> None:
+        proc = self._pick(i)
+        proc.die()
+        self._bury(proc)
+
+    @precondition(lambda self: self.live and self.forks < 2)
+    @rule(i=st.integers(0, 9), allows=st.integers(0, 3), denies=st.integers(0, 3))
+    def fork(self, i: int, allows: int, denies: int) -> None:
+        """A real fork: the child counts from zero as a new incarnation; the parent keeps its."""
+        self.forks += 1
+        proc = self._pick(i)
+        before = proc.counts()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            ok = False
+            try:
+                ok = not any(proc.counts())
+                for _ in range(allows):
+                    proc.store.record_decision(True)
+                for _ in range(denies):
+                    proc.store.record_decision(False, ["NO_FLAKE_DATA"])
+                ok = proc.shard.save() and ok
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert proc.counts() == before
+        child = GateMetricStore()
+        for _ in range(allows):
+            child.record_decision(True)
+        for _ in range(denies):
+            child.record_decision(False, ["NO_FLAKE_DATA"])
+        counts = child.snapshot().counts
+        self.dead_total = [a + b for a, b in zip(self.dead_total, counts, strict=True)]
+
+    @rule()
+    def compact(self) -> None:
+        agg(self.dir, compact=True)
+
+    @rule(step=st.sampled_from(COMPACT_STEPS), skip=st.integers(0, 2))
+    def crash_while_compacting(self, step: str, skip: int) -> None:
+        _faults.HOOK = _crash_at(step, skip)
+        try:
+            agg(self.dir, compact=True)  # the step may not come up: then it just completes
+        except _faults.SimulatedCrash:
+            pass
+        finally:
+            _faults.HOOK = None
+
+    @rule(kind=st.sampled_from(["garbage", "name", "injection", "directory"]))
+    def hostile_file(self, kind: str) -> None:
+        name = f"shard-{new_identity().incarnation}.json"
+        path = self.dir / name
+        if kind == "garbage":
+            path.write_bytes(b"\x00\xff{")
+        elif kind == "name":
+            (self.dir / f"shard-{secrets.token_hex(4)}.json").write_text("{}")
+        elif kind == "injection":
+            doc = {"counts": {"decision_counts": {'ALLOW"} 9\nx{y="': 1}}}
+            path.write_bytes(orjson.dumps(doc))
+        else:
+            path.mkdir()
+        self.quarantined += 1
+
+    @invariant()
+    def aggregate_equals_the_model(self) -> None:
+        result = agg(self.dir)
+        expected = list(self.dead_total)
+        for proc in self.live:
+            expected = [a + b for a, b in zip(expected, proc.saved, strict=True)]
+        assert list(result.counts) == expected
+        assert all(n >= o for n, o in zip(result.counts, self.last, strict=True))
+        self.last = list(result.counts)
+        assert result.quarantined_total == self.quarantined
+        assert result.live == sum(1 for p in self.live if p.has_file)
+        assert_bounded(result)
+
+
+def _crash_at(step: str, skip: int) -> Callable[[str], None]:
+    remaining = [skip]
+
+    def hook(name: str) -> None:
+        if name == step:
+            if remaining[0] == 0:
+                raise _faults.SimulatedCrash(name)
+            remaining[0] -= 1
+
+    return hook
+
+
+TestAggregateEqualsTheModelAfterEveryStep = ShardDirectoryMachine.TestCase
+
+
+# -- real processes, real signals, concurrent aggregators ------------------------------------------
+
+_WRITER = """
+from backend.app.testing.gate_metrics import GateMetricStore
+directory, reason, count, kill_step, kill_skip = sys.argv[1:6]
+store = GateMetricStore()
+store.bind_to_dir(directory)
+if kill_step:
+    _faults.install_kill_at(kill_step, skip=int(kill_skip))
+for i in range(int(count)):
+    store.record_decision(False, [reason])
+    print(i + 1, flush=True)
+"""
+
+_AGGREGATOR = """
+import orjson
+import backend.app.testing.gate_metrics as g
+from gatemetrics.aggregate import aggregate_dir
+directory, stop, compact = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+while True:
+    done = os.path.exists(stop)
+    r = aggregate_dir(directory, g.GATE_SCHEMA, namespace="release_gate", compact=compact)
+    print(orjson.dumps(r.counts).decode(), flush=True)
+    if done:
+        break
+"""
+
+
+def test_concurrent_writers_killed_mid_save_and_concurrent_aggregators_stay_exact(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    stop = tmp_path / "stop"
+    per_writer = 300
+    # (reason, SIGKILL itself at this save step after this many saves) -- exact by construction
+    self_killed = [("TIER_FAIL", "save.tmp_written", 120), ("FLAKY_TESTS", "save.replaced", 80)]
+    completing = ["DRIFT_ALERT", "CANARY_BREAKING"]
+    victim_reason = "NO_TIER_DATA"  # SIGKILLed by us at a random moment, mid-save most likely
+    writers = {
+        reason: reaper.python(_WRITER, str(shards), reason, str(per_writer), step, str(skip))
+        for reason, step, skip in self_killed
+    }
+    for reason in [*completing, victim_reason]:
+        writers[reason] = reaper.python(_WRITER, str(shards), reason, str(per_writer), "", "0")
+    aggregators = [
+        reaper.python(_AGGREGATOR, str(shards), str(stop), compact) for compact in ("1", "0", "1")
+    ]
+    victim = writers[victim_reason]
+    assert victim.stdout is not None
+    read = [victim.stdout.readline() for _ in range(40 + secrets.randbelow(60))]
+    os.kill(victim.pid, signal.SIGKILL)
+    outputs = {reason: proc.communicate(timeout=60) for reason, proc in writers.items()}
+    stop.touch()
+    for reason, _step, _skip in self_killed:
+        assert writers[reason].returncode == -signal.SIGKILL, outputs[reason][1]
+    for reason in completing:
+        assert writers[reason].returncode == 0, outputs[reason][1]
+    assert victim.returncode == -signal.SIGKILL
+    acked = len(read) + len(outputs[victim_reason][0].split())
+
+    series: list[list[tuple[int, ...]]] = []
+    for proc in aggregators:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        series.append([tuple(orjson.loads(line)) for line in out.splitlines()])
+    for runs in series:  # every aggregator saw totals that never went down
+        assert len(runs) >= 2
+        for before, after in itertools.pairwise(runs):
+            assert all(a >= b for a, b in zip(after, before, strict=True))
+
+    final = agg(shards, compact=True).snapshot()
+    reasons = final.family("reason_counts")
+    assert reasons["TIER_FAIL"] == 120  # killed during save 121, before its rename
+    assert reasons["FLAKY_TESTS"] == 81  # killed during save 81, after its rename
+    assert reasons["DRIFT_ALERT"] == reasons["CANARY_BREAKING"] == per_writer
+    assert acked <= reasons[victim_reason] <= acked + 1  # printed only after it returned
+    assert final.get("decision_counts", "DENY") == sum(reasons.values())
+    assert shard_names(shards) == []  # every writer is dead and compacted away
