@@ -95,6 +95,12 @@ async def periodic_saver(
                 yield shard
             finally:
                 tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The loop never raises, so a group holds what the body raised: give the caller the
+        # exception it raised, not a wrapper around it.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(shard.close)
