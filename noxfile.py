@@ -18,8 +18,8 @@ MYPY = "mypy==2.4.1"
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (pytest, hypothesis; real promtool when installed)."""
-    session.install("-e", ".[test]")
+    """The test suite (pytest, hypothesis; real promtool when installed; real gunicorn)."""
+    session.install("-e", ".[test,server]")
     session.run("pytest", *session.posargs)
 
 
