@@ -43,3 +43,4 @@ def bench(session: nox.Session) -> None:
     """Benchmarks side by side with prometheus_client (not part of the test run)."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.bench_hot_path")
+    session.run("python", "-m", "benchmarks.bench_aggregate", *session.posargs)
