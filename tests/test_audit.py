@@ -219,7 +219,6 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-@pytest.mark.slow
 def test_processes_writing_at_once_lose_and_interleave_no_line(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     count, pad, writers = 120, 5000, 3

@@ -271,6 +271,12 @@ class _RateLimitedLog:
             )
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, type):
+        return f"the class {value.__name__} (pass an instance)"
+    return f"a {type(value).__name__}"
+
+
 def _error_token(exc: BaseException) -> str:
     """A grep-safe name for an audit failure: the errno name, else the exception class."""
     code = getattr(exc, "errno", None)
@@ -361,16 +367,18 @@ class ReleaseGate:
     ) -> None:
         if audit_log is None:
             audit_log = InMemoryAuditLog()
-        elif not callable(getattr(audit_log, "record", None)):
+        elif isinstance(audit_log, type) or not callable(getattr(audit_log, "record", None)):
             raise TypeError(
-                f"audit_log must have a record(entry) method; got {type(audit_log).__name__}"
+                f"audit_log must be an object with a record(entry) method, not {audit_log!r}"
             )
         if metric_store is None:
             metric_store = GateMetricStore()
-        elif not callable(getattr(metric_store, "record_outcome", None)):
+        elif isinstance(metric_store, type) or not callable(
+            getattr(metric_store, "record_outcome", None)
+        ):
             raise TypeError(
-                "metric_store must have a record_outcome() method; "
-                f"got {type(metric_store).__name__}"
+                "metric_store must be an object with a record_outcome() method, "
+                f"not {_describe(metric_store)}"
             )
         if isinstance(failure_log_interval, bool) or not isinstance(
             failure_log_interval, int | float
