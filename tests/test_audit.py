@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,17 @@ def entry(**fields: Any) -> Any:
     """An audit-entry-shaped dict (the logs only need it to be JSON)."""
     base: dict[str, Any] = {"ts_ms": 1, "decision": "ALLOW", "audit_detail": "RELEASE_OK"}
     return {**base, **fields}
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` (one we started) if it still runs, and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            with suppress(OSError):  # closing stdin flushes into a possibly dead pipe
+                pipe.close()
 
 
 def read_lines(path: Path) -> list[bytes]:
@@ -243,11 +255,7 @@ def test_processes_writing_at_once_lose_and_interleave_no_line(tmp_path: Path) -
             assert p.wait(timeout=90) == 0
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            if p.stdout is not None:
-                p.stdout.close()
+            stop(p)
     entries = [orjson.loads(line) for line in read_lines(path)]
     assert len(entries) == writers * (1 + 2 * count)
     seen: dict[str, list[int]] = {}
@@ -383,11 +391,7 @@ def test_a_lock_held_by_another_process_times_out_then_frees(tmp_path: Path) -> 
         holder.stdin.close()
         assert holder.wait(timeout=30) == 0
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
+        stop(holder)
     log.record(entry())
     assert len(read_lines(path)) == 1
 
