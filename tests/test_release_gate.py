@@ -590,6 +590,8 @@ def test_a_str_subclass_cannot_fake_a_scope_match() -> None:
 def test_gate_construction_checks_its_collaborators() -> None:
     with pytest.raises(TypeError, match="record"):
         ReleaseGate(audit_log=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="the class InMemoryAuditLog"):
+        ReleaseGate(audit_log=InMemoryAuditLog)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="record_outcome"):
         ReleaseGate(metric_store=GateMetricStore)  # type: ignore[arg-type] # the class
     with pytest.raises(TypeError, match="record_outcome"):

@@ -369,7 +369,8 @@ class ReleaseGate:
             audit_log = InMemoryAuditLog()
         elif isinstance(audit_log, type) or not callable(getattr(audit_log, "record", None)):
             raise TypeError(
-                f"audit_log must be an object with a record(entry) method, not {audit_log!r}"
+                "audit_log must be an object with a record(entry) method, "
+                f"not {_describe(audit_log)}"
             )
         if metric_store is None:
             metric_store = GateMetricStore()
@@ -448,8 +449,9 @@ class ReleaseGate:
         """
         plan = self._plan(policy_result, override, release_scope, now_ms)
         audit_error = await _run_to_completion(lambda: self._write_audit(plan))
-        # An anyio cancellation that arrived during the write (the thread call shields it):
-        # stop here, so a decision that will not be returned is never counted.
+        # An anyio cancellation that arrived during the write (the thread call shields it and
+        # returns): stop here, so a decision that will not be returned is never counted. The
+        # next to_thread call would check too, but this guarantee must not rest on its details.
         await anyio.lowlevel.checkpoint_if_cancelled()
         decision = _settle(plan, audit_error)
         failed = audit_error is not None
