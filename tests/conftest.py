@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -57,3 +59,51 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(
                 f"FAILED: {skipped} test(s) skipped with GATEMETRICS_REQUIRE_TOOLS=1", red=True
             )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """anyio's pytest plugin runs ``@pytest.mark.anyio`` tests on asyncio only (no trio here)."""
+    return "asyncio"
+
+
+# Prepended to a child's code by run_python(honour_file_modes=True). Root ignores file modes
+# through CAP_DAC_OVERRIDE (and CAP_DAC_READ_SEARCH, CAP_FOWNER); without them it is an ordinary
+# owner, so a 0444 file is really read-only to it. Dropping capabilities needs no privilege and
+# keeps the child's access to the project wherever CI cloned it (switching to "nobody" would not).
+_DROP_FILE_OVERRIDES = """
+import ctypes as _ct, os as _os
+if _os.geteuid() == 0:
+    class _Header(_ct.Structure):
+        _fields_ = [("version", _ct.c_uint32), ("pid", _ct.c_int)]
+    class _Data(_ct.Structure):
+        _fields_ = [("effective", _ct.c_uint32), ("permitted", _ct.c_uint32),
+                    ("inheritable", _ct.c_uint32)]
+    _libc = _ct.CDLL(None, use_errno=True)
+    _header, _data = _Header(0x20080522, 0), (_Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if _libc.capget(_ct.byref(_header), _data) != 0:
+        raise OSError(_ct.get_errno(), "capget")
+    _mask = ~((1 << 1) | (1 << 2) | (1 << 3)) & 0xFFFFFFFF
+    for _field in ("effective", "permitted", "inheritable"):
+        setattr(_data[0], _field, getattr(_data[0], _field) & _mask)
+    if _libc.capset(_ct.byref(_header), _data) != 0:
+        raise OSError(_ct.get_errno(), "capset")
+"""
+
+
+def run_python(
+    code: str, *args: str, honour_file_modes: bool = False, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter of this environment, a real separate process.
+
+    ``honour_file_modes=True`` makes file permission bits apply even when the suite runs as root
+    (CI does), by dropping the capabilities that bypass them in the child only.
+    """
+    prefix = _DROP_FILE_OVERRIDES if honour_file_modes else ""
+    return subprocess.run(
+        [sys.executable, "-c", prefix + code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
