@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    from tests.monitoring_tools import MonitoringStack
 
 REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
 
@@ -45,6 +50,12 @@ def promtool() -> str:
     return require_tool("promtool")
 
 
+@pytest.fixture
+def node_exporter() -> str:
+    """Path of node_exporter (Debian package ``prometheus-node-exporter``)."""
+    return require_tool("prometheus-node-exporter")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI every skip is a failure: a skipped check is a check that did not run."""
     if not REQUIRE_TOOLS:
@@ -57,3 +68,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(
                 f"FAILED: {skipped} test(s) skipped with GATEMETRICS_REQUIRE_TOOLS=1", red=True
             )
+
+
+@pytest.fixture(scope="session")
+def monitoring_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitoringStack]:
+    """A real node_exporter serving a healthy release_gate.prom, scraped every second by a real
+    Prometheus that evaluates monitoring/prometheus/ptf-admin-alerts.yml. Started once, on
+    first use (about 8 s: Prometheus 2.42 scrapes 5.5 s after start); stopped by pid."""
+    # Imported on first use: the rest of the suite needs neither PyYAML nor these servers.
+    from tests.monitoring_tools import monitoring_stack as start
+
+    node_exporter = require_tool("prometheus-node-exporter")
+    prometheus = require_tool("prometheus")
+    with start(node_exporter, prometheus, tmp_path_factory.mktemp("stack")) as stack:
+        yield stack
