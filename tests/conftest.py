@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -82,3 +84,11 @@ def monitoring_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monit
     prometheus = require_tool("prometheus")
     with start(node_exporter, prometheus, tmp_path_factory.mktemp("stack")) as stack:
         yield stack
+
+
+@pytest.fixture(scope="session")
+def grafana_typecheck() -> Callable[[Path], subprocess.CompletedProcess[str]]:
+    """Type-checks a dashboard JSON against @grafana/schema (runs ``npm ci`` once if needed)."""
+    from tests.monitoring_tools import grafana_typecheck as make
+
+    return make(require_tool("npm"), require_tool("node"))

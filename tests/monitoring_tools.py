@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import unicodedata
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -61,6 +62,10 @@ def release_gate_rules() -> list[dict[str, Any]]:
     (group,) = (g for g in groups if g["name"] == GROUP)
     rules: list[dict[str, Any]] = group["rules"]
     return rules
+
+
+def rules_by_alert() -> dict[str, dict[str, Any]]:
+    return {r["alert"]: r for r in release_gate_rules() if "alert" in r}
 
 
 def alert_names() -> list[str]:
@@ -237,7 +242,13 @@ def wait_until(
 
 
 def http_get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback only
+    """GET ``url``; an HTTP error status raises (an OSError) with its connection closed."""
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - loopback only
+    except urllib.error.HTTPError as e:
+        e.close()  # an HTTPError holds the open response: unclosed, it leaks the socket
+        raise
+    with response:
         body: bytes = response.read()
         return body.decode("utf-8")
 
@@ -371,3 +382,34 @@ def monitoring_stack(
             what="five scrapes of node_exporter",
         )
         yield result
+
+
+# -- Grafana's published types ---------------------------------------------------------------
+
+
+def grafana_typecheck(npm: str, node: str) -> Callable[[Path], subprocess.CompletedProcess[str]]:
+    """A function that type-checks a dashboard JSON file (monitoring/grafana/typecheck.mjs).
+
+    Installs the pinned npm project with ``npm ci`` first when node_modules is missing or older
+    than package-lock.json, as CI's clean clone needs.
+    """
+    installed = GRAFANA / "node_modules" / ".package-lock.json"
+    lock = GRAFANA / "package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=GRAFANA,
+            check=True,
+            timeout=300,
+        )
+
+    def typecheck(dashboard: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [node, str(GRAFANA / "typecheck.mjs"), str(dashboard)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    return typecheck

@@ -29,6 +29,7 @@ from tests.monitoring_tools import (
     http_get,
     load_yaml,
     release_gate_rules,
+    rules_by_alert,
     start_node_exporter,
     textfile_exposition,
     wait_until,
@@ -61,10 +62,6 @@ def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
         labels = dict(_LABEL.findall(m["labels"] or ""))
         samples.append((m["name"], labels, float(m["value"])))
     return samples
-
-
-def rules_by_alert() -> dict[str, dict[str, Any]]:
-    return {r["alert"]: r for r in release_gate_rules() if "alert" in r}
 
 
 def promtool_test(promtool: str, *files: Path) -> subprocess.CompletedProcess[str]:
