@@ -51,6 +51,11 @@ GRAFANA_VARIABLES = {
 _GRAFANA_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 
 
+def run(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a tool to completion, capturing its output as text; never raises on its status."""
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
 def load_yaml(path: Path) -> Any:
     with path.open(encoding="utf-8") as f:
         return yaml.safe_load(f)
@@ -103,13 +108,7 @@ def promtool_check_expressions(
         yaml.safe_dump({"groups": [{"name": "expressions", "rules": rules}]}, sort_keys=False),
         encoding="utf-8",
     )
-    return subprocess.run(
-        [promtool, "check", "rules", "--lint=all", "--lint-fatal", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run(promtool, "check", "rules", "--lint=all", "--lint-fatal", str(path))
 
 
 # -- GitHub heading anchors ------------------------------------------------------------------
@@ -404,12 +403,6 @@ def grafana_typecheck(npm: str, node: str) -> Callable[[Path], subprocess.Comple
         )
 
     def typecheck(dashboard: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [node, str(GRAFANA / "typecheck.mjs"), str(dashboard)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return run(node, str(GRAFANA / "typecheck.mjs"), str(dashboard))
 
     return typecheck

@@ -30,6 +30,7 @@ from tests.monitoring_tools import (
     load_yaml,
     release_gate_rules,
     rules_by_alert,
+    run,
     start_node_exporter,
     textfile_exposition,
     wait_until,
@@ -65,26 +66,14 @@ def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def promtool_test(promtool: str, *files: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [promtool, "test", "rules", *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run(promtool, "test", "rules", *map(str, files))
 
 
 # -- promtool: lint and unit tests -----------------------------------------------------------
 
 
 def test_rules_pass_promtool_check_with_fatal_lint(promtool: str) -> None:
-    result = subprocess.run(
-        [promtool, "check", "rules", "--lint=all", "--lint-fatal", str(ALERT_RULES)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run(promtool, "check", "rules", "--lint=all", "--lint-fatal", str(ALERT_RULES))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(release_gate_rules())} rules found" in result.stdout
 
@@ -96,20 +85,8 @@ def test_lint_findings_fail_only_with_lint_fatal(promtool: str, tmp_path: Path) 
     group["rules"].append(dict(group["rules"][0]))  # a duplicate rule
     path = tmp_path / "dup.yml"
     path.write_text(yaml.safe_dump(rules), encoding="utf-8")
-    lenient = subprocess.run(
-        [promtool, "check", "rules", "--lint=all", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    fatal = subprocess.run(
-        [promtool, "check", "rules", "--lint=all", "--lint-fatal", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    lenient = run(promtool, "check", "rules", "--lint=all", str(path))
+    fatal = run(promtool, "check", "rules", "--lint=all", "--lint-fatal", str(path))
     assert lenient.returncode == 0
     assert fatal.returncode == 3
     assert "duplicate rule" in fatal.stdout + fatal.stderr

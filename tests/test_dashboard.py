@@ -30,6 +30,7 @@ from tests.monitoring_tools import (
     grafana_to_promql,
     promtool_check_expressions,
     rules_by_alert,
+    run,
 )
 
 Typecheck = Callable[[Path], subprocess.CompletedProcess[str]]
@@ -106,13 +107,7 @@ def test_builder_check_mode_reports_an_out_of_date_file(
 
 
 def test_builder_runs_as_a_script() -> None:
-    result = subprocess.run(
-        [sys.executable, str(BUILDER), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run(sys.executable, str(BUILDER), "--check")
     assert result.returncode == 0, result.stderr
 
 

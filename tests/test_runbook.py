@@ -31,6 +31,7 @@ from tests.monitoring_tools import (
     markdown_headings,
     promtool_check_expressions,
     rules_by_alert,
+    run,
 )
 
 # Sections that belong to no single alert.
@@ -202,14 +203,7 @@ def run_commands(script: str, log: Path) -> subprocess.CompletedProcess[str]:
     bash = require_tool("bash")
     require_tool("jq")
     env = {"PATH": os.environ["PATH"], "RELEASE_GATE_AUDIT_LOG": str(log), "LC_ALL": "C.UTF-8"}
-    return subprocess.run(
-        [bash, "-c", f"set -euo pipefail\n{script}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    return run(bash, "-c", f"set -euo pipefail\n{script}", env=env)
 
 
 def window_block() -> str:

@@ -55,31 +55,50 @@ def _target(expr: str, legend: str = "__auto", *, ref: str = "A", instant: bool 
     return target
 
 
-def _thresholds(*steps: tuple[str, float | None]) -> JSON:
-    return {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in steps]}
+def _thresholds(red_at: float | None = None) -> JSON:
+    """Green, turning red at ``red_at`` when given."""
+    steps: list[JSON] = [{"color": "green", "value": None}]
+    if red_at is not None:
+        steps.append({"color": "red", "value": red_at})
+    return {"mode": "absolute", "steps": steps}
+
+
+def _panel(
+    kind: str,
+    title: str,
+    description: str,
+    targets: list[JSON],
+    *,
+    defaults: JSON,
+    options: JSON,
+    overrides: list[JSON] | None = None,
+) -> JSON:
+    """What every panel has: its type, text, the datasource variable, queries and options."""
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "targets": targets,
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+        "options": options,
+    }
 
 
 def _stat(title: str, description: str, expr: str, *, unit: str, red_at: float | None) -> JSON:
     """A single number over the dashboard's time range."""
-    steps: list[tuple[str, float | None]] = [("green", None)]
-    if red_at is not None:
-        steps.append(("red", red_at))
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": [_target(expr, instant=True)],
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "decimals": 0 if unit == "none" else 1,
-                "color": {"mode": "thresholds"},
-                "thresholds": _thresholds(*steps),
-            },
-            "overrides": [],
+    return _panel(
+        "stat",
+        title,
+        description,
+        [_target(expr, instant=True)],
+        defaults={
+            "unit": unit,
+            "decimals": 0 if unit == "none" else 1,
+            "color": {"mode": "thresholds"},
+            "thresholds": _thresholds(red_at),
         },
-        "options": {
+        options={
             "colorMode": "background",
             "graphMode": "none",
             "justifyMode": "auto",
@@ -90,7 +109,7 @@ def _stat(title: str, description: str, expr: str, *, unit: str, red_at: float |
             "textMode": "value",
             "wideLayout": True,
         },
-    }
+    )
 
 
 def _timeseries(
@@ -103,35 +122,27 @@ def _timeseries(
     threshold_line: float | None = None,
     overrides: list[JSON] | None = None,
 ) -> JSON:
-    steps: list[tuple[str, float | None]] = [("green", None)]
-    if threshold_line is not None:
-        steps.append(("red", threshold_line))
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": targets,
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "min": 0,
-                "color": {"mode": "palette-classic"},
-                "thresholds": _thresholds(*steps),
-                "custom": {
-                    "drawStyle": draw,
-                    "lineWidth": 1,
-                    "fillOpacity": 10 if draw == "line" else 80,
-                    "showPoints": "never",
-                    "spanNulls": False,
-                    "thresholdsStyle": {
-                        "mode": "off" if threshold_line is None else "line+area",
-                    },
-                },
+    return _panel(
+        "timeseries",
+        title,
+        description,
+        targets,
+        defaults={
+            "unit": unit,
+            "min": 0,
+            "color": {"mode": "palette-classic"},
+            "thresholds": _thresholds(threshold_line),
+            "custom": {
+                "drawStyle": draw,
+                "lineWidth": 1,
+                "fillOpacity": 10 if draw == "line" else 80,
+                "showPoints": "never",
+                "spanNulls": False,
+                "thresholdsStyle": {"mode": "off" if threshold_line is None else "line+area"},
             },
-            "overrides": overrides or [],
         },
-        "options": {
+        overrides=overrides,
+        options={
             "legend": {
                 "calcs": ["max", "lastNotNull"],
                 "displayMode": "table",
@@ -140,7 +151,7 @@ def _timeseries(
             },
             "tooltip": {"mode": "multi", "sort": "desc"},
         },
-    }
+    )
 
 
 def _color(name: str, color: str) -> JSON:
@@ -148,6 +159,18 @@ def _color(name: str, color: str) -> JSON:
         "matcher": {"id": "byName", "options": name},
         "properties": [{"id": "color", "value": {"fixedColor": color, "mode": "fixed"}}],
     }
+
+
+def _increase_by_instance(metric: str, legend: str = "{{instance}}", ref: str = "A") -> JSON:
+    """A counter's increase per instance in each interval (the per-host panels)."""
+    return _target(
+        f"sum by (instance) (increase({metric}{{{INSTANCE}}}[$__rate_interval]))", legend, ref=ref
+    )
+
+
+def _counter_bars(title: str, description: str, *targets: JSON) -> JSON:
+    """Rare events as bars: one bar per interval that counted any."""
+    return _timeseries(title, description, list(targets), unit="none", draw="bars")
 
 
 def _panels() -> list[tuple[JSON, tuple[int, int]]]:
@@ -219,76 +242,64 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
         ),
         (
             {
-                "type": "barchart",
-                "title": "Top deny reasons",
-                "description": "Reasons attached to DENY decisions over the time range, most "
-                "frequent first, summed across the selected instances (a decision with two "
-                "reasons counts once for each).",
-                "datasource": DATASOURCE,
-                "targets": [
-                    _target(
-                        "sort_desc(sum by (reason) (increase(release_gate_reason_total"
-                        f"{{{INSTANCE}}}[$__range])))",
-                        "{{reason}}",
-                        instant=True,
-                    )
-                ],
-                "transformations": [
-                    {"id": "organize", "options": {"excludeByName": {"Time": True}}},
-                ],
-                "fieldConfig": {
-                    "defaults": {
+                **_panel(
+                    "barchart",
+                    "Top deny reasons",
+                    "Reasons attached to DENY decisions over the time range, most frequent "
+                    "first, summed across the selected instances (a decision with two reasons "
+                    "counts once for each).",
+                    [
+                        _target(
+                            "sort_desc(sum by (reason) (increase(release_gate_reason_total"
+                            f"{{{INSTANCE}}}[$__range])))",
+                            "{{reason}}",
+                            instant=True,
+                        )
+                    ],
+                    defaults={
                         "unit": "none",
                         "decimals": 0,
                         "color": {"mode": "fixed", "fixedColor": "red"},
-                        "thresholds": _thresholds(("green", None)),
+                        "thresholds": _thresholds(),
                     },
-                    "overrides": [],
-                },
-                "options": {
-                    "barRadius": 0,
-                    "barWidth": 0.8,
-                    "colorByField": "Value",
-                    "fullHighlight": False,
-                    "groupWidth": 0.7,
-                    "legend": {
-                        "calcs": [],
-                        "displayMode": "list",
-                        "placement": "bottom",
-                        "showLegend": False,
+                    options={
+                        "barRadius": 0,
+                        "barWidth": 0.8,
+                        "colorByField": "Value",
+                        "fullHighlight": False,
+                        "groupWidth": 0.7,
+                        "legend": {
+                            "calcs": [],
+                            "displayMode": "list",
+                            "placement": "bottom",
+                            "showLegend": False,
+                        },
+                        "orientation": "horizontal",
+                        "showValue": "auto",
+                        "stacking": "none",
+                        "tooltip": {"mode": "single", "sort": "none"},
+                        "xField": "reason",
+                        "xTickLabelMaxLength": 0,
+                        "xTickLabelRotation": 0,
+                        "xTickLabelSpacing": 0,
                     },
-                    "orientation": "horizontal",
-                    "showValue": "auto",
-                    "stacking": "none",
-                    "tooltip": {"mode": "single", "sort": "none"},
-                    "xField": "reason",
-                    "xTickLabelMaxLength": 0,
-                    "xTickLabelRotation": 0,
-                    "xTickLabelSpacing": 0,
-                },
+                ),
+                # An instant query as a table has a Time column the bar chart must not plot.
+                "transformations": [
+                    {"id": "organize", "options": {"excludeByName": {"Time": True}}},
+                ],
             },
             (10, graph_h),
         ),
         (
-            _timeseries(
+            _counter_bars(
                 "Breaches and audit write failures per instance",
                 "Per instance, to tell which host's audit log to read: contract breaches and "
                 "audit write failures counted in each interval.",
-                [
-                    _target(
-                        "sum by (instance) (increase(release_gate_contract_breach_total"
-                        f"{{{INSTANCE}}}[$__rate_interval]))",
-                        "breach {{instance}}",
-                    ),
-                    _target(
-                        "sum by (instance) (increase(release_gate_audit_write_failures_total"
-                        f"{{{INSTANCE}}}[$__rate_interval]))",
-                        "audit failure {{instance}}",
-                        ref="B",
-                    ),
-                ],
-                unit="none",
-                draw="bars",
+                _increase_by_instance("release_gate_contract_breach_total", "breach {{instance}}"),
+                _increase_by_instance(
+                    "release_gate_audit_write_failures_total", "audit failure {{instance}}", "B"
+                ),
             ),
             (24, 8),
         ),
@@ -313,38 +324,22 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
             (12, 8),
         ),
         (
-            _timeseries(
+            _counter_bars(
                 "Shard write failures",
                 "Per instance: failed attempts of gate processes to persist their metric shard "
                 "(release_gate_metric_write_failures_total) in each interval. Counts stay in "
                 "memory until a save succeeds; see ReleaseGateMetricWriteFailures.",
-                [
-                    _target(
-                        "sum by (instance) (increase(release_gate_metric_write_failures_total"
-                        f"{{{INSTANCE}}}[$__rate_interval]))",
-                        "{{instance}}",
-                    )
-                ],
-                unit="none",
-                draw="bars",
+                _increase_by_instance("release_gate_metric_write_failures_total"),
             ),
             (12, 8),
         ),
         (
-            _timeseries(
+            _counter_bars(
                 "Quarantined shards",
                 "Per instance: shard files the aggregator quarantined because it could not "
                 "read them (their counts are lost), in each interval; see "
                 "ReleaseGateShardsQuarantined.",
-                [
-                    _target(
-                        "sum by (instance) (increase(release_gate_quarantined_shards_total"
-                        f"{{{INSTANCE}}}[$__rate_interval]))",
-                        "{{instance}}",
-                    )
-                ],
-                unit="none",
-                draw="bars",
+                _increase_by_instance("release_gate_quarantined_shards_total"),
             ),
             (12, 8),
         ),
