@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.monitoring_tools import (
-    ALERT_RULES,
+    ROOT,
     RUNBOOK,
     RUNBOOK_URL,
     Heading,
@@ -97,7 +97,7 @@ def test_every_runbook_url_lands_on_its_alerts_own_heading() -> None:
     for alert, rule in rules_by_alert().items():
         base, _, anchor = rule["annotations"]["runbook_url"].partition("#")
         assert base == RUNBOOK_URL
-        assert RUNBOOK.relative_to(ALERT_RULES.parent.parent.parent).as_posix() in base
+        assert base.endswith("/blob/main/" + RUNBOOK.relative_to(ROOT).as_posix())
         assert anchor in by_anchor, f"{alert}: #{anchor} is no heading of the runbook"
         assert by_anchor[anchor].text == alert
         assert by_anchor[anchor].level == 2
@@ -166,13 +166,14 @@ def test_every_promql_snippet_parses(promtool: str, tmp_path: Path) -> None:
 
 def test_every_promql_snippet_runs_in_real_prometheus(monitoring_stack: MonitoringStack) -> None:
     instance = monitoring_stack.node_exporter_url.removeprefix("http://")
-    answered = 0
     for snippet in promql_snippets():
         # The placeholder on-call replaces with the alert's instance label.
         result = monitoring_stack.query(snippet.replace("<instance>", instance))
-        answered += bool(result)
-    # Most snippets filter on "> 0" and are empty on a healthy host; the rest must answer.
-    assert answered >= 5
+        # A snippet that looks for trouble ("> 0", "== 1", "unless", absent()) may be empty on
+        # a healthy host; any other must answer, or it names a series or label that does not
+        # exist.
+        filtered = re.search(r"(>|<|==)\s*\d+\s*$|\bunless\b|\babsent\(", snippet.strip())
+        assert result or filtered, f"no data for:\n{snippet}"
 
 
 # -- the audit log commands ------------------------------------------------------------------
