@@ -153,6 +153,11 @@ MUTATIONS = {
         "            and on (job, instance)\n            up\n",
         "",
     ),
+    "missing fires when only the file label changes": (
+        "pipeline",
+        "              unless on (job, instance)\n",
+        "              unless\n",
+    ),
     "missing without the fleet-wide absent()": (
         "pipeline",
         'absent(node_textfile_mtime_seconds{file=~"(.*/)?release_gate[.]prom"})\n          or\n',
