@@ -24,7 +24,8 @@ MYPY = "mypy==2.4.1"
 def tests(session: nox.Session) -> None:
     """The test suite (pytest, hypothesis; real promtool when installed)."""
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    # The monitoring tests run in their own session (with promtool, Prometheus and tsc).
+    session.run("pytest", "-m", "not monitoring", *session.posargs)
 
 
 @nox.session

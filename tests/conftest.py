@@ -119,6 +119,8 @@ def run_python(
         timeout=timeout,
         check=False,
     )
+
+
 @pytest.fixture(scope="session")
 def monitoring_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitoringStack]:
     """A real node_exporter serving a healthy release_gate.prom, scraped every second by a real

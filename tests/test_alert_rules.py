@@ -37,6 +37,9 @@ from tests.monitoring_tools import (
     write_textfile,
 )
 
+# Run by the nox session `monitoring`; the `tests` session deselects this marker.
+pytestmark = pytest.mark.monitoring
+
 # What the issue asks of each alert: severity and `for` (None: fires at once).
 EXPECTED: dict[str, tuple[str, str | None]] = {
     "ReleaseGateContractBreach": ("critical", None),

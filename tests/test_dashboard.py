@@ -33,6 +33,9 @@ from tests.monitoring_tools import (
     run,
 )
 
+# Run by the nox session `monitoring`; the `tests` session deselects this marker.
+pytestmark = pytest.mark.monitoring
+
 Typecheck = Callable[[Path], subprocess.CompletedProcess[str]]
 BUILDER = GRAFANA / "build_dashboard.py"
 

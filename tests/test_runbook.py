@@ -34,6 +34,9 @@ from tests.monitoring_tools import (
     run,
 )
 
+# Run by the nox session `monitoring`; the `tests` session deselects this marker.
+pytestmark = pytest.mark.monitoring
+
 # Sections that belong to no single alert.
 GENERAL_SECTIONS = ("Overview", "Where things are on a host")
 # The parts of every alert section, in order.
