@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -19,6 +22,7 @@ from tests.processes import Reaper
 
 if TYPE_CHECKING:
     from gatemetrics import CounterStore, Schema
+    from tests.monitoring_tools import MonitoringStack
 
 REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
 
@@ -52,6 +56,12 @@ def promtool() -> str:
     return require_tool("promtool")
 
 
+@pytest.fixture
+def node_exporter() -> str:
+    """Path of node_exporter (Debian package ``prometheus-node-exporter``)."""
+    return require_tool("prometheus-node-exporter")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI every skip is a failure: a skipped check is a check that did not run."""
     if not REQUIRE_TOOLS:
@@ -64,6 +74,76 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(
                 f"FAILED: {skipped} test(s) skipped with GATEMETRICS_REQUIRE_TOOLS=1", red=True
             )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """anyio's pytest plugin runs ``@pytest.mark.anyio`` tests on asyncio only (no trio here)."""
+    return "asyncio"
+
+
+# Prepended to a child's code by run_python(honour_file_modes=True). Root ignores file modes
+# through CAP_DAC_OVERRIDE (and CAP_DAC_READ_SEARCH, CAP_FOWNER); without them it is an ordinary
+# owner, so a 0444 file is really read-only to it. Dropping capabilities needs no privilege and
+# keeps the child's access to the project wherever CI cloned it (switching to "nobody" would not).
+_DROP_FILE_OVERRIDES = """
+import ctypes as _ct, os as _os
+if _os.geteuid() == 0:
+    class _Header(_ct.Structure):
+        _fields_ = [("version", _ct.c_uint32), ("pid", _ct.c_int)]
+    class _Data(_ct.Structure):
+        _fields_ = [("effective", _ct.c_uint32), ("permitted", _ct.c_uint32),
+                    ("inheritable", _ct.c_uint32)]
+    _libc = _ct.CDLL(None, use_errno=True)
+    _header, _data = _Header(0x20080522, 0), (_Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if _libc.capget(_ct.byref(_header), _data) != 0:
+        raise OSError(_ct.get_errno(), "capget")
+    _mask = ~((1 << 1) | (1 << 2) | (1 << 3)) & 0xFFFFFFFF
+    for _field in ("effective", "permitted", "inheritable"):
+        setattr(_data[0], _field, getattr(_data[0], _field) & _mask)
+    if _libc.capset(_ct.byref(_header), _data) != 0:
+        raise OSError(_ct.get_errno(), "capset")
+"""
+
+
+def run_python(
+    code: str, *args: str, honour_file_modes: bool = False, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter of this environment, a real separate process.
+
+    ``honour_file_modes=True`` makes file permission bits apply even when the suite runs as root
+    (CI does), by dropping the capabilities that bypass them in the child only.
+    """
+    prefix = _DROP_FILE_OVERRIDES if honour_file_modes else ""
+    return subprocess.run(
+        [sys.executable, "-c", prefix + code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def monitoring_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitoringStack]:
+    """A real node_exporter serving a healthy release_gate.prom, scraped every second by a real
+    Prometheus that evaluates monitoring/prometheus/ptf-admin-alerts.yml. Started once, on
+    first use (about 8 s: Prometheus 2.42 scrapes 5.5 s after start); stopped by pid."""
+    # Imported on first use: the rest of the suite needs neither PyYAML nor these servers.
+    from tests.monitoring_tools import monitoring_stack as start
+
+    node_exporter = require_tool("prometheus-node-exporter")
+    prometheus = require_tool("prometheus")
+    with start(node_exporter, prometheus, tmp_path_factory.mktemp("stack")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def grafana_typecheck() -> Callable[[Path], subprocess.CompletedProcess[str]]:
+    """Type-checks a dashboard JSON against @grafana/schema (runs ``npm ci`` once if needed)."""
+    from tests.monitoring_tools import grafana_typecheck as make
+
+    return make(require_tool("npm"), require_tool("node"))
 
 
 # -- gatemetrics pytest plugin: this repository's stores are the release gate's ----------------
@@ -89,12 +169,6 @@ def gatemetrics_store_factory() -> Callable[[], CounterStore]:
 @pytest.fixture
 def gatemetrics_namespace() -> str:
     return "release_gate"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """anyio tests run on asyncio (design.md section 6)."""
-    return "asyncio"
 
 
 @pytest.fixture

@@ -1,0 +1,563 @@
+"""The release gate: turns a policy result (and maybe an override) into an allow/deny decision.
+
+Each check runs three steps, in this order:
+
+1. **Decide** (pure): the decision table below.
+2. **Audit** (fail-closed): exactly one entry is written to the audit log. If the write raises,
+   the decision returned is a DENY, whatever was decided, and ``audit_detail`` says so.
+3. **Emit** (fail-open): one ``record_outcome`` call on the metric store counts the decision
+   actually returned, its reasons, a contract breach and an audit write failure, atomically.
+   Any exception from the store is swallowed (logged, rate-limited): no field of the decision
+   ever depends on the metrics.
+
+Decision table (``audit_detail`` starts with the token in the last column):
+
+=========== ============================================== ======= ===============================
+verdict     override                                       allowed first token
+=========== ============================================== ======= ===============================
+OK          none or any (ignored)                          yes     RELEASE_OK
+HOLD        none                                           no      HOLD_NO_OVERRIDE
+HOLD        created after ``now_ms``                       no      OVERRIDE_NOT_YET_VALID
+HOLD        ``now_ms >= created_at_ms + ttl_seconds*1000`` no      OVERRIDE_EXPIRED
+HOLD        scope differs from a non-empty release_scope   no      SCOPE_MISMATCH
+HOLD        valid in time and scope                        yes     OVERRIDE_APPLIED
+BLOCK       none                                           no      BLOCKED
+BLOCK       any, block has an absolute reason              no      CONTRACT_BREACH_NO_OVERRIDE
+BLOCK       any, no absolute reason                        no      BLOCK_NOT_OVERRIDABLE
+=========== ============================================== ======= ===============================
+
+An override is valid for ``created_at_ms <= now_ms < created_at_ms + ttl_seconds * 1000``: at
+the expiry instant it has expired, and one stamped in the future is not valid yet (a pre-dated
+override must not buy itself extra time; issuers stamp it from the gate's clock). A HOLD
+override that fails several checks lists every failing token (``OVERRIDE_EXPIRED
+SCOPE_MISMATCH``). An override applied with an empty ``release_scope`` adds ``UNSCOPED_CHECK``:
+such a check accepts an override of any scope, so callers guarding production should always
+pass a scope. A contract breach adds ``absolute=<reasons>``.
+
+When the audit write fails, the detail becomes ``AUDIT_WRITE_FAILED audit_error=<errno name or
+exception class> intended=<ALLOW|DENY>`` followed by the tokens of the decision the gate would
+have returned, with ``OVERRIDE_APPLIED`` renamed ``OVERRIDE_VALID`` (it was not applied). Tokens
+never contain caller-supplied text, so the detail is safe to grep and to split on spaces.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar, cast
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from backend.app.testing.audit import AuditEntry, AuditLog, InMemoryAuditLog, OverrideRecord
+from backend.app.testing.gate_metrics import GateMetricStore
+from backend.app.testing.release_policy import (
+    ABSOLUTE_BLOCK_REASONS,
+    BlockReasonCode,
+    ReleasePolicyResult,
+    ReleaseVerdict,
+    _coerce_reasons,
+)
+
+__all__ = ["GateDecision", "GateMetricSink", "ReleaseGate", "ReleaseOverride"]
+
+_logger = logging.getLogger(__name__)
+
+# Audit entries are JSON; orjson refuses integers outside 64 bits, and consumers (jq,
+# Prometheus tooling, Go readers) expect them to fit.
+_MAX_INT64 = 2**63 - 1
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
+
+_T = TypeVar("_T")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not minimum <= value <= _MAX_INT64:
+        raise ValueError(f"{name} must be in [{minimum}, 2**63-1], got {value}")
+    return int(value)
+
+
+def _check_text(name: str, value: object, *, required: bool, multiline: bool = False) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    # A plain copy: a str subclass could override __eq__ and make any scope "match".
+    text = str.__str__(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid UTF-8 text (lone surrogate)") from None
+    if required and not text.strip():
+        raise ValueError(f"{name} must not be empty")
+    if (_CONTROL_BUT_WHITESPACE if multiline else _CONTROL).search(text):
+        raise ValueError(f"{name} must not contain control characters: {text!r}")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOverride:
+    """A human decision to release despite a HOLD, valid for ``ttl_seconds`` from creation.
+
+    Validated at construction: ``ttl_seconds`` a positive int, ``created_at_ms`` a
+    non-negative int (milliseconds since the epoch, on the gate's clock), the expiry within 64
+    bits; ``scope`` a str (may be empty: it then only matches an unscoped check); ``reason``
+    and ``created_by`` non-blank. No field may hold control characters (``reason`` may hold
+    tabs and newlines) or lone surrogates. Wrong types raise :class:`TypeError`, bad values
+    :class:`ValueError`.
+    """
+
+    ttl_seconds: int
+    created_at_ms: int
+    scope: str
+    reason: str
+    created_by: str
+
+    def __post_init__(self) -> None:
+        ttl = _check_int("ttl_seconds", self.ttl_seconds, minimum=1)
+        created = _check_int("created_at_ms", self.created_at_ms, minimum=0)
+        if created + ttl * 1000 > _MAX_INT64:
+            raise ValueError("created_at_ms + ttl_seconds*1000 must fit in 64 bits")
+        fields = {
+            "ttl_seconds": ttl,
+            "created_at_ms": created,
+            "scope": _check_text("scope", self.scope, required=False),
+            "reason": _check_text("reason", self.reason, required=True, multiline=True),
+            "created_by": _check_text("created_by", self.created_by, required=True),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def expires_at_ms(self) -> int:
+        """The first instant at which the override is no longer valid."""
+        return self.created_at_ms + self.ttl_seconds * 1000
+
+    def to_record(self) -> OverrideRecord:
+        """The fields as written in an audit entry."""
+        return {
+            "ttl_seconds": self.ttl_seconds,
+            "created_at_ms": self.created_at_ms,
+            "scope": self.scope,
+            "reason": self.reason,
+            "created_by": self.created_by,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GateDecision:
+    """The gate's answer. ``reasons`` are the policy result's reasons, in declaration order.
+
+    Validated at construction; besides types, the combinations the gate can never produce are
+    refused: an override applied to anything but an allowed HOLD, an allowed BLOCK, an allowed
+    HOLD without an override.
+    """
+
+    allowed: bool
+    verdict: ReleaseVerdict
+    reasons: tuple[BlockReasonCode, ...]
+    override_applied: bool
+    audit_detail: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.allowed, bool):
+            raise TypeError(f"allowed must be a bool, not {type(self.allowed).__name__}")
+        if not isinstance(self.override_applied, bool):
+            raise TypeError(
+                f"override_applied must be a bool, not {type(self.override_applied).__name__}"
+            )
+        if not isinstance(self.verdict, str):
+            raise TypeError(f"verdict must be a ReleaseVerdict, not {type(self.verdict).__name__}")
+        verdict = ReleaseVerdict(self.verdict)
+        object.__setattr__(self, "verdict", verdict)
+        object.__setattr__(self, "reasons", _coerce_reasons(self.reasons))
+        if not isinstance(self.audit_detail, str):
+            raise TypeError(f"audit_detail must be a str, not {type(self.audit_detail).__name__}")
+        if self.override_applied and not (self.allowed and verdict is ReleaseVerdict.RELEASE_HOLD):
+            raise ValueError("an override can only be applied to an allowed RELEASE_HOLD")
+        if self.allowed and verdict is ReleaseVerdict.RELEASE_BLOCK:
+            raise ValueError("a RELEASE_BLOCK is never allowed")
+        if self.allowed and verdict is ReleaseVerdict.RELEASE_HOLD and not self.override_applied:
+            raise ValueError("a RELEASE_HOLD is only allowed with an override applied")
+
+    @property
+    def decision(self) -> Literal["ALLOW", "DENY"]:
+        return "ALLOW" if self.allowed else "DENY"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``allowed``, ``verdict``, ``reasons``, ``override_applied``,
+        ``audit_detail``."""
+        return {
+            "allowed": self.allowed,
+            "verdict": self.verdict.value,
+            "reasons": [r.value for r in self.reasons],
+            "override_applied": self.override_applied,
+            "audit_detail": self.audit_detail,
+        }
+
+
+class GateMetricSink(Protocol):
+    """What the gate needs from a metric store (:class:`GateMetricStore` is one)."""
+
+    def record_outcome(
+        self,
+        allowed: bool,
+        reasons: tuple[BlockReasonCode, ...],
+        *,
+        breach: bool,
+        audit_write_failure: bool,
+    ) -> None:
+        """Count one whole gate check atomically."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A decided, not yet audited check."""
+
+    result: ReleasePolicyResult
+    override: ReleaseOverride | None
+    release_scope: str
+    now_ms: int
+    allowed: bool
+    override_applied: bool
+    breach: bool
+    tokens: tuple[str, ...]
+
+
+class _RateLimitedLog:
+    """Logs at most one record per ``interval`` seconds and counts the ones it held back.
+
+    A failing disk fails every check; a log line per check would flood (or fill) the logs.
+    """
+
+    __slots__ = ("_interval", "_level", "_lock", "_next_at", "_suppressed")
+
+    def __init__(self, level: int, interval: float) -> None:
+        self._level = level
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._next_at: float | None = None
+        self._suppressed = 0
+
+    def report(self, message: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._next_at is not None and now < self._next_at:
+                self._suppressed += 1
+                return
+            suppressed = self._suppressed
+            self._suppressed = 0
+            self._next_at = now + self._interval
+        # Reporting must never break a check, whatever the handlers or the exception do.
+        with suppress(Exception):
+            _logger.log(
+                self._level,
+                "%s: %s (%d more since the last report)",
+                message,
+                type(exc).__name__,
+                suppressed,
+                exc_info=exc,
+            )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, type):
+        return f"the class {value.__name__} (pass an instance)"
+    return f"a {type(value).__name__}"
+
+
+def _error_token(exc: BaseException) -> str:
+    """A grep-safe name for an audit failure: the errno name, else the exception class."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return errno.errorcode[code]
+    return _TOKEN_UNSAFE.sub("_", type(exc).__name__) or "Exception"
+
+
+class _ThreadCall:
+    """One call run on a worker thread, with a handshake so the caller can wait for it.
+
+    anyio's own cancellation waits for a worker thread (``abandon_on_cancel=False``), but a
+    native asyncio cancellation (``task.cancel()``, ``asyncio.timeout``) interrupts the await
+    while the thread goes on. The handshake tells the caller whether the call started (then
+    it will finish, and the caller waits) or never will (it was abandoned before starting).
+    """
+
+    __slots__ = ("_abandoned", "_done", "_func", "_lock", "_started")
+
+    def __init__(self, func: Callable[[], _T]) -> None:
+        self._func: Callable[[], Any] = func
+        self._lock = threading.Lock()
+        self._started = False
+        self._abandoned = False
+        self._done = threading.Event()
+
+    def run(self) -> Any:
+        with self._lock:
+            if self._abandoned:
+                return None
+            self._started = True
+        try:
+            return self._func()
+        finally:
+            self._done.set()
+
+    def abandon(self) -> bool:
+        """True if the call had not started; it then never will."""
+        with self._lock:
+            if self._started:
+                return False
+            self._abandoned = True
+            return True
+
+    async def wait(self) -> None:
+        """Wait off the loop until the started call has finished, whatever cancels us."""
+        with anyio.CancelScope(shield=True):
+            while not self._done.is_set():
+                try:
+                    await anyio.to_thread.run_sync(self._done.wait)
+                except anyio.get_cancelled_exc_class():
+                    continue  # another native cancellation: we re-raise the first one
+
+
+async def _run_to_completion(func: Callable[[], _T]) -> _T:
+    """``func()`` on a worker thread; if cancelled once it started, wait for it, then raise."""
+    call = _ThreadCall(func)
+    try:
+        return cast("_T", await anyio.to_thread.run_sync(call.run))
+    except anyio.get_cancelled_exc_class():
+        if not call.abandon():
+            await call.wait()
+        raise
+
+
+class ReleaseGate:
+    """Decides whether a release may go out; audits every decision and counts it.
+
+    ``audit_log``: anything with ``record(entry)`` (:class:`~backend.app.testing.audit.AuditLog`);
+    default a new :class:`InMemoryAuditLog` (unbounded, for tests and development: production
+    passes a :class:`~backend.app.testing.audit.JsonlAuditLog`).
+    ``metric_store``: anything with ``record_outcome`` (:class:`GateMetricSink`); default a new
+    private :class:`GateMetricStore`. ``failure_log_interval``: at most one log record per this
+    many seconds for audit failures, and separately for metric failures.
+
+    Thread-safe; one gate can serve every request of a process. :meth:`check` blocks on the
+    audit write (file lock, write, fsync) and on the store; async code uses :meth:`acheck`.
+    """
+
+    __slots__ = ("_audit_failures", "_audit_log", "_metric_failures", "_metric_store")
+
+    def __init__(
+        self,
+        audit_log: AuditLog | None = None,
+        metric_store: GateMetricSink | None = None,
+        *,
+        failure_log_interval: float = 60.0,
+    ) -> None:
+        if audit_log is None:
+            audit_log = InMemoryAuditLog()
+        elif isinstance(audit_log, type) or not callable(getattr(audit_log, "record", None)):
+            raise TypeError(
+                "audit_log must be an object with a record(entry) method, "
+                f"not {_describe(audit_log)}"
+            )
+        if metric_store is None:
+            metric_store = GateMetricStore()
+        elif isinstance(metric_store, type) or not callable(
+            getattr(metric_store, "record_outcome", None)
+        ):
+            raise TypeError(
+                "metric_store must be an object with a record_outcome() method, "
+                f"not {_describe(metric_store)}"
+            )
+        if isinstance(failure_log_interval, bool) or not isinstance(
+            failure_log_interval, int | float
+        ):
+            raise TypeError("failure_log_interval must be a number of seconds")
+        if not 0 <= failure_log_interval < float("inf"):
+            raise ValueError("failure_log_interval must be >= 0 and finite")
+        self._audit_log = audit_log
+        self._metric_store = metric_store
+        self._audit_failures = _RateLimitedLog(logging.ERROR, float(failure_log_interval))
+        self._metric_failures = _RateLimitedLog(logging.WARNING, float(failure_log_interval))
+
+    @property
+    def audit_log(self) -> AuditLog:
+        return self._audit_log
+
+    @property
+    def metric_store(self) -> GateMetricSink:
+        return self._metric_store
+
+    def check(
+        self,
+        policy_result: ReleasePolicyResult,
+        override: ReleaseOverride | None = None,
+        release_scope: str = "",
+        now_ms: int = 0,
+    ) -> GateDecision:
+        """Decide, audit (fail-closed), count (fail-open), and return the decision.
+
+        ``now_ms`` is the gate's clock in milliseconds since the epoch; it is taken literally
+        (the default 0 is the epoch, at which no real override is valid yet). Arguments of the
+        wrong type raise :class:`TypeError` (bad values :class:`ValueError`) before anything is
+        audited or counted; after that, nothing the audit log or the store does makes this
+        raise (exceptions that are not ``Exception``, such as ``KeyboardInterrupt``, still
+        propagate).
+        """
+        plan = self._plan(policy_result, override, release_scope, now_ms)
+        audit_error = self._write_audit(plan)
+        decision = _settle(plan, audit_error)
+        self._emit(decision, plan.breach, audit_error is not None)
+        return decision
+
+    async def acheck(
+        self,
+        policy_result: ReleasePolicyResult,
+        override: ReleaseOverride | None = None,
+        release_scope: str = "",
+        now_ms: int = 0,
+    ) -> GateDecision:
+        """:meth:`check` for async code: the audit write and the metric emission run on worker
+        threads (anyio), never on the event loop; the decision itself is computed on the loop.
+
+        Cancellation contract (the audit write and the emission cannot be interrupted once
+        started, and ``acheck`` never leaves either running behind it):
+
+        - Cancelled before the audit write starts: nothing is written or counted.
+        - Cancelled while the audit write runs: ``acheck`` waits for the write to finish, counts
+          nothing and raises the cancellation. The audit log may then hold an entry for a
+          decision nobody received: an entry records what the gate decided; a caller that got
+          no decision must treat the release as not allowed.
+        - Cancelled while the emission runs: with an anyio cancel scope (``move_on_after``,
+          ``fail_after``, a task group's cancel), the decision is returned, counted, and the
+          cancellation is delivered at the caller's next checkpoint. With a native asyncio
+          cancellation (``task.cancel()``, ``asyncio.timeout``) ``acheck`` waits for the
+          emission and raises: in that window only, a decision is counted that was not
+          returned (asyncio offers no way to both honour the cancellation and return).
+        """
+        plan = self._plan(policy_result, override, release_scope, now_ms)
+        audit_error = await _run_to_completion(lambda: self._write_audit(plan))
+        # An anyio cancellation that arrived during the write (the thread call shields it and
+        # returns): stop here, so a decision that will not be returned is never counted. The
+        # next to_thread call would check too, but this guarantee must not rest on its details.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        decision = _settle(plan, audit_error)
+        failed = audit_error is not None
+        await _run_to_completion(lambda: self._emit(decision, plan.breach, failed))
+        return decision
+
+    # -- the three steps -----------------------------------------------------------------------
+
+    @staticmethod
+    def _plan(
+        policy_result: object, override: object, release_scope: object, now_ms: object
+    ) -> _Plan:
+        if not isinstance(policy_result, ReleasePolicyResult):
+            raise TypeError(
+                f"policy_result must be a ReleasePolicyResult, not {type(policy_result).__name__}"
+            )
+        if override is not None and not isinstance(override, ReleaseOverride):
+            raise TypeError(
+                f"override must be a ReleaseOverride or None, not {type(override).__name__}"
+            )
+        scope = _check_text("release_scope", release_scope, required=False)
+        now = _check_int("now_ms", now_ms, minimum=0)
+        allowed, applied, breach, tokens = _decide(policy_result, override, scope, now)
+        return _Plan(policy_result, override, scope, now, allowed, applied, breach, tokens)
+
+    def _write_audit(self, plan: _Plan) -> str | None:
+        """Write the plan's entry; None on success, else a token naming the failure."""
+        try:
+            entry: AuditEntry = {
+                "ts_ms": plan.now_ms,
+                "logged_at": time.time(),
+                "decision": "ALLOW" if plan.allowed else "DENY",
+                "allowed": plan.allowed,
+                "verdict": plan.result.verdict.value,
+                "reasons": [r.value for r in plan.result.reasons],
+                "override_applied": plan.override_applied,
+                "override": None if plan.override is None else plan.override.to_record(),
+                "release_scope": plan.release_scope,
+                "audit_detail": " ".join(plan.tokens),
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+            }
+            self._audit_log.record(entry)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not written": fail closed
+            self._audit_failures.report("release gate audit write failed; decision denied", exc)
+            return _error_token(exc)
+        return None
+
+    def _emit(self, decision: GateDecision, breach: bool, audit_failed: bool) -> None:
+        try:
+            self._metric_store.record_outcome(
+                decision.allowed, decision.reasons, breach=breach, audit_write_failure=audit_failed
+            )
+        except Exception as exc:  # noqa: BLE001 - fail open: metrics never change a decision
+            self._metric_failures.report("release gate metric emission failed (ignored)", exc)
+
+
+def _decide(
+    result: ReleasePolicyResult, override: ReleaseOverride | None, scope: str, now_ms: int
+) -> tuple[bool, bool, bool, tuple[str, ...]]:
+    """The decision table: (allowed, override_applied, breach, detail tokens)."""
+    verdict = result.verdict
+    if verdict is ReleaseVerdict.RELEASE_OK:
+        return True, False, False, ("RELEASE_OK", "OVERRIDE_IGNORED")[: 2 if override else 1]
+    if override is None:
+        first = "BLOCKED" if verdict is ReleaseVerdict.RELEASE_BLOCK else "HOLD_NO_OVERRIDE"
+        return False, False, False, (first,)
+    if verdict is ReleaseVerdict.RELEASE_BLOCK:
+        absolute = [r.value for r in result.reasons if r in ABSOLUTE_BLOCK_REASONS]
+        if absolute:
+            breach = ("CONTRACT_BREACH_NO_OVERRIDE", f"absolute={','.join(absolute)}")
+            return False, False, True, breach
+        return False, False, False, ("BLOCK_NOT_OVERRIDABLE",)
+    problems = _override_problems(override, scope, now_ms)
+    if problems:
+        return False, False, False, problems
+    return True, True, False, ("OVERRIDE_APPLIED", "UNSCOPED_CHECK")[: 1 if scope else 2]
+
+
+def _override_problems(override: ReleaseOverride, scope: str, now_ms: int) -> tuple[str, ...]:
+    """Why ``override`` cannot lift a HOLD now for ``scope``; empty when it can."""
+    problems: list[str] = []
+    if now_ms < override.created_at_ms:
+        problems.append("OVERRIDE_NOT_YET_VALID")
+    elif now_ms >= override.expires_at_ms:
+        problems.append("OVERRIDE_EXPIRED")
+    if scope and override.scope != scope:
+        problems.append("SCOPE_MISMATCH")
+    return tuple(problems)
+
+
+def _settle(plan: _Plan, audit_error: str | None) -> GateDecision:
+    """The decision returned: the plan's, or a fail-closed DENY if the audit write failed."""
+    result = plan.result
+    if audit_error is None:
+        return GateDecision(
+            plan.allowed,
+            result.verdict,
+            result.reasons,
+            plan.override_applied,
+            " ".join(plan.tokens),
+        )
+    tokens = (
+        "AUDIT_WRITE_FAILED",
+        f"audit_error={audit_error}",
+        f"intended={'ALLOW' if plan.allowed else 'DENY'}",
+        *("OVERRIDE_VALID" if t == "OVERRIDE_APPLIED" else t for t in plan.tokens),
+    )
+    return GateDecision(False, result.verdict, result.reasons, False, " ".join(tokens))
