@@ -7,52 +7,58 @@ import re
 
 import pytest
 
-from backend.app.demo import Check, Outcome, _decide, _plan, run_demo
+from backend.app.demo import Check, _check, _plan, _series, run_demo
+from backend.app.testing.audit import InMemoryAuditLog
 from backend.app.testing.gate_metrics import GateMetricStore
-from backend.app.testing.release_policy import BlockReasonCode
+from backend.app.testing.release_gate import ReleaseGate
+from backend.app.testing.release_policy import BlockReasonCode, ReleasePolicyResult, ReleaseVerdict
 from tests.exposition_parser import parse
 
+OK, HOLD, BLOCK = ReleaseVerdict
 
-def test_plan_is_reproducible_and_mixed() -> None:
+
+def test_plan_is_reproducible_mixed_and_valid_for_the_policy() -> None:
     plan = _plan(1000, seed=3)
     assert plan == _plan(1000, seed=3)
     assert plan != _plan(1000, seed=4)
-    verdicts = {c.verdict for c in plan}
-    assert verdicts == {"release_ok", "release_hold", "release_block"}
-    assert any(c.override == "valid" and c.verdict == "release_hold" for c in plan)
+    assert {c.verdict for c in plan} == {OK, HOLD, BLOCK}
+    assert any(c.override == "valid" and c.verdict is HOLD for c in plan)
     assert any(c.override == "expired" for c in plan)
-    assert any(c.verdict == "release_block" and c.override == "valid" for c in plan)
+    assert any(c.verdict is BLOCK and c.override == "valid" for c in plan)
+    for c in plan:
+        ReleasePolicyResult(c.verdict, c.reasons)  # every planned result is one the policy allows
 
 
 @pytest.mark.parametrize(
-    ("check", "outcome"),
+    ("check", "series"),
     [
-        (Check("release_ok", (), "none"), Outcome(True, (), False)),
+        (Check(OK, (), "none"), ["decision ALLOW"]),
+        (Check(HOLD, (BlockReasonCode.TIER_FAIL,), "valid"), ["decision ALLOW"]),
         (
-            Check("release_hold", (BlockReasonCode.TIER_FAIL,), "valid"),
-            Outcome(True, ("TIER_FAIL",), False),
+            Check(HOLD, (BlockReasonCode.TIER_FAIL,), "expired"),
+            ["decision DENY", "reason TIER_FAIL"],
         ),
         (
-            Check("release_hold", (BlockReasonCode.TIER_FAIL,), "expired"),
-            Outcome(False, ("TIER_FAIL",), False),
+            Check(BLOCK, (BlockReasonCode.GUARD_VIOLATION,), "valid"),
+            ["decision DENY", "reason GUARD_VIOLATION", "contract breach"],
         ),
         (
-            Check("release_block", (BlockReasonCode.GUARD_VIOLATION,), "valid"),
-            Outcome(False, ("GUARD_VIOLATION",), True),
-        ),
-        (
-            Check("release_block", (BlockReasonCode.DRIFT_ALERT,), "none"),
-            Outcome(False, ("DRIFT_ALERT",), False),
+            Check(BLOCK, (BlockReasonCode.DRIFT_ALERT, BlockReasonCode.NO_TIER_DATA), "none"),
+            ["decision DENY", "reason DRIFT_ALERT", "reason NO_TIER_DATA"],
         ),
     ],
 )
-def test_decide_follows_the_gate_table_and_emits_once(check: Check, outcome: Outcome) -> None:
-    store = GateMetricStore()
-    assert _decide(store, check) == outcome
-    counts = store.decision_counts()
-    assert sum(counts.values()) == 1
-    assert counts["ALLOW" if outcome.allowed else "DENY"] == 1
-    assert store.breach_counts()["NO_OVERRIDE"] == int(outcome.breach)
+def test_checks_go_through_the_gate_and_predict_its_emission(
+    check: Check, series: list[str]
+) -> None:
+    store, audit = GateMetricStore(), InMemoryAuditLog()
+    decision = _check(ReleaseGate(audit_log=audit, metric_store=store), check)
+    assert _series(decision) == series
+    assert len(audit.entries) == 1
+    counted = [f"decision {d}" for d, n in store.decision_counts().items() for _ in range(n)]
+    counted += [f"reason {r}" for r, n in store.reason_counts().items() if n]
+    counted += ["contract breach"] * store.breach_counts()["NO_OVERRIDE"]
+    assert sorted(counted) == sorted(series)
 
 
 def test_run_demo_kills_recycles_and_reports_exact_counts() -> None:
@@ -66,6 +72,7 @@ def test_run_demo_kills_recycles_and_reports_exact_counts() -> None:
     assert "start   replacement worker w2" in text
     assert "4 worker processes (1 SIGKILLed, 1 recycled)" in text
     assert "progress" in text
+    assert re.search(r"audit log entries: (\d+) \(one per returned check: yes\)", text)
     # Compaction left no shard files behind: every worker is dead by now.
     assert "(0 shard files)" in text
     exposition = "".join(

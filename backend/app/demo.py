@@ -2,13 +2,16 @@
 
 On a temporary shard directory, ``workers`` forked processes each bind a
 :class:`GateMetricStore` write-through to the directory and make a seeded, realistic mix of
-release-gate checks. Mid-run one worker is SIGKILLed (right after a check returned) and another
-is recycled (it exits gracefully and a fresh process takes over its remaining work, as with
+release-gate checks through :class:`ReleaseGate` (policy results, overrides valid, expired and
+attempted on absolute blocks), auditing every decision to one durable JSON-lines audit log in
+the same temporary directory. Mid-run one worker is SIGKILLed (right after a check returned) and
+another is recycled (it exits gracefully and a fresh process takes over its remaining work, as with
 gunicorn's ``--max-requests``). While they run, the parent aggregates the directory again and
 again and checks that the totals never go down; after the kill and the recycle it compacts the
 dead workers away. At the end it compacts once more and prints the exposition and a table of
 the totals it expected (reported by the workers, check by check) against the totals it counted.
-The exit status is 0 only when every series is exact.
+The audit log must hold exactly one entry per check that returned. The exit status is 0 only
+when every series is exact and the audit log agrees.
 """
 
 from __future__ import annotations
@@ -26,17 +29,28 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Literal, TextIO
 
+from backend.app.testing.audit import JsonlAuditLog
 from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA, GateMetricStore
-from backend.app.testing.release_policy import BlockReasonCode
+from backend.app.testing.release_gate import GateDecision, ReleaseGate, ReleaseOverride
+from backend.app.testing.release_policy import (
+    ABSOLUTE_BLOCK_REASONS,
+    REASON_VERDICTS,
+    BlockReasonCode,
+    ReleasePolicyResult,
+    ReleaseVerdict,
+)
 from gatemetrics.aggregate import Aggregate, aggregate_dir
 
 __all__ = ["run_demo"]
 
-Verdict = Literal["release_ok", "release_hold", "release_block"]
 OverrideKind = Literal["none", "valid", "expired"]
 
-_ABSOLUTE = (BlockReasonCode.GUARD_VIOLATION, BlockReasonCode.OPS_GATE_FAIL)
-_HOLD_REASONS = tuple(r for r in BlockReasonCode if r not in _ABSOLUTE)
+_ABSOLUTE = tuple(sorted(ABSOLUTE_BLOCK_REASONS))
+# Reasons a HOLD may carry (their minimum verdict is a hold); any reason may come with a BLOCK.
+_HOLD_REASONS = tuple(r for r, v in REASON_VERDICTS.items() if v is ReleaseVerdict.RELEASE_HOLD)
+_BLOCK_REASONS = tuple(r for r in BlockReasonCode if r not in ABSOLUTE_BLOCK_REASONS)
+_SCOPE = "payments-api"
+_NOW_MS = 1_700_000_000_000
 _PROGRESS_EVERY = 50
 _TIMEOUT_S = 120.0
 
@@ -45,7 +59,7 @@ _TIMEOUT_S = 120.0
 class Check:
     """One planned gate check: the policy's verdict and reasons, and any override offered."""
 
-    verdict: Verdict
+    verdict: ReleaseVerdict
     reasons: tuple[BlockReasonCode, ...]
     override: OverrideKind
 
@@ -53,66 +67,61 @@ class Check:
 def _plan(decisions: int, seed: int) -> list[Check]:
     """A seeded, realistic mix: mostly OK; holds, some overridden; blocks; breach attempts."""
     rng = random.Random(seed)  # noqa: S311 - a reproducible demo mix, not security
+    ok, hold, block = ReleaseVerdict
     plan: list[Check] = []
     for _ in range(decisions):
         roll = rng.random()
         if roll < 0.55:
-            plan.append(Check("release_ok", (), "none"))
+            plan.append(Check(ok, (), "none"))
         elif roll < 0.80:
             reasons = tuple(rng.sample(_HOLD_REASONS, rng.randint(1, 3)))
             override: OverrideKind = rng.choice(("none", "none", "valid", "valid", "expired"))
-            plan.append(Check("release_hold", reasons, override))
+            plan.append(Check(hold, reasons, override))
         elif roll < 0.97:
-            plan.append(Check("release_block", tuple(rng.sample(_HOLD_REASONS, 2)), "none"))
+            plan.append(Check(block, tuple(rng.sample(_BLOCK_REASONS, 2)), "none"))
         else:
-            plan.append(Check("release_block", (rng.choice(_ABSOLUTE),), "valid"))
+            plan.append(Check(block, (rng.choice(_ABSOLUTE),), "valid"))
     return plan
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one check returned, as the series it must add to."""
-
-    allowed: bool
-    reasons: tuple[str, ...]
-    breach: bool
-
-    def series(self) -> list[str]:
-        out = ["decision ALLOW" if self.allowed else "decision DENY"]
-        if not self.allowed:
-            out += [f"reason {r}" for r in dict.fromkeys(self.reasons)]
-        if self.breach:
-            out.append("contract breach")
-        return out
+def _override(kind: OverrideKind) -> ReleaseOverride | None:
+    if kind == "none":
+        return None
+    created = _NOW_MS - 60_000 if kind == "valid" else _NOW_MS - 7_200_000
+    return ReleaseOverride(3600, created, _SCOPE, "demo: approved by the release manager", "demo")
 
 
-def _decide(store: GateMetricStore, check: Check) -> Outcome:
-    """Decide one check and emit it once through ``record_outcome``, as the gate does.
+def _series(decision: GateDecision) -> list[str]:
+    """The series one returned decision must have added to."""
+    out = [f"decision {decision.decision}"]
+    if not decision.allowed:
+        out += [f"reason {r.value}" for r in dict.fromkeys(decision.reasons)]
+    if "CONTRACT_BREACH_NO_OVERRIDE" in decision.audit_detail:
+        out.append("contract breach")
+    if decision.audit_detail.startswith("AUDIT_WRITE_FAILED"):
+        out.append("audit write failure")
+    return out
 
-    Decision table: OK allows; HOLD allows only with a valid override; BLOCK never allows,
-    and an override offered on a block with an absolute reason is a contract breach.
-    """
-    if check.verdict == "release_ok":
-        outcome = Outcome(True, (), False)
-    elif check.verdict == "release_hold":
-        outcome = Outcome(check.override == "valid", tuple(check.reasons), False)
-    else:
-        breach = check.override != "none" and any(r in _ABSOLUTE for r in check.reasons)
-        outcome = Outcome(False, tuple(check.reasons), breach)
-    store.record_outcome(outcome.allowed, list(outcome.reasons), breach=outcome.breach)
-    return outcome
+
+def _check(gate: ReleaseGate, check: Check) -> GateDecision:
+    result = ReleasePolicyResult(check.verdict, check.reasons)
+    return gate.check(result, _override(check.override), release_scope=_SCOPE, now_ms=_NOW_MS)
 
 
 # -- worker processes ------------------------------------------------------------------------
 
 
-def _worker(conn: Connection, shard_dir: str, checks: list[Check], pause_at: int) -> None:
-    """A worker: its own store, bound write-through; reports what every check returned."""
+def _worker(
+    conn: Connection, shard_dir: str, audit_path: str, checks: list[Check], pause_at: int
+) -> None:
+    """A worker: its own store, bound write-through, behind a ReleaseGate with a durable audit
+    log; it reports the series every returned decision must have added to."""
     store = GateMetricStore()
     binding = store.bind_to_dir(shard_dir)
+    gate = ReleaseGate(audit_log=JsonlAuditLog(audit_path), metric_store=store)
     expected: Counter[str] = Counter()
     for i, check in enumerate(checks, 1):
-        expected.update(_decide(store, check).series())
+        expected.update(_series(_check(gate, check)))
         if i == pause_at:
             # Everything up to here returned (and, write-through, is on disk). Wait here to be
             # SIGKILLed: the parent then knows exactly which checks the kill came after.
@@ -140,8 +149,11 @@ class _Slot:
 
 
 class _Demo:
-    def __init__(self, plan: list[Check], workers: int, shard_dir: str, out: TextIO) -> None:
+    def __init__(
+        self, plan: list[Check], workers: int, shard_dir: str, audit_path: str, out: TextIO
+    ) -> None:
         self.shard_dir = shard_dir
+        self.audit_path = audit_path
         self.out = out
         self.ctx = multiprocessing.get_context("fork")
         roles: list[Literal["steady", "killed", "recycled"]] = ["killed", "recycled"]
@@ -160,7 +172,9 @@ class _Demo:
     def start(self, slot: _Slot, checks: list[Check], pause_at: int, offset: int = 0) -> None:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(
-            target=_worker, args=(child, self.shard_dir, checks, pause_at), daemon=True
+            target=_worker,
+            args=(child, self.shard_dir, self.audit_path, checks, pause_at),
+            daemon=True,
         )
         proc.start()
         child.close()
@@ -280,22 +294,25 @@ def run_demo(*, decisions: int = 2000, workers: int = 4, seed: int = 7, out: Tex
     plan = _plan(decisions, seed)
     with tempfile.TemporaryDirectory(prefix="gatemetrics-demo-") as tmp:
         shard_dir = os.path.join(tmp, "shards")
+        audit_path = os.path.join(tmp, "audit.jsonl")
         os.mkdir(shard_dir)
-        demo = _Demo(plan, workers, shard_dir, out)
+        demo = _Demo(plan, workers, shard_dir, audit_path, out)
         demo.say(
             f"demo: {decisions} release-gate checks by {workers} worker processes (seed {seed}),"
-            f" shards in {shard_dir}"
+            f" shards in {shard_dir}, audit log {audit_path}"
         )
         with _reaping(demo):
             demo.run()
         final = demo.aggregate(compact=True)
         files = sorted(os.listdir(shard_dir))
+        with open(audit_path, "rb") as f:
+            audited = sum(1 for line in f if line.strip())
         out.write("\n")
         out.write(final.render_prometheus())
-        return _summary(demo, final, files, out)
+        return _summary(demo, final, files, audited, out)
 
 
-def _summary(demo: _Demo, final: Aggregate, files: list[str], out: TextIO) -> int:
+def _summary(demo: _Demo, final: Aggregate, files: list[str], audited: int, out: TextIO) -> int:
     expected: Counter[str] = Counter()
     for slot in demo.slots:
         expected.update(slot.expected)
@@ -303,6 +320,7 @@ def _summary(demo: _Demo, final: Aggregate, files: list[str], out: TextIO) -> in
     rows = [(f"decision {d}", got.get("decision_counts", d)) for d in ("ALLOW", "DENY")]
     rows += [(f"reason {r.value}", got.get("reason_counts", r.value)) for r in BlockReasonCode]
     rows.append(("contract breach", got.get("breach_counts", "NO_OVERRIDE")))
+    rows.append(("audit write failure", got.get("audit_write_failures")))
     print("\nsummary:", file=out)
     print(
         f"  {demo.processes} worker processes (1 SIGKILLed, 1 recycled),"
@@ -324,5 +342,11 @@ def _summary(demo: _Demo, final: Aggregate, files: list[str], out: TextIO) -> in
         f" (the SIGKILLed worker never made the other {demo.planned - made})",
         file=out,
     )
+    audit_ok = audited == made
+    print(
+        f"  audit log entries: {audited} (one per returned check: {'yes' if audit_ok else 'NO'})",
+        file=out,
+    )
+    ok = ok and audit_ok
     print("result: exact" if ok else "result: MISMATCH", file=out)
     return 0 if ok else 1
