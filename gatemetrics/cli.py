@@ -332,9 +332,10 @@ def format_status(result: Aggregate, *, now: float) -> str:
     rows: list[tuple[str, ...]] = []
     for s in result.shards:
         total = "-" if s.counts is None else str(sum(s.counts))
-        state: str = s.state or "-"
+        state: str = s.state or ""
         if s.action in ("quarantined", "skipped"):
-            state = f"{state}/{'BROKEN' if s.action == 'skipped' else 'QUARANTINE'}"
+            flag = "BROKEN" if s.action == "skipped" else "QUARANTINE"
+            state = f"{state}/{flag}" if state else flag
         rows.append(
             (
                 state,
