@@ -22,7 +22,7 @@ from functools import partial
 
 import anyio
 
-from gatemetrics.shards import Durability, Shard, save_to_dir, shard_for
+from gatemetrics.shards import Durability, Shard, check_writable, save_to_dir, shard_for
 from gatemetrics.store import CounterStore
 
 __all__ = ["asave", "periodic_saver"]
@@ -36,8 +36,7 @@ async def asave(
     failure_key: str | None = None,
 ) -> bool:
     """:func:`gatemetrics.save_to_dir` in a worker thread; False on failure, never raises."""
-    if store.read_only:  # checked here so the error is raised where the call was made
-        raise TypeError(f"{type(store).__name__} is a read-only merged view and cannot be saved")
+    check_writable(store)  # here, so the error is raised where the call was made
     return await anyio.to_thread.run_sync(
         partial(save_to_dir, store, directory, durability=durability, failure_key=failure_key)
     )
@@ -76,8 +75,7 @@ async def periodic_saver(
     """
     if not (isinstance(interval, int | float) and math.isfinite(interval) and interval > 0):
         raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
-    if store.read_only:
-        raise TypeError(f"{type(store).__name__} is a read-only merged view and cannot be saved")
+    check_writable(store)
     shard = await anyio.to_thread.run_sync(
         partial(_open_shard, store, directory, durability, failure_key)
     )

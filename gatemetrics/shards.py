@@ -126,6 +126,15 @@ def shard_file_names(incarnation: str) -> tuple[str, str, str]:
     return (f"shard-{incarnation}.json", f"shard-{incarnation}.lock", f"shard-{incarnation}.tmp")
 
 
+def check_writable(store: CounterStore) -> None:
+    """``TypeError`` for a read-only view: saved as a shard, it would count every shard twice."""
+    if store.read_only:
+        raise TypeError(
+            f"{type(store).__name__} is a read-only merged view; saving it as a shard would "
+            "count every shard in it twice"
+        )
+
+
 def valid_incarnation(value: object) -> bool:
     return isinstance(value, str) and _INCARNATION_RE.match(value) is not None
 
@@ -194,11 +203,7 @@ class Shard:
         identity_factory: Callable[[], Identity] = new_identity,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if store.read_only:
-            raise TypeError(
-                f"{type(store).__name__} is a read-only merged view; saving it as a shard "
-                "would count every shard in it twice"
-            )
+        check_writable(store)
         self._store_ref = weakref.ref(store)
         self._schema = store.schema
         self._directory = os.path.abspath(os.fspath(directory))
@@ -475,11 +480,7 @@ def shard_for(
     (a symlink, a relative path) share a shard instead of counting the store twice. The options
     apply when the shard is created; later calls get the existing shard unchanged.
     """
-    if store.read_only:
-        raise TypeError(
-            f"{type(store).__name__} is a read-only merged view; saving it as a shard would "
-            "count every shard in it twice"
-        )
+    check_writable(store)
     key = os.path.realpath(os.fspath(directory))
     with _REGISTRY_LOCK:
         shards = _REGISTRY.setdefault(store, {})

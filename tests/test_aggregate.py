@@ -39,17 +39,7 @@ from gatemetrics.aggregate import COMPACT_STEPS, MAX_SHARD_BYTES, QUARANTINE_DIR
 from gatemetrics.shards import SAVE_STEPS
 from tests.exposition_parser import parse
 from tests.processes import Reaper, run_python
-
-REASONS = GATE_SCHEMA.family("reason_counts").values
-ALLOWED_SERIES: dict[str, set[tuple[str, str] | None]] = {
-    "release_gate_decision_total": {("decision", "ALLOW"), ("decision", "DENY")},
-    "release_gate_reason_total": {("reason", r) for r in REASONS},
-    "release_gate_contract_breach_total": {("kind", "NO_OVERRIDE")},
-    "release_gate_audit_write_failures_total": {None},
-    "release_gate_metric_write_failures_total": {None},
-    "release_gate_quarantined_shards_total": {None},
-    "release_gate_shards": {("state", "live"), ("state", "dead")},
-}
+from tests.shard_tools import AGGREGATE_SERIES, REASONS, dead_shard, in_forked_child
 
 
 def agg(directory: Path, *, compact: bool = False, **kwargs: Any) -> Aggregate:
@@ -65,24 +55,9 @@ def decisions(directory: Path) -> dict[str, int]:
 def assert_bounded(result: Aggregate) -> None:
     """Invariant 1: only declared series, each family once, in the documented order."""
     families = parse(result.render_prometheus())
-    assert list(families) == list(ALLOWED_SERIES)
+    assert list(families) == list(AGGREGATE_SERIES)
     for name, fam in families.items():
-        assert set(fam.samples) == ALLOWED_SERIES[name]
-
-
-def dead_shard(directory: Path, allows: int = 1, denies: int = 0) -> str:
-    """Save a store and let its owner go (lock released); returns the shard file name."""
-    store = GateMetricStore()
-    for _ in range(allows):
-        store.record_decision(True)
-    for _ in range(denies):
-        store.record_decision(False, ["OPS_GATE_FAIL"])
-    shard = shard_for(store, directory)
-    assert shard.save()
-    path = shard.path
-    assert path is not None
-    shard.close(save=False)
-    return os.path.basename(path)
+        assert set(fam.samples) == AGGREGATE_SERIES[name]
 
 
 @pytest.fixture
@@ -775,20 +750,16 @@ class ShardDirectoryMachine(RuleBasedStateMachine):
         self.forks += 1
         proc = self._pick(i)
         before = proc.counts()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through its exit status
-            ok = False
-            try:
-                ok = not any(proc.counts())
-                for _ in range(allows):
-                    proc.store.record_decision(True)
-                for _ in range(denies):
-                    proc.store.record_decision(False, ["NO_FLAKE_DATA"])
-                ok = proc.shard.save() and ok
-            finally:
-                os._exit(0 if ok else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+
+        def child() -> bool:
+            zero = not any(proc.counts())
+            for _ in range(allows):
+                proc.store.record_decision(True)
+            for _ in range(denies):
+                proc.store.record_decision(False, ["NO_FLAKE_DATA"])
+            return proc.shard.save() and zero
+
+        assert in_forked_child(child)
         assert proc.counts() == before
         child = GateMetricStore()
         for _ in range(allows):

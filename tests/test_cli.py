@@ -18,20 +18,12 @@ import pytest
 from filelock import FileLock
 
 from backend.app.testing.gate_metrics import GateMetricStore
-from gatemetrics.shards import shard_for
 from tests.conftest import require_tool
 from tests.exposition_parser import parse
 from tests.processes import ROOT, Reaper, read_line, wait_until
+from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, dead_shard
 
-FAMILIES = [
-    "release_gate_decision_total",
-    "release_gate_reason_total",
-    "release_gate_contract_breach_total",
-    "release_gate_audit_write_failures_total",
-    "release_gate_metric_write_failures_total",
-    "release_gate_quarantined_shards_total",
-    "release_gate_shards",
-]
+FAMILIES = GATE_FAMILIES + PIPELINE_FAMILIES
 
 
 def run_cli(
@@ -55,17 +47,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("gatemetrics: error: "), lines[0]
     return lines[0]
-
-
-def dead_shard(directory: Path, allows: int = 1, denies: int = 0) -> None:
-    """A shard whose owner has gone (lock released), as after a worker exit."""
-    store = GateMetricStore()
-    for _ in range(allows):
-        store.record_decision(True)
-    for _ in range(denies):
-        store.record_decision(False, ["TIER_FAIL"])
-    assert store.save_to_dir(directory)
-    shard_for(store, directory).close(save=False)
 
 
 @pytest.fixture
@@ -167,7 +148,7 @@ def test_aggregate_prints_the_merged_exposition_and_compacts(
         ("decision", "ALLOW"): 5,
         ("decision", "DENY"): 2,
     }
-    assert families["release_gate_reason_total"].samples[("reason", "TIER_FAIL")] == 1
+    assert families["release_gate_reason_total"].samples[("reason", "OPS_GATE_FAIL")] == 1
     assert families["release_gate_shards"].kind == "gauge"
     assert families["release_gate_shards"].samples == {("state", "live"): 1, ("state", "dead"): 2}
     assert families["release_gate_quarantined_shards_total"].samples == {None: 0}

@@ -24,24 +24,11 @@ from backend.app.testing.gate_metrics import (
 from backend.app.testing.release_policy import BlockReasonCode
 from gatemetrics import SchemaError, shard_for
 from tests.exposition_parser import parse
+from tests.shard_tools import GATE_FAMILIES, GATE_SERIES, REASONS, in_forked_child
 from tests.strategies import any_reason, store_ops, valid_reason
 
-REASONS = [r.value for r in BlockReasonCode]
-FAMILIES = [
-    "release_gate_decision_total",
-    "release_gate_reason_total",
-    "release_gate_contract_breach_total",
-    "release_gate_audit_write_failures_total",
-    "release_gate_metric_write_failures_total",
-]
-# Every series the exposition may ever carry (design.md section 4, invariant 1).
-ALLOWED_SERIES: dict[str, set[tuple[str, str] | None]] = {
-    "release_gate_decision_total": {("decision", "ALLOW"), ("decision", "DENY")},
-    "release_gate_reason_total": {("reason", r) for r in REASONS},
-    "release_gate_contract_breach_total": {("kind", "NO_OVERRIDE")},
-    "release_gate_audit_write_failures_total": {None},
-    "release_gate_metric_write_failures_total": {None},
-}
+FAMILIES = GATE_FAMILIES
+ALLOWED_SERIES = GATE_SERIES
 
 
 def apply(store: GateMetricStore, ops: list[tuple[Any, ...]]) -> None:
@@ -482,11 +469,7 @@ def test_a_view_survives_a_fork_unchanged(tmp_path: Path) -> None:
     store.record_decision(True)
     assert store.save_to_dir(tmp_path)
     view = GateMetricStore.load_from_dir(tmp_path)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit status
-        os._exit(0 if view.decision_counts() == {"ALLOW": 1, "DENY": 0} else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert in_forked_child(lambda: view.decision_counts() == {"ALLOW": 1, "DENY": 0})
     shard_for(store, tmp_path).close(save=False)
 
 

@@ -33,6 +33,7 @@ from gatemetrics import (
 )
 from gatemetrics.shards import SAVE_STEPS, parse_shard_name
 from tests.processes import Reaper, read_line, run_python, wait_until
+from tests.shard_tools import in_forked_child, is_locked
 
 SHARD_NAME = re.compile(r"shard-[0-9a-f]{8}-\d+-[0-9a-f]+-[0-9a-f]{16}\.json\Z")
 
@@ -43,18 +44,6 @@ def totals(directory: Path) -> dict[str, int]:
         .snapshot()
         .family("decision_counts")
     )
-
-
-def is_locked(path: str | Path) -> bool:
-    """Whether some open file description holds an flock on ``path`` (probe like the aggregator)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def files(directory: Path, suffix: str) -> list[str]:
@@ -488,17 +477,14 @@ def test_a_forked_child_starts_at_zero_as_a_new_incarnation(tmp_path: Path) -> N
     for _ in range(3):
         store.record_decision(True)
     parent = binding.shard.identity
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit status
-        try:
-            ok = store.decision_counts() == {"ALLOW": 0, "DENY": 0}
-            store.record_decision(False)
-            store.record_decision(False)
-            ok = ok and binding.shard.identity not in (None, parent)
-        finally:
-            os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> bool:
+        zero = store.decision_counts() == {"ALLOW": 0, "DENY": 0}
+        store.record_decision(False)
+        store.record_decision(False)
+        return zero and binding.shard.identity not in (None, parent)
+
+    assert in_forked_child(child)
     assert binding.shard.identity == parent
     assert parent is not None
     assert is_locked(tmp_path / f"shard-{parent.incarnation}.lock")  # still ours
@@ -582,21 +568,14 @@ def test_periodic_threads_stop_before_a_fork_and_restart_on_both_sides(tmp_path:
     before = binding._thread
     assert before is not None
     assert before.is_alive()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit status
-        try:
-            threads = [t for t in threading.enumerate() if t.name == "gatemetrics-periodic-save"]
-            ok = len(threads) == 1 and threads[0] is not before and threads[0].is_alive()
-            store.record_decision(True)
-            deadline = 200
-            while not binding.shard.identity and deadline:
-                threading.Event().wait(0.01)
-                deadline -= 1
-            ok = ok and binding.close()
-        finally:
-            os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> bool:
+        threads = [t for t in threading.enumerate() if t.name == "gatemetrics-periodic-save"]
+        restarted = len(threads) == 1 and threads[0] is not before and threads[0].is_alive()
+        store.record_decision(True)
+        return restarted and binding.close()
+
+    assert in_forked_child(child)
     assert not before.is_alive()  # joined before the fork
     after = binding._thread
     assert after is not None

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gatemetrics import MAX_COUNT, CounterStore, Family, Schema, SchemaError, Snapshot
+from tests.shard_tools import in_forked_child
 
 SCHEMA = Schema(
     (
@@ -187,21 +188,17 @@ def test_the_change_hook_runs_once_per_public_write_after_the_counts_are_visible
 def test_a_forked_child_starts_from_zero_with_a_fresh_lock() -> None:
     store = CounterStore(SCHEMA, clock=lambda: 5.0)
     store.increment("hits", "a", 7)
+
+    def child() -> bool:
+        zero = store.snapshot().counts == (0, 0, 0, 0) and store.pid == os.getpid()
+        store.increment("misses")  # would deadlock on the inherited, held lock
+        return zero and store.get("misses") == 1 and store.generation == 0
+
     store._lock.acquire()  # as if another thread held it at the moment of the fork
     try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through its exit status
-            ok = False
-            try:
-                ok = store.snapshot().counts == (0, 0, 0, 0) and store.pid == os.getpid()
-                store.increment("misses")  # would deadlock on the inherited, held lock
-                ok = ok and store.get("misses") == 1 and store.generation == 0
-            finally:
-                os._exit(0 if ok else 1)
+        assert in_forked_child(child)
     finally:
         store._lock.release()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
     assert store.get("hits", "a") == 7  # the parent keeps its counts
     assert store.pid == os.getpid()
 
