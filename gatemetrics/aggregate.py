@@ -59,7 +59,7 @@ from filelock import FileLock, Timeout
 
 from gatemetrics import _faults
 from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
-from gatemetrics.exposition import render_json, render_prometheus
+from gatemetrics.exposition import render_prometheus
 from gatemetrics.schema import MAX_COUNT, Family, Schema, check_generation, check_timestamp
 from gatemetrics.shards import (
     SHARD_FORMAT,
@@ -239,7 +239,6 @@ class Aggregate:
     files_read: int
     quarantine_entries: int
     compaction: CompactionReport | None = None
-    taken_at: float = field(default=0.0)
 
     def snapshot(self) -> Snapshot:
         """The merged counts over the caller's schema (no pipeline families)."""
@@ -261,10 +260,6 @@ class Aggregate:
         return orjson.dumps(
             snap.schema.counts_to_dict(snap.counts), option=orjson.OPT_SORT_KEYS
         ).decode()
-
-    def render_json_with_metadata(self) -> str:
-        """Like :func:`gatemetrics.render_json`: the layout plus store metadata."""
-        return render_json(self.pipeline_snapshot())
 
 
 def aggregate_dir(
@@ -438,7 +433,6 @@ class _Run:
             files_read=self.files_read,
             quarantine_entries=self._quarantine_entries(),
             compaction=compaction,
-            taken_at=float(self.clock()),
         )
 
     def _count_shard(self, inc: str) -> None:

@@ -28,6 +28,7 @@ __all__ = ["main"]
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_LOCK_TIMEOUT = 75  # sysexits.h EX_TEMPFAIL: try again later
+ORPHAN_TEMP_AGE_S = 60.0
 
 DEFAULT_SCHEMA = "backend.app.testing.gate_metrics:GATE_SCHEMA"
 DEFAULT_NAMESPACE = "release_gate"
@@ -258,6 +259,7 @@ def _write_textfile(path: str, text: str) -> None:
     directory, name = os.path.split(target)
     # Hidden and not ending in .prom: node_exporter's textfile collector never reads it.
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    _remove_orphan_temp_files(directory, name)
     try:
         write_file_atomically(
             tmp,
@@ -269,6 +271,31 @@ def _write_textfile(path: str, text: str) -> None:
         )
     except OSError as exc:
         raise _Failure(f"cannot write textfile {target}: {exc.strerror or exc}") from None
+
+
+def _remove_orphan_temp_files(directory: str, name: str) -> None:
+    """Remove temp files of earlier runs killed mid-write (other pids, older than a minute).
+
+    Writers use their own pid in the name, so a live concurrent run's temp file is younger than
+    any run can take to write a textfile; it is never touched.
+    """
+    prefix, now = f".{name}.", time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for entry in names:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(prefix) : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        path = os.path.join(directory, entry)
+        try:
+            if os.lstat(path).st_mtime < now - ORPHAN_TEMP_AGE_S:
+                os.unlink(path)
+        except OSError:
+            continue
 
 
 def _remove_stale(path: str, started: float) -> bool:

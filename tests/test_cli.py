@@ -198,6 +198,23 @@ def test_textfile_is_written_atomically_with_mode_0644(shard_dir: Path, tmp_path
     )
 
 
+def test_orphan_temp_files_of_killed_runs_are_removed(shard_dir: Path, tmp_path: Path) -> None:
+    textdir = tmp_path / "textfile"
+    textdir.mkdir()
+    orphan = textdir / ".release_gate.prom.999999.tmp"  # a run SIGKILLed mid-write, long ago
+    orphan.write_text("half")
+    os.utime(orphan, (1_000_000, 1_000_000))
+    fresh = textdir / ".release_gate.prom.999998.tmp"  # a concurrent run writing right now
+    fresh.write_text("half")
+    other = textdir / ".node.prom.999997.tmp"  # not ours
+    other.write_text("x")
+    os.utime(other, (1_000_000, 1_000_000))
+    target = textdir / "release_gate.prom"
+    result = run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(target))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(textdir)) == sorted([fresh.name, other.name, target.name])
+
+
 def test_broken_shards_warn_on_stderr_but_do_not_fail(shard_dir: Path) -> None:
     (shard_dir / "shard-garbage.json").write_bytes(b"\xff\xfe not json")
     result = run_cli("aggregate", "--dir", str(shard_dir))
