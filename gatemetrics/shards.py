@@ -215,6 +215,7 @@ class Shard:
         self._pid = os.getpid()
         self._identity: Identity | None = None
         self._lock: FileLock | None = None
+        self._lock_inode: tuple[int, int] | None = None
         # Counts of closed predecessor incarnations, and of this incarnation's last good save.
         self._baseline: tuple[int, ...] = tuple(store.schema.zeros())
         self._last_saved: tuple[int, ...] | None = None
@@ -292,19 +293,24 @@ class Shard:
         ok = self.save() if save else True
         with self._save_lock:
             self._guard_pid()
-            lock, self._lock = self._lock, None
-            if self._last_saved is not None:
-                self._baseline = tuple(
-                    b + s for b, s in zip(self._baseline, self._last_saved, strict=True)
-                )
-            self._identity = None
-            self._last_saved = None
-            if lock is not None:
-                try:
-                    lock.release()
-                except Exception as exc:  # noqa: BLE001 - the kernel frees it at exit anyway
-                    _log.warning("releasing %s failed: %s", lock.lock_file, exc)
+            self._end_incarnation()
         return ok
+
+    def _end_incarnation(self) -> None:
+        """Release the lifetime lock; what it saved becomes the baseline of the next one."""
+        lock, self._lock = self._lock, None
+        if self._last_saved is not None:
+            self._baseline = tuple(
+                b + s for b, s in zip(self._baseline, self._last_saved, strict=True)
+            )
+        self._identity = None
+        self._lock_inode = None
+        self._last_saved = None
+        if lock is not None:
+            try:
+                lock.release()
+            except Exception as exc:  # noqa: BLE001 - the kernel frees it at exit anyway
+                _log.warning("releasing %s failed: %s", lock.lock_file, exc)
 
     def unsaved(self) -> bool:
         """Whether the store has counts this incarnation has not saved yet."""
@@ -335,12 +341,35 @@ class Shard:
         self._pid = os.getpid()
         self._identity = None
         self._lock = None
+        self._lock_inode = None
         self._baseline = tuple(self._schema.zeros())
         self._last_saved = None
 
+    def _still_owned(self, ident: Identity) -> bool:
+        """Whether our lock file is still the inode we locked.
+
+        If it vanished or was replaced (the directory removed and recreated, a stray ``rm``),
+        aggregators see our shard as dead and may absorb it; writing it again would count it
+        twice. Then this incarnation ends and the next one carries only unsaved counts.
+        """
+        path = os.path.join(self._directory, shard_file_names(ident.incarnation)[1])
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._lock_inode
+
     def _open_locked(self) -> Identity:
-        if self._identity is not None and self._lock is not None:
-            return self._identity
+        ident = self._identity
+        if ident is not None and self._lock is not None:
+            if self._still_owned(ident):
+                return ident
+            _log.warning(
+                "the lifetime lock file of shard %s vanished or was replaced; continuing as a "
+                "new incarnation",
+                ident.incarnation,
+            )
+            self._end_incarnation()
         try:
             os.makedirs(self._directory, exist_ok=True)
         except OSError as exc:
@@ -363,7 +392,12 @@ class Shard:
                 continue
             except OSError as exc:
                 raise ShardWriteError(lock_path, f"cannot take the lifetime lock: {exc}") from exc
-            self._identity, self._lock = ident, lock
+            try:
+                st = os.stat(lock_path)
+            except OSError as exc:
+                lock.release()
+                raise ShardWriteError(lock_path, f"lock file vanished: {exc}") from exc
+            self._identity, self._lock, self._lock_inode = ident, lock, (st.st_dev, st.st_ino)
             return ident
         raise ShardWriteError(self._directory, f"no lifetime lock after retries: {last}")
 

@@ -7,6 +7,7 @@ import fcntl
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import stat
 import threading
@@ -294,6 +295,34 @@ def test_an_orphan_lock_removed_before_our_flock_is_never_trusted(
     assert is_locked(tmp_path / f"shard-{second.incarnation}.lock")
     monkeypatch.undo()
     shard.close(save=False)
+
+
+@pytest.mark.parametrize("how", ["lock-removed", "directory-recreated"])
+def test_a_worker_whose_lock_file_vanished_never_counts_twice(tmp_path: Path, how: str) -> None:
+    directory = tmp_path / "shards"
+    store = GateMetricStore()
+    binding = store.bind_to_dir(directory)
+    for _ in range(3):
+        store.record_decision(True)
+    first = binding.shard.identity
+    assert first is not None
+    if how == "lock-removed":
+        (directory / f"shard-{first.incarnation}.lock").unlink()
+        expected = 5  # the orphaned shard is absorbed as dead; the new one adds only 2
+    else:
+        shutil.rmtree(directory)
+        directory.mkdir()
+        expected = 2  # the old shard went with the directory
+    # Whatever an aggregator does now, the worker must not write its 3 again.
+    aggregate_dir(directory, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=True)
+    store.record_decision(True)
+    store.record_decision(True)
+    assert binding.shard.identity not in (None, first)
+    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
+    aggregate_dir(directory, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=True)
+    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
+    binding.close()
+    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
 
 
 def test_read_only_views_can_never_be_saved(tmp_path: Path) -> None:
