@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             results["figures"][name] = figure
             print(markdown_table(figure["table"]["header"], figure["table"]["rows"]))
             for target in figure.get("targets", []):
-                verdict = "met" if target["met"] else "MISSED"
+                verdict = {True: "met", False: "MISSED"}.get(target["met"], "no target")
                 print(f"target {target['text']}: {target['measured']} -> {verdict}")
             # Written after every figure: an interrupted run keeps what it measured.
             results["generated"] = now_utc()
