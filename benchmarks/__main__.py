@@ -46,7 +46,9 @@ def _figures(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--only", type=_figures, default=sorted(FIGURES), metavar="N,N")
     parser.add_argument("--quick", action="store_true", help="small sizes and few runs")
     parser.add_argument("--out", type=Path, help="where results.json and RESULTS.md go")

@@ -5,7 +5,7 @@ the process that imports them: what ``GateMetricStore.bind_to_dir`` does when a 
 Everything else (HTTP parsing, validation, ``ReleaseGate.acheck`` with its two worker-thread
 hops, the durable ``JsonlAuditLog`` with its fsync) is the unchanged app.
 
-* ``metrics_off``: the store is not bound. The gate still counts, in memory only; nothing of the
+* ``off``: the store is not bound. The gate still counts, in memory only; nothing of the
   metrics touches the disk. This is "metrics off" as far as cost goes (an unbound store costs
   about a microsecond per check, figure 2), without a code path the app does not have.
 * ``metrics_periodic``: the store is bound in ``periodic`` mode (a save every 5 s from a thread)
@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from backend.app.main import create_app
+
 from backend.app.testing.gate_metrics import GateMetricStore
 
 _bind_to_dir = GateMetricStore.bind_to_dir
@@ -45,6 +46,14 @@ def _periodic(self: GateMetricStore, path: Any, **kwargs: Any) -> Any:
     return _bind_to_dir(self, path, **kwargs)
 
 
+def _no_fsync(self: GateMetricStore, path: Any, **kwargs: Any) -> Any:
+    kwargs["durability"] = "none"
+    return _bind_to_dir(self, path, **kwargs)
+
+
+_VARIANTS = {"off": _unbound, "periodic": _periodic, "write-through-none": _no_fsync}
+
+
 def _app_with(bind: Any) -> Any:
     GateMetricStore.bind_to_dir = bind  # type: ignore[method-assign]
     return create_app()
@@ -52,14 +61,14 @@ def _app_with(bind: Any) -> Any:
 
 def _select() -> Any:
     mode = os.environ.get("GATEMETRICS_BENCH_PERSISTENCE", "")
-    if mode == "off":
-        return _app_with(_unbound)
-    if mode == "periodic":
-        return _app_with(_periodic)
-    raise SystemExit(f"GATEMETRICS_BENCH_PERSISTENCE must be 'off' or 'periodic', not {mode!r}")
+    if mode not in _VARIANTS:
+        raise SystemExit(
+            f"GATEMETRICS_BENCH_PERSISTENCE must be one of {sorted(_VARIANTS)}: {mode!r}"
+        )
+    return _app_with(_VARIANTS[mode])
 
 
-#: What gunicorn serves in figure 5's variants: ``benchmarks._apps:app``, persistence chosen by
-#: ``GATEMETRICS_BENCH_PERSISTENCE`` (``off`` or ``periodic``). The default variant serves the
-#: real ``backend.app.main:app`` itself.
+#: What gunicorn serves in figure 5's variants: ``benchmarks._apps:app``, persistence chosen
+#: by ``GATEMETRICS_BENCH_PERSISTENCE`` (``off``, ``periodic``, ``write-through-none``). The
+#: default variant serves the real ``backend.app.main:app`` itself.
 app = _select()

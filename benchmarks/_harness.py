@@ -118,13 +118,13 @@ def fmt_ns(ns: float) -> str:
 
 
 def fmt_figure(fig: Figure) -> str:
-    """``median [min–max]`` of a figure in nanoseconds."""
-    return f"{fmt_ns(fig.median)} [{fmt_ns(fig.low)}–{fmt_ns(fig.high)}]"
+    """``median [min-max]`` of a figure in nanoseconds."""
+    return f"{fmt_ns(fig.median)} [{fmt_ns(fig.low)}-{fmt_ns(fig.high)}]"
 
 
 def fmt_ratio(r: Mapping[str, float], *, digits: int = 1) -> str:
-    """``12.3x [11.0–13.1]``: the ratio of medians and the range of per-round ratios."""
-    return f"{r['median']:.{digits}f}x [{r['min']:.{digits}f}–{r['max']:.{digits}f}]"
+    """``12.3x [11.0-13.1]``: the ratio of medians and the range of per-round ratios."""
+    return f"{r['median']:.{digits}f}x [{r['min']:.{digits}f}-{r['max']:.{digits}f}]"
 
 
 def fmt_bytes(n: float) -> str:

@@ -153,7 +153,7 @@ def run(ctx: Context) -> dict[str, Any]:
         [
             name,
             fmt_bytes(fig.median),
-            f"{fmt_bytes(fig.low)}–{fmt_bytes(fig.high)}",
+            f"{fmt_bytes(fig.low)}-{fmt_bytes(fig.high)}",
             f"{times[name].median:.2f} s",
         ]
         for name, fig in figs.items()
@@ -170,7 +170,7 @@ def run(ctx: Context) -> dict[str, Any]:
             f"{n:,} shards each run."
         ),
         "table": {
-            "header": ["process", "peak RSS (median)", "min–max", "wall time (median)"],
+            "header": ["process", "peak RSS (median)", "min-max", "wall time (median)"],
             "rows": rows,
         },
         "targets": [

@@ -41,7 +41,9 @@ def run(ctx: Context) -> dict[str, Any]:
 
     def bound(durability: Durability) -> GateMetricStore:
         store = GateMetricStore()
-        bindings.append(store.bind_to_dir(ctx.tmp / f"shards-{durability.value}", durability=durability))
+        bindings.append(
+            store.bind_to_dir(ctx.tmp / f"shards-{durability.value}", durability=durability)
+        )
         return store
 
     # InMemoryAuditLog keeps every entry; a fresh one per sample keeps memory flat.
@@ -53,7 +55,9 @@ def run(ctx: Context) -> dict[str, Any]:
         "write-through, durability full (default)": ReleaseGate(
             InMemoryAuditLog(), bound(Durability.FULL)
         ),
-        "JsonlAuditLog, no store": ReleaseGate(JsonlAuditLog(ctx.tmp / "audit-a.jsonl"), _NoMetrics()),
+        "JsonlAuditLog, no store": ReleaseGate(
+            JsonlAuditLog(ctx.tmp / "audit-a.jsonl"), _NoMetrics()
+        ),
         "JsonlAuditLog, write-through full (production)": ReleaseGate(
             JsonlAuditLog(ctx.tmp / "audit-b.jsonl"), bound(Durability.FULL)
         ),
@@ -61,9 +65,7 @@ def run(ctx: Context) -> dict[str, Any]:
     sides = {name: (lambda g=g: g.check(result, None, "bench", 1)) for name, g in gates.items()}
     fast = 2_000 if ctx.quick else 20_000
     slow = 20 if ctx.quick else 100
-    loops = {
-        name: fast if name in ("no store", "in-memory store") else slow for name in sides
-    }
+    loops = {name: fast if name in ("no store", "in-memory store") else slow for name in sides}
     runs = 3 if ctx.quick else 7
     try:
         figs = interleaved(sides, loops=loops, runs=runs)
@@ -82,12 +84,16 @@ def run(ctx: Context) -> dict[str, Any]:
             [
                 name,
                 f"{fig.median / 1e3:.2f}",
-                f"{fig.low / 1e3:.2f}–{fig.high / 1e3:.2f}",
+                f"{fig.low / 1e3:.2f}-{fig.high / 1e3:.2f}",
                 "—" if fig is ref else fmt_ns(added),
                 "—" if fig is ref else f"{ratio(fig, ref)['median']:.2f}x",
             ]
         )
-        data[name] = {"us": fig.to_json(1e3), "added_us": added / 1e3, "ratio_to_base": ratio(fig, ref)}
+        data[name] = {
+            "us": fig.to_json(1e3),
+            "added_us": added / 1e3,
+            "ratio_to_base": ratio(fig, ref),
+        }
     full = figs["write-through, durability full (default)"].median - base.median
     prod = figs["JsonlAuditLog, write-through full (production)"]
     return {
@@ -101,7 +107,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "bound store saves into its own shard directory in the temp dir."
         ),
         "table": {
-            "header": ["variant", "µs per check (median)", "min–max", "added by metrics", "x base"],
+            "header": ["variant", "µs per check (median)", "min-max", "added by metrics", "x base"],
             "rows": rows,
         },
         "notes": [

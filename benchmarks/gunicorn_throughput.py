@@ -9,7 +9,8 @@ order), each round the same duration. Variants:
 * metrics on: ``backend.app.main:app`` exactly as shipped (the default: write-through, durability
   ``full``, one shard save per check before the response);
 * metrics off: the same app with the store left unbound (:mod:`benchmarks._apps`);
-* metrics on, periodic: the store bound in ``periodic`` mode (a save every 5 s), for reference.
+* for reference, two non-default settings: write-through with ``durability="none"`` (no fsync),
+  and ``periodic`` mode (a save every 5 s from a thread).
 
 The request mix cycles through four checks: an ALLOW, a HOLD with two reasons, a BLOCK, and a
 HOLD lifted by a valid override. Afterwards the figure checks that every completed request was
@@ -60,11 +61,11 @@ def _lua_script() -> str:
     bodies = ",\n  ".join("[[" + body + "]]" for body in _BODIES)
     return (
         "local bodies = {\n  " + bodies + "\n}\n"
-        "local headers = {[\"Content-Type\"] = \"application/json\"}\n"
+        'local headers = {["Content-Type"] = "application/json"}\n'
         "local i = 0\n"
         "request = function()\n"
         "  i = i + 1\n"
-        "  return wrk.format(\"POST\", nil, headers, bodies[(i % #bodies) + 1])\n"
+        '  return wrk.format("POST", nil, headers, bodies[(i % #bodies) + 1])\n'
         "end\n"
     )
 
@@ -269,6 +270,17 @@ def _measure(server: _Server, script: Path, seconds: int, *, record: bool) -> No
         server.cpu_ms_per_request.append(cpu * 1e3 / max(result.requests, 1))
 
 
+def _saves(server: _Server) -> int:
+    """Saves the server's live shards made so far (each shard's generation counts its saves)."""
+    from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA
+    from gatemetrics import aggregate_dir
+
+    if not server.shards.exists():
+        return 0
+    agg = aggregate_dir(server.shards, GATE_SCHEMA, namespace=GATE_NAMESPACE)
+    return sum(r.generation or 0 for r in agg.shards if r.state == "live")
+
+
 def _check_counts(servers: dict[str, _Server]) -> dict[str, Any]:
     from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA
     from gatemetrics import aggregate_dir
@@ -278,7 +290,9 @@ def _check_counts(servers: dict[str, _Server]) -> dict[str, Any]:
         with server.audit.open("rb") as f:
             audited = sum(1 for _ in f)
         if audited < server.completed:
-            raise RuntimeError(f"{server.name}: {audited} audit lines < {server.completed} answered")
+            raise RuntimeError(
+                f"{server.name}: {audited} audit lines < {server.completed} answered"
+            )
         shard_files = list(server.shards.glob("shard-*.json"))
         counted = None
         if key == "off":
@@ -298,17 +312,29 @@ def _check_counts(servers: dict[str, _Server]) -> dict[str, Any]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    seconds = 2 if ctx.quick else 5
+    seconds = 2 if ctx.quick else 4
     runs = 2 if ctx.quick else 5
     script = ctx.tmp / "checks.lua"
     script.write_text(_lua_script(), encoding="ascii")
     servers = {
-        "on": _Server("metrics on (default: write-through, full)", "backend.app.main:app", None,
-                      ctx.tmp / "on"),
-        "off": _Server("metrics off (store not bound)", "benchmarks._apps:app", "off",
-                       ctx.tmp / "off"),
-        "periodic": _Server("metrics on, periodic (5 s)", "benchmarks._apps:app", "periodic",
-                            ctx.tmp / "periodic"),
+        "on": _Server(
+            "metrics on (default: write-through, full)",
+            "backend.app.main:app",
+            None,
+            ctx.tmp / "on",
+        ),
+        "off": _Server(
+            "metrics off (store not bound)", "benchmarks._apps:app", "off", ctx.tmp / "off"
+        ),
+        "none": _Server(
+            "metrics on, write-through, durability none",
+            "benchmarks._apps:app",
+            "write-through-none",
+            ctx.tmp / "none",
+        ),
+        "periodic": _Server(
+            "metrics on, periodic (5 s)", "benchmarks._apps:app", "periodic", ctx.tmp / "periodic"
+        ),
     }
     try:
         for server in servers.values():
@@ -321,6 +347,7 @@ def run(ctx: Context) -> dict[str, Any]:
         for round_no in range(runs):
             for server in order if round_no % 2 == 0 else reversed(order):
                 _measure(server, script, seconds, record=True)
+        saves = {key: _saves(server) for key, server in servers.items()}
     finally:
         for server in servers.values():
             _stop(server)
@@ -338,17 +365,18 @@ def run(ctx: Context) -> dict[str, Any]:
             [
                 server.name,
                 f"{fig.median:,.0f}",
-                f"{fig.low:,.0f}–{fig.high:,.0f}",
+                f"{fig.low:,.0f}-{fig.high:,.0f}",
                 rel,
                 f"{statistics.median(server.p50_ms):.2f} / {statistics.median(server.p99_ms):.2f}",
                 f"{statistics.median(server.cpu_ms_per_request):.3f}",
+                f"{saves[key] / max(server.completed, 1):.2f}",
             ]
         )
     return {
         "title": TITLE,
         "method": (
-            f"Three gunicorn servers ({WORKERS} uvicorn workers each, `backend/gunicorn.conf.py`, "
-            "loopback), running side by side; `wrk -t1 "
+            f"{len(servers)} gunicorn servers ({WORKERS} uvicorn workers each, "
+            "`backend/gunicorn.conf.py`, loopback), running side by side; `wrk -t1 "
             f"-c{CONNECTIONS}` loads one at a time for {seconds} s per run, {runs} runs per "
             "variant after a warm-up, variants alternating (ABBA). Mix: ALLOW, HOLD with two "
             "reasons, BLOCK, HOLD lifted by an override. Every variant writes the durable "
@@ -360,10 +388,11 @@ def run(ctx: Context) -> dict[str, Any]:
             "header": [
                 "variant",
                 "requests/s (median)",
-                "min–max",
+                "min-max",
                 "vs metrics off",
                 "latency p50 / p99 (ms)",
                 "server CPU ms / request",
+                "shard saves / request",
             ],
             "rows": rows,
         },
@@ -397,5 +426,6 @@ def run(ctx: Context) -> dict[str, Any]:
             "overhead": overhead,
             "overhead_per_round": rounds,
             "counts": counts,
+            "shard_saves": saves,
         },
     }

@@ -50,7 +50,7 @@ def _decision_total(exposition: str, name: str) -> float:
     return total
 
 
-def run(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:  # noqa: PLR0915 - one figure, told in order
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -87,7 +87,8 @@ def run(ctx: Context) -> dict[str, Any]:
             start_ns = time.perf_counter_ns()
             report = aggregate_dir(ours_dir, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=True)
             compaction_ns = time.perf_counter_ns() - start_ns
-            assert report.compaction is not None and report.compaction.absorbed == n
+            if report.compaction is None or report.compaction.absorbed != n:
+                raise RuntimeError(f"compaction absorbed {report.compaction}, expected {n}")
             ours_text = read()
             theirs_text = scrape().decode()
             # Every count reached the exposition: our N lifetimes plus the live owners' one each.
@@ -96,12 +97,14 @@ def run(ctx: Context) -> dict[str, Any]:
                 raise RuntimeError(f"ours counted {got} decisions, expected {decisions + LIVE}")
             got = _decision_total(theirs_text, "release_gate_decision_total")
             if got != PROMETHEUS_WORKER_DECISIONS * (n + LIVE):
-                raise RuntimeError(f"prometheus_client counted {got} decisions for {n + LIVE} files")
+                raise RuntimeError(
+                    f"prometheus_client counted {got} decisions for {n + LIVE} files"
+                )
             # One sample of ours is a batch of calls: a single ~1 ms call right after the other
             # side's half-second scrape measures cache misses, not our code.
             batch = 20
 
-            def read_batch() -> None:
+            def read_batch(batch: int = batch) -> None:
                 for _ in range(batch):
                     read()
 
@@ -136,9 +139,10 @@ def run(ctx: Context) -> dict[str, Any]:
             "setup_s": setup_s,
         }
     first, last = str(sizes[0]), str(sizes[-1])
-    flat = data[last]["gatemetrics_compacted_ns"]["median"] / data[first][
-        "gatemetrics_compacted_ns"
-    ]["median"]
+    flat = (
+        data[last]["gatemetrics_compacted_ns"]["median"]
+        / data[first]["gatemetrics_compacted_ns"]["median"]
+    )
     top = data[last]["ratio"]["median"]
     return {
         "title": TITLE,
@@ -172,8 +176,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 "met": top >= TARGET,
             },
             {
-                "text": f"flat in history (ours at {int(last):,} / at {int(first):,} "
-                f"<= {FLAT:g})",
+                "text": f"flat in history (ours at {int(last):,} / at {int(first):,} <= {FLAT:g})",
                 "measured": f"{flat:.2f}",
                 "met": flat <= FLAT,
             },
@@ -187,4 +190,3 @@ def run(ctx: Context) -> dict[str, Any]:
         ],
         "data": data,
     }
-

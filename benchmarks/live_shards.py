@@ -15,7 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks._harness import Context, fmt_figure, fmt_ratio, interleaved, ratio
-from benchmarks._populate import LiveOwners, our_lifetimes, prometheus_lifetimes, prometheus_template
+from benchmarks._populate import (
+    LiveOwners,
+    our_lifetimes,
+    prometheus_lifetimes,
+    prometheus_template,
+)
 
 TITLE = "Aggregation vs live workers (1, 16, 64, 256 live shards)"
 

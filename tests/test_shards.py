@@ -407,8 +407,12 @@ class _CountingLock:
 
 
 def _queue_behind_a_blocked_save(
-    store: GateMetricStore, shard: Shard, fault: Callable[[Callable[[str], None]], None], *,
-    waiters: int, then: Callable[[], None],
+    store: GateMetricStore,
+    shard: Shard,
+    fault: Callable[[Callable[[str], None]], None],
+    *,
+    waiters: int,
+    then: Callable[[], None],
 ) -> list[threading.Thread]:
     """One write-through call whose save stops inside the save lock, and ``waiters`` more calls
     queued behind it (each has counted and drawn its wait ticket). Returns the threads, running;
@@ -429,7 +433,9 @@ def _queue_behind_a_blocked_save(
     threads = [threading.Thread(target=store.record_decision, args=(True,))]
     threads[0].start()
     assert entered.wait(timeout=30)
-    threads += [threading.Thread(target=store.record_decision, args=(True,)) for _ in range(waiters)]
+    threads += [
+        threading.Thread(target=store.record_decision, args=(True,)) for _ in range(waiters)
+    ]
     for t in threads[1:]:
         t.start()
     # The blocked save took the ticket lock twice (its wait ticket, its save ticket); each
