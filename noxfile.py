@@ -7,9 +7,13 @@ changed, not the tool.
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["lint", "typing", "tests"]
+nox.options.sessions = ["lint", "typing", "tests", "monitoring"]
 nox.options.error_on_missing_interpreters = True
 
 RUFF = "ruff==0.17.6"
@@ -20,7 +24,8 @@ MYPY = "mypy==2.4.1"
 def tests(session: nox.Session) -> None:
     """The test suite (pytest, hypothesis; real promtool when installed)."""
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    # The monitoring tests run in their own session (with promtool, Prometheus and tsc).
+    session.run("pytest", "-m", "not monitoring", *session.posargs)
 
 
 @nox.session
@@ -36,6 +41,48 @@ def typing(session: nox.Session) -> None:
     """mypy --strict over gatemetrics and backend."""
     session.install("-e", ".[test]", MYPY)
     session.run("mypy", "--strict", "gatemetrics", "backend")
+
+
+# Real tools of the monitoring session, from Debian packages (.ci/run installs them).
+MONITORING_TOOLS = {
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    "prometheus-node-exporter": "prometheus-node-exporter",
+    "node": "nodejs",
+    "npm": "npm",
+    "jq": "jq",
+}
+
+
+@nox.session
+def monitoring(session: nox.Session) -> None:
+    """Alert rules, dashboard and runbook: promtool lint and unit tests, the dashboard's
+    type-check against @grafana/schema, and their Python tests (real tools, never skipped in
+    CI)."""
+    missing = sorted({pkg for tool, pkg in MONITORING_TOOLS.items() if not shutil.which(tool)})
+    if missing:
+        message = f"missing tools; install the Debian packages {' '.join(missing)}"
+        if os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1":
+            session.error(message)
+        session.skip(message)
+    rules = "monitoring/prometheus/ptf-admin-alerts.yml"
+    unit_tests = sorted(str(p) for p in Path("monitoring/prometheus/tests").glob("*.test.yml"))
+    if not unit_tests:
+        session.error("no promtool unit tests in monitoring/prometheus/tests")
+    # --lint-fatal: without it promtool 2.42 prints lint findings and still exits 0.
+    session.run("promtool", "check", "rules", "--lint=all", "--lint-fatal", rules, external=True)
+    session.run("promtool", "test", "rules", *unit_tests, external=True)
+    with session.chdir("monitoring/grafana"):
+        session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+        session.run("npm", "run", "typecheck", external=True)
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest",
+        "tests/test_alert_rules.py",
+        "tests/test_dashboard.py",
+        "tests/test_runbook.py",
+        *session.posargs,
+    )
 
 
 @nox.session

@@ -11,9 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    from tests.monitoring_tools import MonitoringStack
 
 REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
 
@@ -45,6 +51,12 @@ def require_tool(name: str) -> str:
 def promtool() -> str:
     """Path of Prometheus's promtool (Debian package ``prometheus``)."""
     return require_tool("promtool")
+
+
+@pytest.fixture
+def node_exporter() -> str:
+    """Path of node_exporter (Debian package ``prometheus-node-exporter``)."""
+    return require_tool("prometheus-node-exporter")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -107,3 +119,25 @@ def run_python(
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def monitoring_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitoringStack]:
+    """A real node_exporter serving a healthy release_gate.prom, scraped every second by a real
+    Prometheus that evaluates monitoring/prometheus/ptf-admin-alerts.yml. Started once, on
+    first use (about 8 s: Prometheus 2.42 scrapes 5.5 s after start); stopped by pid."""
+    # Imported on first use: the rest of the suite needs neither PyYAML nor these servers.
+    from tests.monitoring_tools import monitoring_stack as start
+
+    node_exporter = require_tool("prometheus-node-exporter")
+    prometheus = require_tool("prometheus")
+    with start(node_exporter, prometheus, tmp_path_factory.mktemp("stack")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def grafana_typecheck() -> Callable[[Path], subprocess.CompletedProcess[str]]:
+    """Type-checks a dashboard JSON against @grafana/schema (runs ``npm ci`` once if needed)."""
+    from tests.monitoring_tools import grafana_typecheck as make
+
+    return make(require_tool("npm"), require_tool("node"))
