@@ -461,7 +461,7 @@ class ReleaseGateApp:
         if self._start_lock is None:
             self._start_lock = anyio.Lock()
         async with self._start_lock:
-            if self._worker is not None:
+            if self.started:  # another request built it while we waited
                 return
             settings = self.settings
             self._worker = await anyio.to_thread.run_sync(_open_worker, settings)
