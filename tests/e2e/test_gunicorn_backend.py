@@ -367,8 +367,9 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
 ) -> None:
     began = time.monotonic()
     shards, audit = tmp_path / "shards", tmp_path / "audit.jsonl"
-    home = tmp_path / "home"
+    home, stack_dir = tmp_path / "home", tmp_path / "stack"
     home.mkdir()
+    stack_dir.mkdir()
     server = gunicorn(
         [
             "--workers",
@@ -388,7 +389,7 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
     plan = _plan(REQUESTS, SEED)
 
     # Prometheus needs about 10 s to take its first samples; gunicorn boots meanwhile.
-    with monitoring_stack(node_exporter, prometheus, tmp_path / "stack") as stack:
+    with monitoring_stack(node_exporter, prometheus, stack_dir) as stack:
         server.wait_ready(WORKERS)
         textfile = stack.textfile_dir / TEXTFILE_NAME
         command = [
