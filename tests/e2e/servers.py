@@ -139,7 +139,12 @@ def start_gunicorn(
     args: Sequence[str], env: Mapping[str, str], log: Path, *, cwd: Path = ROOT
 ) -> GunicornServer:
     """Start ``gunicorn -c backend/gunicorn.conf.py ARGS backend.app.main:app`` on a free
-    loopback port. Warnings are errors in the server (a deprecated worker class would fail)."""
+    loopback port.
+
+    Deprecation warnings are errors in the server (a deprecated worker class such as
+    ``uvicorn.workers`` would fail). Not every warning: gunicorn 27's ``fd://`` binding leaks
+    the probe socket it opens to find the address family (a ResourceWarning at start-up).
+    """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.bind(("127.0.0.1", 0))
@@ -149,7 +154,7 @@ def start_gunicorn(
         command = [
             sys.executable,
             "-W",
-            "error",
+            "error::DeprecationWarning",
             "-m",
             "gunicorn",
             "-c",
