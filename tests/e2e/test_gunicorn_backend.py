@@ -179,6 +179,8 @@ class Result:
     status: int | None = None  # None: the connection broke, no answer
     body: bytes = b""
     error: str = ""
+    sent: float = 0.0  # time.monotonic() before connecting
+    ended: float = 0.0  # ... after the answer or the error
 
 
 @dataclass
@@ -192,7 +194,7 @@ class Load:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def one(self, planned: Planned) -> Result:
-        result = Result(planned)
+        result = Result(planned, sent=time.monotonic())
         try:
             resp = request(
                 self.port,
@@ -205,6 +207,7 @@ class Load:
             result.error = repr(exc)
         else:
             result.status, result.body = resp.status, resp.body
+        result.ended = time.monotonic()
         with self._lock:
             self.done += 1
         return result
@@ -318,13 +321,27 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
-def kill_a_worker(server: GunicornServer) -> int:
-    """SIGKILL one worker of the master we started; returns its pid."""
-    workers = server.workers()
-    assert workers, "no worker to kill"
-    pid = sorted(workers)[0]
-    os.kill(pid, signal.SIGKILL)
-    return pid
+def kill_right_after_a_decision(server: GunicornServer, audit: Path, timeout: float) -> int:
+    """SIGKILL the worker that wrote the next audit entry, as soon as it appears.
+
+    The gate writes the audit entry before it counts the decision and answers, so the kill
+    lands in the window that matters: decided, maybe counted, not yet answered. Returns the pid.
+    """
+    offset = audit.stat().st_size
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with audit.open("rb") as f:
+            f.seek(offset)
+            fresh = f.read()
+        lines = fresh.split(b"\n")[:-1]  # complete lines only
+        if lines:
+            pid = int(json.loads(lines[-1])["pid"])
+            if pid in server.workers():
+                os.kill(pid, signal.SIGKILL)
+                return pid
+            offset += len(fresh) - len(fresh.rsplit(b"\n", 1)[1])
+        time.sleep(0.0005)  # a tight poll: the window is about a millisecond wide
+    raise TimeoutError("no decision was audited to kill its worker after")
 
 
 def find_explaining_subset(
@@ -402,18 +419,20 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         ]
         load = Load(server.port, plan)
         killed: list[int] = []
+        kill_times: list[float] = []
 
         def kill_mid_run() -> None:
             wait_until(
                 lambda: load.done >= KILL_AFTER * REQUESTS, timeout=300, what="the load to progress"
             )
-            killed.append(kill_a_worker(server))
+            killed.append(kill_right_after_a_decision(server, audit, timeout=60))
+            kill_times.append(time.monotonic())
 
         load_began = time.monotonic()
         with Cron(command, textfile, server.port) as cron:
             load.run(during=kill_mid_run)
         load_seconds = time.monotonic() - load_began
-        (killed_pid,) = killed
+        (killed_pid,), (killed_at,) = killed, kill_times
 
         # The load is over: let the replacement of the last recycled worker come up, then one
         # last aggregation (with compaction), as the cron would.
@@ -439,6 +458,12 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         assert answered.keys() <= audited.keys()
         unanswered_decisions = sorted(audited.keys() - answered.keys())
         assert set(unanswered_decisions) <= broken.keys()
+        # Every broken connection was in flight when the worker was killed: recycling (a
+        # graceful exit) breaks none.
+        assert all(r.sent <= killed_at <= r.ended for r in broken.values()), [
+            (r.planned.scope, r.error, r.sent - killed_at, r.ended - killed_at)
+            for r in broken.values()
+        ]
         # Only the SIGKILL may break a decided request: recycling workers finish theirs.
         assert {audited[s]["pid"] for s in unanswered_decisions} <= {killed_pid}
         for scope, r in answered.items():
@@ -514,7 +539,10 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         recycles = log.count("Maximum request limit of")
         assert recycles >= 3 * WORKERS, f"only {recycles} recycles: raise REQUESTS"
         # What compaction left are live workers' shards only (the gauge counts before it).
+        incarnations = len({e["pid"] for e in entries})  # workers that decided something
+        assert incarnations >= 3 * WORKERS
         assert after["json"] <= WORKERS, after
+        assert after["lock"] <= WORKERS, after  # dead workers' lock files are gone too
         assert after["tmp"] == 0, after
         gauge = prometheus_totals(stack, ["release_gate_shards"])
         assert gauge['release_gate_shards{state="live"}'] == after["json"]
@@ -551,7 +579,8 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         f"{recycles} max-requests recycles; {len(entries)} audit lines; "
         f"{len(broken)} broken connections, {len(unanswered_decisions)} of them decided, "
         f"{len(subset)} of those counted; cron: {cron.runs} aggregations, {cron.scrapes} "
-        f"GET /metrics; shard dir before the last compaction {dict(before)}, after "
+        f"GET /metrics; {incarnations} worker incarnations wrote a shard; "
+        f"shard dir before the last compaction {dict(before)}, after "
         f"{dict(after)} (dead shards found: {dead_found:.0f}); "
         f"total {time.monotonic() - began:.1f} s"
     )
