@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 if TYPE_CHECKING:
+    from backend.app.main import ReleaseGateApp
     from tests.monitoring_tools import MonitoringStack
 
 REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
@@ -141,3 +142,25 @@ def grafana_typecheck() -> Callable[[Path], subprocess.CompletedProcess[str]]:
     from tests.monitoring_tools import grafana_typecheck as make
 
     return make(require_tool("npm"), require_tool("node"))
+
+
+# -- the backend ASGI app (tests/test_main.py) -------------------------------------------------
+
+#: The server clock of the ``gate_app`` fixture, in milliseconds since the epoch.
+GATE_APP_CLOCK_MS = 1_800_000_000_000
+
+
+@pytest.fixture
+def gate_app(tmp_path: Path) -> Iterator[ReleaseGateApp]:
+    """The backend app over a fresh shard directory (``tmp_path/shards``) and audit log
+    (``tmp_path/audit.jsonl``), its server clock fixed at ``GATE_APP_CLOCK_MS``. Not started:
+    a test drives the lifespan, or its first request starts the app. Teardown shuts down what
+    is left (final save, shard lock released)."""
+    import anyio
+
+    from backend.app.main import Settings, create_app
+
+    settings = Settings(str(tmp_path / "shards"), str(tmp_path / "audit.jsonl"))
+    app = create_app(settings, clock_ms=lambda: GATE_APP_CLOCK_MS)
+    yield app
+    anyio.run(app.shutdown)
