@@ -116,17 +116,33 @@ class Client:
 
 
 async def lifespan(app: ReleaseGateApp, *events: str) -> list[dict[str, Any]]:
-    """Drive the ASGI lifespan protocol through ``events``; the messages the app sent back."""
+    """Drive the ASGI lifespan protocol through ``events``; the messages the app sent back.
+
+    After the last event the app waits for the next one, as under a server: it is cancelled
+    once it has answered every event (or has returned).
+    """
     inbox = [{"type": f"lifespan.{e}"} for e in events]
     sent: list[dict[str, Any]] = []
+    answered = anyio.Event()
 
     async def receive() -> dict[str, Any]:
+        if not inbox:
+            await anyio.sleep_forever()
         return inbox.pop(0)
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+        if len(sent) == len(events):
+            answered.set()
 
-    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    async def run() -> None:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+        answered.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await answered.wait()
+        tg.cancel_scope.cancel()
     return sent
 
 
