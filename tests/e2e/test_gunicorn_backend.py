@@ -576,6 +576,7 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         assert only_gate(stopped) == only_gate(final)
         assert shard_files(shards)["json"] == 0
         assert (shards / "archive.json").exists()
+        assert list(home.iterdir()) == []  # no ~/.gunicorn control socket
 
     statuses = Counter(r.status for r in results)
     dead_found = gauge['release_gate_shards{state="dead"}']
@@ -592,3 +593,72 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         f"files at once during the run; after the last compaction {dict(after)} "
         f"(dead shards it found: {dead_found:.0f}); total {time.monotonic() - began:.1f} s"
     )
+
+
+# -- the configuration under other conditions ----------------------------------------------
+
+
+def aggregate_json(directory: Path) -> dict[str, Any]:
+    """``gatemetrics aggregate --format json`` of ``directory`` (compacting), parsed."""
+    cli = Path(sys.executable).with_name("gatemetrics")
+    proc = subprocess.run(
+        [str(cli), "aggregate", "--dir", str(directory), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@pytest.mark.timeout(120)
+def test_without_preload_every_worker_builds_its_own_state(
+    gunicorn: StartGunicorn, tmp_path: Path
+) -> None:
+    shards, audit, home = tmp_path / "shards", tmp_path / "audit.jsonl", tmp_path / "home"
+    home.mkdir()
+    server = gunicorn(
+        ["--workers", "2"],
+        {"GATEMETRICS_DIR": str(shards), "RELEASE_GATE_AUDIT_LOG": str(audit), "HOME": str(home)},
+    )
+    server.wait_ready(2)
+    # Both workers bound a shard of their own at startup (one lifetime lock each).
+    wait_until(lambda: shard_files(shards)["lock"] == 2, timeout=30, what="a shard lock per worker")
+    body = b'{"verdict": "release_hold", "reasons": ["TIER_FAIL"]}'
+    replies = [
+        request(
+            server.port, "POST", "/release-gate/check", body, {"Content-Type": "application/json"}
+        )
+        for _ in range(40)
+    ]
+    assert [r.status for r in replies] == [200] * 40
+    live = aggregate_json(shards)
+    assert live["decision_counts"] == {"ALLOW": 0, "DENY": 40}
+    assert live["reason_counts"]["TIER_FAIL"] == 40
+    assert len(read_audit(audit)) == 40
+
+    assert server.stop() == 0
+    stopped = aggregate_json(shards)
+    assert stopped["decision_counts"] == live["decision_counts"]
+    assert shard_files(shards)["json"] == 0  # every worker's shard folded into the archive
+    # No control socket: gunicorn 27 would otherwise create ~/.gunicorn.
+    assert list(home.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_cannot_open_the_audit_log_stops_gunicorn_with_a_clear_error(
+    gunicorn: StartGunicorn, tmp_path: Path
+) -> None:
+    missing = tmp_path / "unmounted" / "audit.jsonl"
+    server = gunicorn(
+        ["--workers", "2", "--preload"],
+        {"GATEMETRICS_DIR": str(tmp_path / "shards"), "RELEASE_GATE_AUDIT_LOG": str(missing)},
+    )
+    # A gate that cannot audit must not serve: the worker fails to boot and the master stops.
+    status = wait_until(server.proc.poll, timeout=60, what="gunicorn to give up")
+    assert status != 0
+    log = server.log_text()
+    assert f"audit log unusable: No such file or directory: '{missing}'" in log
+    assert "Worker failed to boot" in log
