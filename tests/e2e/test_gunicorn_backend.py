@@ -657,8 +657,8 @@ def test_a_worker_that_cannot_open_the_audit_log_stops_gunicorn_with_a_clear_err
         {"GATEMETRICS_DIR": str(tmp_path / "shards"), "RELEASE_GATE_AUDIT_LOG": str(missing)},
     )
     # A gate that cannot audit must not serve: the worker fails to boot and the master stops.
-    status = wait_until(server.proc.poll, timeout=60, what="gunicorn to give up")
-    assert status != 0
+    wait_until(lambda: server.proc.poll() is not None, timeout=60, what="gunicorn to give up")
+    assert server.proc.returncode != 0
     log = server.log_text()
     assert f"audit log unusable: No such file or directory: '{missing}'" in log
     assert "Worker failed to boot" in log
