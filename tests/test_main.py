@@ -958,3 +958,21 @@ def test_errno_of_an_unusable_audit_log_is_kept(tmp_path: Path) -> None:
         anyio.run(app.startup)
     assert info.value.errno == errno.EISDIR
     assert info.value.filename == str(directory)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        pytest.param({"verdict": "x" * 60_000, "reasons": []}, id="verdict"),
+        pytest.param({"verdict": "release_hold", "reasons": ["R" * 60_000]}, id="reason"),
+        pytest.param(OK | {"y" * 60_000: 1}, id="field name"),
+        pytest.param(OK | {"release_scope": "\x00" * 60_000}, id="gate's own message"),
+    ],
+)
+async def test_error_messages_never_echo_a_huge_request(
+    gate_app: ReleaseGateApp, doc: dict[str, Any]
+) -> None:
+    reply = await Client(gate_app).check(doc)
+    assert reply.status in (400, 422)
+    assert len(reply.body) < 1000
+    assert reply.json()["message"]

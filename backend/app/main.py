@@ -183,9 +183,8 @@ def _state_home(env: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Worker:
-    store: GateMetricStore
     binding: Binding
-    gate: ReleaseGate
+    gate: ReleaseGate  # holds the bound store (the binding only keeps a weak reference)
 
 
 def _open_worker(settings: Settings) -> _Worker:
@@ -204,12 +203,13 @@ def _open_worker(settings: Settings) -> _Worker:
             exc.errno, f"audit log unusable: {exc.strerror}", settings.audit_log
         ) from None
     os.close(fd)
+    audit_log = JsonlAuditLog(settings.audit_log)
     store = GateMetricStore()
-    # Write-through: record_outcome returns only once the count is in this worker's shard.
-    # Raises ShardWriteError for an unusable directory.
+    # Last, since it takes the shard's lifetime lock: nothing after it can fail. Write-through:
+    # record_outcome returns only once the count is in this worker's shard. Raises
+    # ShardWriteError for an unusable directory.
     binding = store.bind_to_dir(settings.metrics_dir)
-    gate = ReleaseGate(audit_log=JsonlAuditLog(settings.audit_log), metric_store=store)
-    return _Worker(store, binding, gate)
+    return _Worker(binding, ReleaseGate(audit_log=audit_log, metric_store=store))
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -235,7 +235,9 @@ class _HTTPError(Exception):
         self.headers = tuple(headers)
 
     def body(self) -> bytes:
-        doc: dict[str, object] = {"error": self.code, "message": self.message}
+        # Messages may quote the request (the gate's own errors do): never echo kilobytes.
+        message = self.message if len(self.message) <= 500 else self.message[:497] + "..."
+        doc: dict[str, object] = {"error": self.code, "message": message}
         if self.field is not None:
             doc["field"] = self.field
         return orjson.dumps(doc)
@@ -258,6 +260,12 @@ _JSON_TYPES: dict[type, str] = {
     list: "array",
     dict: "object",
 }
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    """``text`` quoted for an error message, cut short: a body may hold 64 KiB of it."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def _type_name(value: object) -> str:
@@ -291,7 +299,8 @@ def _parse_check(body: bytes) -> _CheckRequest:
         _invalid(f"the body must be a JSON object, not {_type_name(doc)}")
     unknown = sorted(set(doc) - _CHECK_FIELDS)
     if unknown:
-        _invalid(f"unknown field(s): {', '.join(unknown)}", unknown[0])
+        names = ", ".join(_shown(name) for name in unknown[:5])
+        _invalid(f"unknown field(s): {names}", unknown[0][:64])
     for name in ("verdict", "reasons"):
         if name not in doc:
             _invalid(f"{name} is required", name)
@@ -302,7 +311,7 @@ def _parse_check(body: bytes) -> _CheckRequest:
         raise _HTTPError(
             422,
             "unknown_verdict",
-            f"unknown verdict {verdict!r}; expected one of {', '.join(sorted(_VERDICTS))}",
+            f"unknown verdict {_shown(verdict)}; expected one of {', '.join(sorted(_VERDICTS))}",
             field="verdict",
         )
     reasons = doc["reasons"]
@@ -311,7 +320,10 @@ def _parse_check(body: bytes) -> _CheckRequest:
         _expect(reason, str, f"reasons[{i}]")
         if reason not in _REASONS:
             raise _HTTPError(
-                422, "unknown_reason", f"unknown block reason {reason!r}", field=f"reasons[{i}]"
+                422,
+                "unknown_reason",
+                f"unknown block reason {_shown(reason)}",
+                field=f"reasons[{i}]",
             )
     try:
         result = ReleasePolicyResult(verdict, reasons)
@@ -334,7 +346,8 @@ def _parse_override(raw: object) -> ReleaseOverride | None:
     assert isinstance(raw, dict)  # for mypy: _expect raised otherwise
     unknown = sorted(set(raw) - set(_OVERRIDE_FIELDS))
     if unknown:
-        _invalid(f"unknown override field(s): {', '.join(unknown)}", f"override.{unknown[0]}")
+        names = ", ".join(_shown(name) for name in unknown[:5])
+        _invalid(f"unknown override field(s): {names}", f"override.{unknown[0][:64]}")
     for name in _OVERRIDE_FIELDS:
         if name not in raw:
             _invalid(f"override.{name} is required", f"override.{name}")
