@@ -966,7 +966,7 @@ def test_errno_of_an_unusable_audit_log_is_kept(tmp_path: Path) -> None:
         pytest.param({"verdict": "x" * 60_000, "reasons": []}, id="verdict"),
         pytest.param({"verdict": "release_hold", "reasons": ["R" * 60_000]}, id="reason"),
         pytest.param(OK | {"y" * 60_000: 1}, id="field name"),
-        pytest.param(OK | {"release_scope": "\x00" * 60_000}, id="gate's own message"),
+        pytest.param(OK | {"release_scope": "\x00" * 10_000}, id="gate's own message"),
     ],
 )
 async def test_error_messages_never_echo_a_huge_request(
