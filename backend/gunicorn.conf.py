@@ -19,6 +19,9 @@ Command-line flags override what is set here (``--bind``, ``--workers``, ``--pre
 * no control socket (gunicorn 27 otherwise creates ``~/.gunicorn``, a surprise in a service's
   home directory and a failure where the home is read-only).
 * loopback by default: the app has no authentication of its own.
+* the ``backend`` and ``gatemetrics`` loggers (the gate's audit and metric failures, shard save
+  failures, quarantined files, worker start-up) write to gunicorn's error log, in its format, in
+  the master and in every worker; otherwise only their warnings would reach stderr, unformatted.
 
 Works with and without ``--preload``: the app module creates nothing at import, each worker
 builds its own store and audit log in the ASGI lifespan startup, after the fork.
@@ -32,6 +35,7 @@ loses no counted decision (write-through) but breaks the connections it still he
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -58,8 +62,28 @@ worker_exit = gatemetrics_hooks.worker_exit
 child_exit = gatemetrics_hooks.child_exit
 
 
+_OUR_LOGGERS = ("backend", "gatemetrics")
+
+
+def _log_through(error_log: logging.Logger) -> None:
+    """Send our loggers' records to gunicorn's error log handlers (as uvicorn-worker does for
+    uvicorn's loggers)."""
+    for name in _OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = list(error_log.handlers)
+        logger.setLevel(error_log.level)
+        logger.propagate = False
+
+
+def post_worker_init(worker: Any) -> None:
+    """In each worker, before it serves: our log lines go where gunicorn's go."""
+    _log_through(worker.log.error_log)
+
+
 def when_ready(server: Any) -> None:
-    """Say once, in the master, where the counts and the audit trail go."""
+    """In the master: route our log lines (compaction in child_exit), and say once where the
+    counts and the audit trail go."""
+    _log_through(server.log.error_log)
     server.log.info(
         "release gate: shards in %s, audit log %s", _settings.metrics_dir, _settings.audit_log
     )

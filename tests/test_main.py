@@ -976,3 +976,29 @@ async def test_error_messages_never_echo_a_huge_request(
     assert reply.status in (400, 422)
     assert len(reply.body) < 1000
     assert reply.json()["message"]
+
+
+async def test_a_body_that_never_arrives_times_out_with_408(tmp_path: Path) -> None:
+    settings = Settings(str(tmp_path / "shards"), str(tmp_path / "audit.jsonl"), body_timeout=0.1)
+    app = create_app(settings)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:  # a client that sent its headers, then stalled
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": CHECK,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
+    }
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert orjson.loads(sent[1]["body"])["error"] == "request_timeout"
+    assert not app.started  # nothing was decided, counted or audited

@@ -31,6 +31,8 @@ status code                      when
                                  ``Content-Length``
 404    ``not_found``             any other path
 405    ``method_not_allowed``    another method; the ``Allow`` header lists the right ones
+408    ``request_timeout``       the body did not arrive within ``Settings.body_timeout`` seconds (a
+                                 stalled client must not hold a worker's task forever)
 413    ``body_too_large``        more than 64 KiB, by ``Content-Length`` (refused before reading) or
                                  by counting a chunked body (reading stops at the limit)
 415    ``unsupported_media_type`` a check whose ``Content-Type`` is not ``application/json`` (or
@@ -134,13 +136,15 @@ class Settings:
 
     ``defaulted`` names the environment variables that were unset, so their default was used.
     ``metrics_lock_timeout`` bounds how long ``GET /metrics`` waits for the directory lock (a
-    compaction or a cron aggregation holds it) before answering 503.
+    compaction or a cron aggregation holds it) before answering 503. ``body_timeout`` bounds
+    how long a check's body may take to arrive before the answer is 408.
     """
 
     metrics_dir: str
     audit_log: str
     defaulted: tuple[str, ...] = ()
     metrics_lock_timeout: float = 5.0
+    body_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -547,7 +551,14 @@ class ReleaseGateApp:
                 )
             if path == "/release-gate/check":
                 _check_content_type(scope)
-                body = await _read_body(scope, receive)
+                with anyio.move_on_after(self.settings.body_timeout) as waited:
+                    body = await _read_body(scope, receive)
+                if waited.cancelled_caught:
+                    raise _HTTPError(
+                        408,
+                        "request_timeout",
+                        f"the body did not arrive within {self.settings.body_timeout:g} s",
+                    )
                 body_read = True
                 status, payload, ctype = 200, await self._check(_parse_check(body)), _JSON
             elif path == "/metrics":

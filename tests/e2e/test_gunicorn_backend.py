@@ -639,6 +639,11 @@ def test_without_preload_every_worker_builds_its_own_state(
     assert live["reason_counts"]["TIER_FAIL"] == 40
     assert len(read_audit(audit)) == 40
 
+    # The app's own log lines reach gunicorn's log, in its format, from every worker.
+    ready = [line for line in server.log_text().splitlines() if "release gate worker" in line]
+    assert len(ready) == 2
+    assert all(line.startswith("[") and "[INFO]" in line for line in ready), ready
+
     assert server.stop() == 0
     stopped = aggregate_json(shards)
     assert stopped["decision_counts"] == live["decision_counts"]
