@@ -22,8 +22,8 @@ MYPY = "mypy==2.4.1"
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (pytest, hypothesis; real promtool when installed)."""
-    session.install("-e", ".[test]")
+    """The test suite (pytest, hypothesis; real promtool when installed; real gunicorn)."""
+    session.install("-e", ".[test,server]")
     # The monitoring tests run in their own session (with promtool, Prometheus and tsc), and so
     # do the end-to-end tests (real gunicorn, node_exporter and Prometheus).
     session.run("pytest", "-m", "not monitoring and not e2e", *session.posargs)
@@ -100,3 +100,4 @@ def bench(session: nox.Session) -> None:
     """Benchmarks side by side with prometheus_client (not part of the test run)."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.bench_hot_path")
+    session.run("python", "-m", "benchmarks.bench_aggregate", *session.posargs)

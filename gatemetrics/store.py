@@ -4,15 +4,25 @@ One store per process holds that process's cumulative counts. Every increment ta
 ``threading.Lock`` (uncontended: about 0.1 µs), so a store is safe to share between threads;
 reads return copies, never live views. The store has no I/O of its own: persistence (shards) and
 merging (the aggregator) are built on :meth:`CounterStore.snapshot` and the dictionary layout.
+
+Two hooks connect a store to persistence without costing an unbound store anything measurable:
+
+* a *change hook* (one callable, ``None`` by default) that every public write method calls once,
+  after its counts are visible. :mod:`gatemetrics.shards` uses it for write-through saving.
+* fork safety: counts made before ``os.fork()`` belong to the parent. In a forked child every
+  store starts again at zero, with a fresh lock (the parent's may have been held by a thread that
+  does not exist in the child) and a new start time, so nothing is ever counted twice.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from gatemetrics.errors import SchemaError
 from gatemetrics.schema import (
@@ -67,7 +77,20 @@ class CounterStore:
     ``store_start_timestamp``.
     """
 
-    __slots__ = ("__weakref__", "_counts", "_generation", "_lock", "_schema", "_start")
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_counts",
+        "_generation",
+        "_lock",
+        "_on_change",
+        "_pid",
+        "_schema",
+        "_start",
+    )
+
+    #: A read-only store (a merged view of a directory) can never be saved as a shard.
+    read_only: ClassVar[bool] = False
 
     def __init__(self, schema: Schema, *, clock: Callable[[], float] = time.time) -> None:
         if not isinstance(schema, Schema):
@@ -76,7 +99,11 @@ class CounterStore:
         self._lock = threading.Lock()
         self._counts: list[int] = schema.zeros()
         self._generation = 0
+        self._clock = clock
         self._start = float(clock())
+        self._pid = os.getpid()
+        self._on_change: Callable[[], object] | None = None
+        _STORES.add(self)
 
     @property
     def schema(self) -> Schema:
@@ -92,6 +119,11 @@ class CounterStore:
         """When this store's counting began, in seconds since the epoch."""
         return self._start
 
+    @property
+    def pid(self) -> int:
+        """The process whose counts this store holds (changes in a forked child)."""
+        return self._pid
+
     # -- writes ------------------------------------------------------------------------------
 
     def increment(self, key: str, value: str | None = None, amount: int = 1) -> None:
@@ -104,6 +136,9 @@ class CounterStore:
             if new > MAX_COUNT:
                 raise SchemaError(key, "count would exceed 2**63-1")
             self._counts[slot] = new
+        hook = self._on_change
+        if hook is not None:
+            hook()
 
     def increment_slots(self, slots: Iterable[int]) -> None:
         """Add one to each slot in ``slots`` atomically (all or none are visible to readers).
@@ -119,6 +154,9 @@ class CounterStore:
             counts = self._counts
             for s in todo:
                 counts[s] += 1
+        hook = self._on_change
+        if hook is not None:
+            hook()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -157,3 +195,59 @@ class CounterStore:
             self._counts = counts
             self._generation = generation
             self._start = start
+
+    # -- persistence hooks (used by gatemetrics.shards) ----------------------------------------
+
+    def _set_change_hook(self, hook: Callable[[], object] | None) -> None:
+        """Install (or remove, with ``None``) the callable every public write calls once.
+
+        The hook runs on the writing thread after the lock is released. It must not raise for
+        ordinary failures (write-through saving never does) and must not record into this store
+        through a public write method (that would call it again).
+        """
+        if hook is not None and self.read_only:
+            raise TypeError(f"{type(self).__name__} is read-only")
+        self._on_change = hook
+
+    def _bump_generation(self) -> tuple[Snapshot, int]:
+        """Advance the generation and return the snapshot that carries it, atomically.
+
+        Returns ``(snapshot, previous generation)`` so a failed save can roll back with
+        :meth:`_rollback_generation`.
+        """
+        with self._lock:
+            previous = self._generation
+            self._generation = previous + 1
+            snap = Snapshot(self._schema, tuple(self._counts), self._generation, self._start)
+        return snap, previous
+
+    def _rollback_generation(self, expected: int, previous: int) -> None:
+        """Undo :meth:`_bump_generation` if no other save has moved the generation since."""
+        with self._lock:
+            if self._generation == expected:
+                self._generation = previous
+
+    def _count_quietly(self, slot: int) -> None:
+        """Add one to ``slot`` without calling the change hook (for failures of the hook)."""
+        with self._lock:
+            self._counts[slot] += 1
+
+    def _reset_after_fork(self) -> None:
+        """Start again from zero as a new process's store (runs in a forked child)."""
+        self._lock = threading.Lock()
+        self._counts = self._schema.zeros()
+        self._generation = 0
+        self._start = float(self._clock())
+        self._pid = os.getpid()
+
+
+# Every live store, so a forked child can reset them all (weak: stores die normally).
+_STORES: weakref.WeakSet[CounterStore] = weakref.WeakSet()
+
+
+def _reset_stores_in_child() -> None:
+    for store in list(_STORES):
+        store._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_stores_in_child)

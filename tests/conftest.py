@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.processes import Reaper
+
 if TYPE_CHECKING:
     from backend.app.main import ReleaseGateApp
+    from gatemetrics import CounterStore, Schema
     from tests.monitoring_tools import MonitoringStack
 
 REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
@@ -142,6 +145,41 @@ def grafana_typecheck() -> Callable[[Path], subprocess.CompletedProcess[str]]:
     from tests.monitoring_tools import grafana_typecheck as make
 
     return make(require_tool("npm"), require_tool("node"))
+
+
+# -- gatemetrics pytest plugin: this repository's stores are the release gate's ----------------
+# (the plugin itself is registered through the pytest11 entry point; pytester tests it.)
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def gatemetrics_schema() -> Schema:
+    from backend.app.testing.gate_metrics import GATE_SCHEMA
+
+    return GATE_SCHEMA
+
+
+@pytest.fixture
+def gatemetrics_store_factory() -> Callable[[], CounterStore]:
+    from backend.app.testing.gate_metrics import GateMetricStore
+
+    return GateMetricStore
+
+
+@pytest.fixture
+def gatemetrics_namespace() -> str:
+    return "release_gate"
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Child processes a test starts; whatever is still running at teardown is SIGKILLed by pid."""
+    reaper = Reaper()
+    try:
+        yield reaper
+    finally:
+        reaper.kill_all()
 
 
 # -- the backend ASGI app (tests/test_main.py) -------------------------------------------------

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,28 +14,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricExporter, GateMetricStore
+from backend.app.testing.gate_metrics import (
+    GATE_NAMESPACE,
+    GATE_SCHEMA,
+    GateMetricExporter,
+    GateMetricStore,
+    GateMetricView,
+)
 from backend.app.testing.release_policy import BlockReasonCode
-from gatemetrics import SchemaError
+from gatemetrics import SchemaError, shard_for
 from tests.exposition_parser import parse
+from tests.shard_tools import GATE_FAMILIES, GATE_SERIES, REASONS, in_forked_child
 from tests.strategies import any_reason, store_ops, valid_reason
 
-REASONS = [r.value for r in BlockReasonCode]
-FAMILIES = [
-    "release_gate_decision_total",
-    "release_gate_reason_total",
-    "release_gate_contract_breach_total",
-    "release_gate_audit_write_failures_total",
-    "release_gate_metric_write_failures_total",
-]
-# Every series the exposition may ever carry (design.md section 4, invariant 1).
-ALLOWED_SERIES: dict[str, set[tuple[str, str] | None]] = {
-    "release_gate_decision_total": {("decision", "ALLOW"), ("decision", "DENY")},
-    "release_gate_reason_total": {("reason", r) for r in REASONS},
-    "release_gate_contract_breach_total": {("kind", "NO_OVERRIDE")},
-    "release_gate_audit_write_failures_total": {None},
-    "release_gate_metric_write_failures_total": {None},
-}
+FAMILIES = GATE_FAMILIES
+ALLOWED_SERIES = GATE_SERIES
 
 
 def apply(store: GateMetricStore, ops: list[tuple[Any, ...]]) -> None:
@@ -405,3 +400,107 @@ def test_record_outcome_counts_like_record_decision(calls: list[tuple[bool, list
         a.record_decision(allowed, reasons)
         b.record_outcome(allowed, reasons)
     assert a.to_dict() == b.to_dict()
+
+
+# -- persistence: save_to_dir / bind_to_dir / load_from_dir -------------------------------------
+
+
+def test_save_and_load_from_dir_round_trip_through_shards(tmp_path: Path) -> None:
+    a, b = GateMetricStore(), GateMetricStore()
+    a.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True)
+    b.record_decision(True)
+    b.record_audit_write_failure()
+    assert a.save_to_dir(tmp_path)
+    assert b.save_to_dir(tmp_path)
+    view = GateMetricStore.load_from_dir(tmp_path)
+    assert isinstance(view, GateMetricView)
+    assert view.decision_counts() == {"ALLOW": 1, "DENY": 1}
+    assert view.reason_counts()["DRIFT_ALERT"] == 1
+    assert view.breach_counts() == {"NO_OVERRIDE": 1}
+    assert view.audit_write_failures() == 1
+    assert view.aggregate.live == 2
+    assert view.store_start_timestamp == min(a.store_start_timestamp, b.store_start_timestamp)
+    for store in (a, b):
+        shard_for(store, tmp_path).close(save=False)
+
+
+def test_a_view_is_read_only_and_can_never_be_saved(tmp_path: Path) -> None:
+    view = GateMetricStore.load_from_dir(tmp_path)
+    writes = [
+        lambda: view.record_decision(True),
+        lambda: view.record_outcome(True),
+        view.record_breach,
+        view.record_audit_write_failure,
+        view.record_metric_write_failure,
+        lambda: view.increment("decision_counts", "ALLOW"),
+        lambda: view.increment_slots([0]),
+        lambda: view.restore(GateMetricStore().to_dict()),
+        lambda: view.save_to_dir(tmp_path),
+        lambda: view.bind_to_dir(tmp_path),
+    ]
+    for write in writes:
+        with pytest.raises(TypeError, match="read-only"):
+            write()
+    assert view.read_only
+    assert os.listdir(tmp_path) == ["aggregate.lock"]
+
+
+def test_the_exposition_of_a_view_carries_the_pipeline_families(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    store.record_decision(False, ["GUARD_VIOLATION"])
+    assert store.save_to_dir(tmp_path)
+    families = parse(GateMetricExporter.export_prometheus(GateMetricStore.load_from_dir(tmp_path)))
+    assert list(families) == [
+        *FAMILIES,
+        "release_gate_quarantined_shards_total",
+        "release_gate_shards",
+    ]
+    assert families["release_gate_shards"].samples == {("state", "live"): 1, ("state", "dead"): 0}
+    assert families["release_gate_reason_total"].samples[("reason", "GUARD_VIOLATION")] == 1
+    # The JSON export stays the store layout.
+    assert orjson.loads(GateMetricExporter.export_json(GateMetricStore.load_from_dir(tmp_path)))[
+        "decision_counts"
+    ] == {"ALLOW": 0, "DENY": 1}
+    shard_for(store, tmp_path).close(save=False)
+
+
+def test_a_view_survives_a_fork_unchanged(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    store.record_decision(True)
+    assert store.save_to_dir(tmp_path)
+    view = GateMetricStore.load_from_dir(tmp_path)
+    assert in_forked_child(lambda: view.decision_counts() == {"ALLOW": 1, "DENY": 0})
+    shard_for(store, tmp_path).close(save=False)
+
+
+def test_load_from_dir_of_a_missing_directory_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        GateMetricStore.load_from_dir(tmp_path / "missing")
+
+
+def test_bind_to_dir_persists_every_check_once(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path)
+    store.record_outcome(False, ["OPS_GATE_FAIL"], breach=True, audit_write_failure=True)
+    assert store.store_generation == 1  # one persist for the whole check
+    assert (
+        GateMetricStore.load_from_dir(tmp_path).to_dict()
+        | {
+            "store_generation": 1,
+            "store_start_timestamp": store.store_start_timestamp,
+        }
+        == store.to_dict()
+    )
+    binding.close()
+
+
+def test_a_failed_save_counts_a_metric_write_failure(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    store = GateMetricStore()
+    assert store.save_to_dir(tmp_path / "file") is False
+    assert store.metric_write_failures() == 1
+    assert store.store_generation == 0
+
+
+def test_the_gate_namespace_names_the_pipeline_families() -> None:
+    assert GATE_NAMESPACE == "release_gate"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gatemetrics import MAX_COUNT, CounterStore, Family, Schema, SchemaError, Snapshot
+from tests.shard_tools import in_forked_child
 
 SCHEMA = Schema(
     (
@@ -162,3 +164,52 @@ def test_counts_equal_the_number_of_increments(ops: list[tuple[str, str | None]]
         store.increment(key, value)
     for key, value in set(ops):
         assert store.get(key, value) == ops.count((key, value))
+
+
+# -- persistence hooks -----------------------------------------------------------------------
+
+
+def test_the_change_hook_runs_once_per_public_write_after_the_counts_are_visible() -> None:
+    store = CounterStore(SCHEMA)
+    seen: list[tuple[int, ...]] = []
+    store._set_change_hook(lambda: seen.append(store.snapshot().counts))
+    store.increment("hits", "a")
+    store.increment("misses", None, 3)
+    store.increment_slots([1, 2])
+    assert seen == [(1, 0, 0, 0), (1, 0, 0, 3), (1, 1, 1, 3)]
+    with pytest.raises(SchemaError):
+        store.increment("nope")
+    assert len(seen) == 3  # a rejected write changes nothing and notifies nobody
+    store._set_change_hook(None)
+    store.increment("hits", "a")
+    assert len(seen) == 3
+
+
+def test_a_forked_child_starts_from_zero_with_a_fresh_lock() -> None:
+    store = CounterStore(SCHEMA, clock=lambda: 5.0)
+    store.increment("hits", "a", 7)
+
+    def child() -> bool:
+        zero = store.snapshot().counts == (0, 0, 0, 0) and store.pid == os.getpid()
+        store.increment("misses")  # would deadlock on the inherited, held lock
+        return zero and store.get("misses") == 1 and store.generation == 0
+
+    store._lock.acquire()  # as if another thread held it at the moment of the fork
+    try:
+        assert in_forked_child(child)
+    finally:
+        store._lock.release()
+    assert store.get("hits", "a") == 7  # the parent keeps its counts
+    assert store.pid == os.getpid()
+
+
+def test_generation_bump_and_rollback() -> None:
+    store = CounterStore(SCHEMA)
+    snap, previous = store._bump_generation()
+    assert (snap.generation, previous, store.generation) == (1, 0, 1)
+    store._rollback_generation(snap.generation, previous)
+    assert store.generation == 0
+    a, _ = store._bump_generation()
+    b, _ = store._bump_generation()
+    store._rollback_generation(a.generation, 0)  # a later save moved on: keep it
+    assert store.generation == b.generation == 2

@@ -12,20 +12,42 @@ family                                      label      values
 ``release_gate_audit_write_failures_total`` (none)
 ``release_gate_metric_write_failures_total`` (none)
 =========================================== ========== =========================================
+
+Persistence (see :mod:`gatemetrics.shards` and :mod:`gatemetrics.aggregate`): a process saves its
+store as its own shard in a directory (:meth:`GateMetricStore.save_to_dir`), or binds it there
+once (:meth:`GateMetricStore.bind_to_dir`) so it saves itself; a failed save is counted in
+``release_gate_metric_write_failures_total`` and never raises. :meth:`GateMetricStore.load_from_dir`
+merges a directory into a read-only :class:`GateMetricView`, whose Prometheus exposition also
+carries the pipeline families ``release_gate_quarantined_shards_total`` and
+``release_gate_shards{state}``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from backend.app.testing.release_policy import BlockReasonCode
+from gatemetrics.aggregate import Aggregate, aggregate_dir
 from gatemetrics.exposition import render_json, render_prometheus
 from gatemetrics.schema import Family, Schema
+from gatemetrics.shards import Binding, Durability, Mode, bind, save_to_dir
 from gatemetrics.store import CounterStore
 
-__all__ = ["GATE_SCHEMA", "GateMetricExporter", "GateMetricStore"]
+__all__ = [
+    "GATE_NAMESPACE",
+    "GATE_SCHEMA",
+    "GateMetricExporter",
+    "GateMetricStore",
+    "GateMetricView",
+]
+
+#: Prefix of the aggregator's pipeline families for the gate (``release_gate_shards`` ...).
+GATE_NAMESPACE = "release_gate"
+#: The family that counts failed saves of a gate store.
+_FAILURE_KEY = "metric_write_failures"
 
 DECISIONS = ("ALLOW", "DENY")
 BREACH_KINDS = ("NO_OVERRIDE",)
@@ -98,7 +120,7 @@ class GateMetricStore(CounterStore):
 
     # -- recording ---------------------------------------------------------------------------
 
-    def record_decision(
+    def record_decision(  # noqa: PLR0912 - kept flat: a helper call costs the hot path ~50 ns
         self, allowed: bool, reasons: Iterable[BlockReasonCode | str] | str | None = ()
     ) -> None:
         """Count one decision; for a DENY, count each distinct valid reason once.
@@ -115,30 +137,34 @@ class GateMetricStore(CounterStore):
                 self._counts[_ALLOW] += 1
             finally:
                 lock.release()
-            return
-        if allowed is not False:
-            raise TypeError(f"allowed must be a bool, not {type(allowed).__name__}")
-        cls = reasons.__class__
-        if cls is list or cls is tuple:
-            slots: list[int] = []
-            for r in reasons:  # type: ignore[union-attr]
-                s = _MEMBER_GET(id(r))
-                if s is None:
-                    s = _slot_of(r)
+        elif allowed is False:
+            cls = reasons.__class__
+            if cls is list or cls is tuple:
+                slots: list[int] = []
+                for r in reasons:  # type: ignore[union-attr]
+                    s = _MEMBER_GET(id(r))
                     if s is None:
-                        continue
-                if s not in slots:
-                    slots.append(s)
+                        s = _slot_of(r)
+                        if s is None:
+                            continue
+                    if s not in slots:
+                        slots.append(s)
+            else:
+                slots = _reason_slots(reasons)
+            lock.acquire()
+            try:
+                counts = self._counts
+                counts[_DENY] += 1
+                for s in slots:
+                    counts[s] += 1
+            finally:
+                lock.release()
         else:
-            slots = _reason_slots(reasons)
-        lock.acquire()
-        try:
-            counts = self._counts
-            counts[_DENY] += 1
-            for s in slots:
-                counts[s] += 1
-        finally:
-            lock.release()
+            raise TypeError(f"allowed must be a bool, not {type(allowed).__name__}")
+        # One change notification per call (write-through saving hooks in here).
+        hook = self._on_change
+        if hook is not None:
+            hook()
 
     def record_outcome(
         self,
@@ -169,21 +195,33 @@ class GateMetricStore(CounterStore):
                 counts[s] += 1
         finally:
             lock.release()
+        hook = self._on_change
+        if hook is not None:
+            hook()
 
     def record_breach(self) -> None:
         """Count one contract breach (an override attempted on an absolute block)."""
         with self._lock:
             self._counts[_BREACH] += 1
+        hook = self._on_change
+        if hook is not None:
+            hook()
 
     def record_audit_write_failure(self) -> None:
         """Count one audit entry that could not be written."""
         with self._lock:
             self._counts[_AUDIT_FAILURE] += 1
+        hook = self._on_change
+        if hook is not None:
+            hook()
 
     def record_metric_write_failure(self) -> None:
         """Count one failed attempt to persist these metrics."""
         with self._lock:
             self._counts[_METRIC_FAILURE] += 1
+        hook = self._on_change
+        if hook is not None:
+            hook()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -215,6 +253,57 @@ class GateMetricStore(CounterStore):
         """When this store began counting, in seconds since the epoch."""
         return self.start_timestamp
 
+    # -- persistence -------------------------------------------------------------------------
+
+    def save_to_dir(
+        self, path: str | os.PathLike[str], *, durability: Durability | str = Durability.FULL
+    ) -> bool:
+        """Write this process's cumulative counts as its own shard in ``path``.
+
+        Creates the directory and takes the shard's lifetime lock on first use. Never raises:
+        on failure it counts a metric write failure, rolls ``store_generation`` back and
+        returns False (the counts stay in memory for the next save). ``durability`` applies
+        from the first save to ``path`` on.
+        """
+        return save_to_dir(self, path, durability=durability, failure_key=_FAILURE_KEY)
+
+    def bind_to_dir(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mode: Mode = "write-through",
+        interval: float = 5.0,
+        durability: Durability | str = Durability.FULL,
+    ) -> Binding:
+        """Make this store save itself into ``path``; see :func:`gatemetrics.bind`.
+
+        ``"write-through"`` (the default) saves after every record call, before it returns, so
+        a decision that was counted survives a SIGKILL; ``"periodic"`` saves every ``interval``
+        seconds from a thread. Both save at exit. Raises ``ShardWriteError`` if ``path`` is
+        unusable, so a misconfigured service fails at start-up rather than silently.
+        """
+        return bind(
+            self,
+            path,
+            mode=mode,
+            interval=interval,
+            durability=durability,
+            failure_key=_FAILURE_KEY,
+        )
+
+    @staticmethod
+    def load_from_dir(
+        path: str | os.PathLike[str], *, lock_timeout: float = 10.0
+    ) -> GateMetricView:
+        """The merged, read-only view of a shard directory (archive plus every shard).
+
+        Does not compact. Raises ``OSError`` for a missing or unreadable directory and
+        ``LockTimeoutError`` if an aggregation holds the directory for ``lock_timeout`` s.
+        """
+        return GateMetricView(
+            aggregate_dir(path, GATE_SCHEMA, namespace=GATE_NAMESPACE, lock_timeout=lock_timeout)
+        )
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GateMetricStore:
         """A store holding ``data`` (the :meth:`to_dict` layout).
@@ -225,6 +314,51 @@ class GateMetricStore(CounterStore):
         store = cls()
         store.restore(data)
         return store
+
+
+class GateMetricView(GateMetricStore):
+    """A read-only merged view of a shard directory; see :meth:`GateMetricStore.load_from_dir`.
+
+    Readers work as on any store. Every write, ``save_to_dir`` and ``bind_to_dir`` raise
+    ``TypeError``: a view holds every shard's counts, and saving it as a shard would count
+    them all twice. Its Prometheus exposition adds the pipeline families.
+    """
+
+    __slots__ = ("_aggregate",)
+
+    read_only = True
+
+    def __init__(self, result: Aggregate) -> None:
+        if result.schema is not GATE_SCHEMA:
+            raise TypeError("a GateMetricView needs an aggregate over GATE_SCHEMA")
+        super().__init__(clock=lambda: result.start_timestamp)
+        self._counts = list(result.counts)
+        self._aggregate = result
+
+    @property
+    def aggregate(self) -> Aggregate:
+        """The aggregation this view was made from (shard states, archive, quarantine)."""
+        return self._aggregate
+
+    def _refuse(self, *_: object, **__: object) -> NoReturn:
+        raise TypeError("GateMetricView is a read-only merged view of a shard directory")
+
+    record_decision = _refuse
+    record_outcome = _refuse
+    record_breach = _refuse
+    record_audit_write_failure = _refuse
+    record_metric_write_failure = _refuse
+    increment = _refuse
+    increment_slots = _refuse
+    restore = _refuse
+    save_to_dir = _refuse
+    bind_to_dir = _refuse
+
+    def _reset_after_fork(self) -> None:
+        # A view is a snapshot of the directory, not this process's counts: keep it.
+        counts = self._counts
+        super()._reset_after_fork()
+        self._counts = counts
 
 
 def _slot_of(reason: object) -> int | None:
@@ -268,7 +402,12 @@ class GateMetricExporter:
 
     @staticmethod
     def export_prometheus(store: CounterStore) -> str:
-        """Prometheus text exposition 0.0.4, deterministic, every series present."""
+        """Prometheus text exposition 0.0.4, deterministic, every series present.
+
+        For a :class:`GateMetricView` the two pipeline families follow the gate's five.
+        """
+        if isinstance(store, GateMetricView):
+            return store.aggregate.render_prometheus()
         return render_prometheus(store.snapshot())
 
     @staticmethod

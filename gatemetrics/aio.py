@@ -1,0 +1,104 @@
+"""anyio helpers: save a store from async code without touching the event loop's thread.
+
+Every file operation (creating the directory, taking the shard's lifetime lock, writing, fsync)
+runs in a worker thread through ``anyio.to_thread.run_sync``; the event loop only awaits. Works
+on asyncio and trio alike.
+
+``periodic_saver`` is the async counterpart of a periodic :func:`gatemetrics.bind`::
+
+    async with periodic_saver(store, "/var/lib/gatemetrics", interval=5):
+        await serve()          # saves every 5 s when something changed, once more on exit
+
+The final save runs shielded from cancellation, so a cancelled service still saves its counts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import anyio
+
+from gatemetrics.shards import Durability, Shard, check_writable, save_to_dir, shard_for
+from gatemetrics.store import CounterStore
+
+__all__ = ["asave", "periodic_saver"]
+
+
+async def asave(
+    store: CounterStore,
+    directory: str | os.PathLike[str],
+    *,
+    durability: Durability | str = Durability.FULL,
+    failure_key: str | None = None,
+) -> bool:
+    """:func:`gatemetrics.save_to_dir` in a worker thread; False on failure, never raises."""
+    check_writable(store)  # here, so the error is raised where the call was made
+    return await anyio.to_thread.run_sync(
+        partial(save_to_dir, store, directory, durability=durability, failure_key=failure_key)
+    )
+
+
+def _open_shard(
+    store: CounterStore,
+    directory: str | os.PathLike[str],
+    durability: Durability | str,
+    failure_key: str | None,
+) -> Shard:
+    shard = shard_for(store, directory, durability=durability, failure_key=failure_key)
+    shard.open()
+    return shard
+
+
+def _save_if_unsaved(shard: Shard) -> bool:
+    return shard.save() if shard.unsaved() else True
+
+
+@asynccontextmanager
+async def periodic_saver(
+    store: CounterStore,
+    directory: str | os.PathLike[str],
+    *,
+    interval: float = 5.0,
+    durability: Durability | str = Durability.FULL,
+    failure_key: str | None = None,
+) -> AsyncIterator[Shard]:
+    """Save ``store`` every ``interval`` seconds while the block runs, and once more on exit.
+
+    Entering takes the shard's lifetime lock (in a thread) and raises ``ShardWriteError`` if
+    the directory is unusable. Saves happen only when counts changed. Exiting, even by
+    cancellation, stops the loop, saves once more and releases the lifetime lock; a save that
+    fails is counted in ``failure_key`` and never raises.
+    """
+    if not (isinstance(interval, int | float) and math.isfinite(interval) and interval > 0):
+        raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
+    check_writable(store)
+    shard = await anyio.to_thread.run_sync(
+        partial(_open_shard, store, directory, durability, failure_key)
+    )
+
+    async def loop() -> None:
+        while True:
+            await anyio.sleep(interval)
+            # Not abandoned on cancellation: a save in flight finishes before the final one.
+            await anyio.to_thread.run_sync(_save_if_unsaved, shard)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop)
+            try:
+                yield shard
+            finally:
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The loop never raises, so a group holds what the body raised: give the caller the
+        # exception it raised, not a wrapper around it.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(shard.close)
