@@ -26,6 +26,7 @@ from backend.app.testing.release_gate import ReleaseGate
 from gatemetrics.aggregate import LOCK_NAME
 from tests.conftest import GATE_APP_CLOCK_MS, run_python
 from tests.exposition_parser import parse
+from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES
 
 pytestmark = pytest.mark.anyio
 
@@ -806,16 +807,6 @@ async def test_websocket_connections_are_refused(gate_app: ReleaseGateApp) -> No
 
 # -- GET /metrics and /healthz -----------------------------------------------------------------
 
-FAMILIES = [
-    "release_gate_decision_total",
-    "release_gate_reason_total",
-    "release_gate_contract_breach_total",
-    "release_gate_audit_write_failures_total",
-    "release_gate_metric_write_failures_total",
-    "release_gate_quarantined_shards_total",
-    "release_gate_shards",
-]
-
 
 async def test_metrics_merge_the_whole_shard_directory(gate_app: ReleaseGateApp) -> None:
     client = Client(gate_app)
@@ -829,7 +820,7 @@ async def test_metrics_merge_the_whole_shard_directory(gate_app: ReleaseGateApp)
     assert reply.status == 200
     assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     families = parse(reply.body.decode())
-    assert list(families) == FAMILIES
+    assert list(families) == GATE_FAMILIES + PIPELINE_FAMILIES
     assert families["release_gate_decision_total"].samples == {
         ("decision", "ALLOW"): 1,
         ("decision", "DENY"): 1,
