@@ -101,3 +101,4 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.bench_hot_path")
     session.run("python", "-m", "benchmarks.bench_aggregate", *session.posargs)
+    session.run("python", "-m", "benchmarks.bench_backend")
