@@ -993,3 +993,15 @@ async def test_a_body_that_never_arrives_times_out_with_408(tmp_path: Path) -> N
     assert (b"connection", b"close") in sent[0]["headers"]
     assert orjson.loads(sent[1]["body"])["error"] == "request_timeout"
     assert not app.started  # nothing was decided, counted or audited
+
+
+async def test_metrics_without_any_usable_location_answer_503(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No GATEMETRICS_DIR and no home directory to default to (simulated, as above).
+    for name in ("GATEMETRICS_DIR", "RELEASE_GATE_AUDIT_LOG", "XDG_STATE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)
+    reply = await Client(create_app()).request("GET", "/metrics")
+    assert reply.status == 503
+    assert "set GATEMETRICS_DIR" in reply.json()["message"]

@@ -600,8 +600,11 @@ class ReleaseGateApp:
         return orjson.dumps(decision.to_dict())
 
     async def _metrics(self) -> bytes:
-        directory = self.settings.metrics_dir
-        timeout = self.settings.metrics_lock_timeout
+        try:
+            settings = self.settings
+        except ValueError as exc:  # no usable default location
+            raise _HTTPError(503, "metrics_unavailable", str(exc)) from None
+        directory, timeout = settings.metrics_dir, settings.metrics_lock_timeout
 
         def render() -> bytes:
             view = GateMetricStore.load_from_dir(directory, lock_timeout=timeout)
