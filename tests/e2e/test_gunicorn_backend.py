@@ -252,6 +252,7 @@ class Cron:
     most_shards: int = 0  # the most shard files seen in the directory at once
     failures: list[str] = field(default_factory=list)
     scrapes: int = 0
+    scrape_errors: list[str] = field(default_factory=list)
     decreases: list[str] = field(default_factory=list)
     last: dict[str, int] = field(default_factory=dict)
     error: BaseException | None = None
@@ -277,7 +278,13 @@ class Cron:
         self.last = gate
 
     def scrape_backend(self) -> None:
-        resp = request(self.port, "GET", "/metrics")
+        try:
+            resp = request(self.port, "GET", "/metrics")
+        except (OSError, http.client.HTTPException) as exc:
+            # Like a failed Prometheus scrape: the connection landed on the killed worker, or
+            # on one that was recycling (see the test's notes on broken connections).
+            self.scrape_errors.append(repr(exc))
+            return
         if resp.status != 200:
             self.failures.append(f"GET /metrics: {resp.status} {resp.body[:200]!r}")
             return
@@ -556,8 +563,11 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         found_live = gauge['release_gate_shards{state="live"}']
         assert found_live <= WORKERS
         assert after["json"] <= found_live + gauge['release_gate_shards{state="dead"}']
-        # The backend's own /metrics reads the same directory: the same counts.
-        resp = request(server.port, "GET", "/metrics")
+        # The backend's own /metrics reads the same directory: the same counts. (A GET is safe
+        # to retry, should it land on a worker that a health check just pushed to recycle.)
+        resp = wait_until(
+            lambda: request(server.port, "GET", "/metrics"), timeout=30, what="GET /metrics"
+        )
         assert resp.status == 200
         assert resp.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         assert only_gate(gate_totals(resp.body.decode())) == only_gate(final)
@@ -566,6 +576,7 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         # the master (child_exit) kept the directory small while workers came and went.
         assert cron.most_shards <= 2 * WORKERS
         assert cron.failures == []
+        assert len(cron.scrape_errors) <= 2, cron.scrape_errors
         assert cron.decreases == []
         assert cron.runs >= 3
 
@@ -593,7 +604,8 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         f"{len(broken)} broken connections ({len(in_flight)} in flight at the kill, "
         f"{len(dropped_by_recycling)} dropped by recycling workers), "
         f"{len(unanswered_decisions)} of them decided, {len(subset)} of those counted; "
-        f"cron: {cron.runs} aggregations, {cron.scrapes} GET /metrics; "
+        f"cron: {cron.runs} aggregations, {cron.scrapes} GET /metrics "
+        f"({len(cron.scrape_errors)} broken); "
         f"{incarnations} worker incarnations wrote a shard; at most {cron.most_shards} shard "
         f"files at once during the run; after the last compaction {dict(after)} "
         f"(dead shards it found: {dead_found:.0f}); total {time.monotonic() - began:.1f} s"
