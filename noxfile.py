@@ -13,7 +13,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "typing", "tests", "monitoring"]
+nox.options.sessions = ["lint", "typing", "tests", "monitoring", "e2e"]
 nox.options.error_on_missing_interpreters = True
 
 RUFF = "ruff==0.17.6"
@@ -24,8 +24,9 @@ MYPY = "mypy==2.4.1"
 def tests(session: nox.Session) -> None:
     """The test suite (pytest, hypothesis; real promtool when installed; real gunicorn)."""
     session.install("-e", ".[test,server]")
-    # The monitoring tests run in their own session (with promtool, Prometheus and tsc).
-    session.run("pytest", "-m", "not monitoring", *session.posargs)
+    # The monitoring tests run in their own session (with promtool, Prometheus and tsc), and so
+    # do the end-to-end tests (real gunicorn, node_exporter and Prometheus).
+    session.run("pytest", "-m", "not monitoring and not e2e", *session.posargs)
 
 
 @nox.session
@@ -83,6 +84,15 @@ def monitoring(session: nox.Session) -> None:
         "tests/test_runbook.py",
         *session.posargs,
     )
+
+
+@nox.session
+def e2e(session: nox.Session) -> None:
+    """End to end with real servers: a multi-worker gunicorn serving the backend app, the
+    aggregator cron, node_exporter's textfile collector and Prometheus with our alert rules.
+    Prints what it measured (-rP)."""
+    session.install("-e", ".[test,server]")
+    session.run("pytest", "-m", "e2e", "-rP", "tests/e2e", *session.posargs)
 
 
 @nox.session

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from tests.processes import Reaper
 
 if TYPE_CHECKING:
+    from backend.app.main import ReleaseGateApp
     from gatemetrics import CounterStore, Schema
     from tests.monitoring_tools import MonitoringStack
 
@@ -179,3 +180,25 @@ def reaper() -> Iterator[Reaper]:
         yield reaper
     finally:
         reaper.kill_all()
+
+
+# -- the backend ASGI app (tests/test_main.py) -------------------------------------------------
+
+#: The server clock of the ``gate_app`` fixture, in milliseconds since the epoch.
+GATE_APP_CLOCK_MS = 1_800_000_000_000
+
+
+@pytest.fixture
+def gate_app(tmp_path: Path) -> Iterator[ReleaseGateApp]:
+    """The backend app over a fresh shard directory (``tmp_path/shards``) and audit log
+    (``tmp_path/audit.jsonl``), its server clock fixed at ``GATE_APP_CLOCK_MS``. Not started:
+    a test drives the lifespan, or its first request starts the app. Teardown shuts down what
+    is left (final save, shard lock released)."""
+    import anyio
+
+    from backend.app.main import Settings, create_app
+
+    settings = Settings(str(tmp_path / "shards"), str(tmp_path / "audit.jsonl"))
+    app = create_app(settings, clock_ms=lambda: GATE_APP_CLOCK_MS)
+    yield app
+    anyio.run(app.shutdown)
