@@ -406,17 +406,17 @@ class _CountingLock:
         self._lock.release()
 
 
-def _queue_behind_a_blocked_save(
+def _queued_behind_a_blocked_save(
     store: GateMetricStore,
     shard: Shard,
     fault: Callable[[Callable[[str], None]], None],
     *,
     waiters: int,
     then: Callable[[], None],
-) -> list[threading.Thread]:
+) -> None:
     """One write-through call whose save stops inside the save lock, and ``waiters`` more calls
-    queued behind it (each has counted and drawn its wait ticket). Returns the threads, running;
-    ``then`` runs in the blocked save once the test sets it free (the returned release)."""
+    queued behind it (each has counted and drawn its wait ticket); then the blocked save goes
+    on (running ``then`` first) and every call finishes."""
     entered, release = threading.Event(), threading.Event()
     first = [True]
 
@@ -442,7 +442,9 @@ def _queue_behind_a_blocked_save(
     # waiter once, after counting: then every waiter is queued on the save lock.
     wait_until(lambda: counting.taken == 2 + waiters)
     release.set()
-    return threads
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
 
 
 def test_write_through_calls_queued_behind_a_save_share_the_next_save(
@@ -450,12 +452,7 @@ def test_write_through_calls_queued_behind_a_save_share_the_next_save(
 ) -> None:
     store = GateMetricStore()
     binding = store.bind_to_dir(tmp_path)
-    threads = _queue_behind_a_blocked_save(
-        store, binding.shard, fault, waiters=5, then=lambda: None
-    )
-    for t in threads:
-        t.join(timeout=30)
-        assert not t.is_alive()
+    _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=lambda: None)
     # The blocked save, then one save for all five waiters (each counted before it began).
     assert store.store_generation == 2
     assert totals(tmp_path) == {"ALLOW": 6, "DENY": 0}
@@ -471,10 +468,7 @@ def test_write_through_callers_save_themselves_when_the_save_they_waited_for_fai
     def fail() -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    threads = _queue_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=fail)
-    for t in threads:
-        t.join(timeout=30)
-        assert not t.is_alive()
+    _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=fail)
     assert store.metric_write_failures() == 1
     assert store.store_generation == 1  # the failed save rolled back; one save served the rest
     assert totals(tmp_path) == {"ALLOW": 6, "DENY": 0}
