@@ -22,9 +22,9 @@ descriptor). A pid guard repeats the reset for forks that bypass ``os.register_a
 
 Binding: :func:`bind` makes a store persist itself, either after every public write
 (``"write-through"``: exact even if the process is SIGKILLed right after the write returned; one
-save per write, about 0.5 ms with full durability; concurrent writers share saves, see
-:meth:`Shard.save`) or from a background thread every ``interval``
-seconds (``"periodic"``). Both save once more at interpreter exit (``atexit``) and in
+save per write, about 1 ms with full durability on ext4 (benchmarks figure 2); concurrent writers
+share saves, see :meth:`Shard.save`) or from a background thread every ``interval`` seconds
+(``"periodic"``). Both save once more at interpreter exit (``atexit``) and in
 :func:`close_all_bindings` (gunicorn's ``worker_exit``). Periodic threads are stopped before any
 ``os.fork`` and restarted after it in parent and child, so a process that forks never does so
 with one of our threads running.
