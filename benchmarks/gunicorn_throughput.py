@@ -413,7 +413,8 @@ def run(ctx: Context) -> dict[str, Any]:
             "fair while the absolute numbers are a floor.",
             "Periodic mode does no per-request work that metrics off does not (its change "
             "hook is unset; a thread saves every 5 s), so its difference from metrics off is "
-            "this measurement's noise floor on a shared 2-core machine.",
+            "this measurement's noise floor on a shared 2-core machine: up to about 9% across "
+            "our runs, more than the 5% target itself. The default's loss stands well above it.",
             "Metrics off: `backend.app.main` has no switch for it, so the off variant serves "
             "the same app with `GateMetricStore.bind_to_dir` replaced in that server's "
             "processes by a no-op (the store counts in memory only; `benchmarks/_apps.py`).",
