@@ -97,8 +97,11 @@ def e2e(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks side by side with prometheus_client (not part of the test run)."""
-    session.install("-e", ".[bench]")
-    session.run("python", "-m", "benchmarks.bench_hot_path")
-    session.run("python", "-m", "benchmarks.bench_aggregate", *session.posargs)
-    session.run("python", "-m", "benchmarks.bench_backend")
+    """Benchmarks side by side with prometheus_client; regenerates benchmarks/RESULTS.md and
+    results.json (not part of the test run; a few minutes). ``-- --only 1,3`` runs some
+    figures, ``-- --quick`` a small trial into a temp directory. Figure 5 loads a real gunicorn
+    with wrk (Debian package ``wrk``)."""
+    if not shutil.which("wrk"):
+        session.error("figure 5 needs wrk on PATH; install the Debian package wrk")
+    session.install("-e", ".[bench,server]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,7 +1,8 @@
-"""Small timing harness shared by the benchmarks: interleaved runs, median with min and max.
+"""Timing harness shared by the figures: warm-up, interleaved runs, median with min and max.
 
-Absolute times on shared machines drift, so every comparison runs both sides in the same
-process, alternating run by run, and reports the ratio of medians.
+Absolute times on a shared machine drift (other processes, the page cache, the disk's queue), so
+every comparison runs its sides in the same process, alternating side by side within each round,
+and reports the ratio of medians together with the range of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Figure:
-    """Per-call timings of one side, in nanoseconds, over several runs."""
+    """Samples of one side (per call, in nanoseconds unless a figure says otherwise)."""
 
     name: str
     runs_ns: tuple[float, ...]
@@ -32,10 +35,36 @@ class Figure:
     def high(self) -> float:
         return max(self.runs_ns)
 
+    def scaled(self, factor: float) -> Figure:
+        return Figure(self.name, tuple(v * factor for v in self.runs_ns))
+
+    def to_json(self, scale: float = 1.0) -> dict[str, Any]:
+        """``{"median", "min", "max", "runs"}`` in the figure's unit divided by ``scale``."""
+        return {
+            "median": self.median / scale,
+            "min": self.low / scale,
+            "max": self.high / scale,
+            "runs": [v / scale for v in self.runs_ns],
+        }
+
+
+def ratio(slow: Figure, fast: Figure) -> dict[str, float]:
+    """``slow / fast``: of the medians, and the lowest and highest of the per-round ratios.
+
+    Samples taken in one round (interleaved) are paired by index, so a disturbance that hit both
+    sides of a round cancels out of that round's ratio.
+    """
+    rounds = [s / f for s, f in zip(slow.runs_ns, fast.runs_ns, strict=True) if f > 0]
+    return {
+        "median": slow.median / fast.median,
+        "min": min(rounds),
+        "max": max(rounds),
+    }
+
 
 def per_call_ns(fn: Callable[[], object], loops: int) -> float:
-    """Nanoseconds per call of ``fn`` over ``loops`` calls (loop overhead included, as for
-    every side alike)."""
+    """Nanoseconds per call of ``fn`` over ``loops`` calls, with the garbage collector off
+    (loop overhead included, as for every side alike)."""
     gc_was = gc.isenabled()
     gc.disable()
     try:
@@ -49,20 +78,38 @@ def per_call_ns(fn: Callable[[], object], loops: int) -> float:
 
 
 def interleaved(
-    sides: dict[str, Callable[[], object]], *, loops: int, runs: int, warmup: int = 1
+    sides: Mapping[str, Callable[[], object]],
+    *,
+    loops: int | Mapping[str, int],
+    runs: int,
+    warmup: int = 1,
 ) -> dict[str, Figure]:
-    """Time every side ``runs`` times, alternating sides within each round."""
+    """Time every side ``runs`` times, alternating sides within each round.
+
+    ``loops`` is the number of calls per sample, for all sides or per side (a 5 ms save and a
+    1 µs increment cannot share one). ``warmup`` rounds are run first and thrown away.
+    """
+
+    def n(name: str) -> int:
+        return loops if isinstance(loops, int) else loops[name]
+
     for _ in range(warmup):
-        for fn in sides.values():
-            per_call_ns(fn, loops)
-    samples: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(runs):
         for name, fn in sides.items():
-            samples[name].append(per_call_ns(fn, loops))
+            per_call_ns(fn, n(name))
+    samples: dict[str, list[float]] = {name: [] for name in sides}
+    for round_no in range(runs):
+        # Alternate the order too, so neither side always runs right after the other.
+        order = list(sides.items())
+        if round_no % 2:
+            order.reverse()
+        for name, fn in order:
+            samples[name].append(per_call_ns(fn, n(name)))
     return {name: Figure(name, tuple(v)) for name, v in samples.items()}
 
 
 def fmt_ns(ns: float) -> str:
+    if ns >= 1e9:
+        return f"{ns / 1e9:.2f} s"
     if ns >= 1e6:
         return f"{ns / 1e6:.2f} ms"
     if ns >= 1e3:
@@ -71,5 +118,25 @@ def fmt_ns(ns: float) -> str:
 
 
 def fmt_figure(fig: Figure) -> str:
-    """``median [min-max]`` of a figure."""
-    return f"{fmt_ns(fig.median):>10}  [{fmt_ns(fig.low)}-{fmt_ns(fig.high)}]"
+    """``median [min-max]`` of a figure in nanoseconds."""
+    return f"{fmt_ns(fig.median)} [{fmt_ns(fig.low)}-{fmt_ns(fig.high)}]"
+
+
+def fmt_ratio(r: Mapping[str, float], *, digits: int = 1) -> str:
+    """``12.3x [11.0-13.1]``: the ratio of medians and the range of per-round ratios."""
+    return f"{r['median']:.{digits}f}x [{r['min']:.{digits}f}-{r['max']:.{digits}f}]"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the runner gives every figure: a private temporary directory and the size knob."""
+
+    tmp: Path
+    quick: bool = False  # smaller sizes and fewer runs, for trying the harness out

@@ -391,6 +391,119 @@ def test_write_through_saves_once_per_public_write(tmp_path: Path) -> None:
     binding.close()
 
 
+class _CountingLock:
+    """A lock that counts how often it was taken (to know when threads reached a point)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.taken = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.taken += 1
+
+    def __exit__(self, *_: object) -> None:
+        self._lock.release()
+
+
+def _queued_behind_a_blocked_save(
+    store: GateMetricStore,
+    shard: Shard,
+    fault: Callable[[Callable[[str], None]], None],
+    *,
+    waiters: int,
+    then: Callable[[], None],
+) -> None:
+    """One write-through call whose save stops inside the save lock, and ``waiters`` more calls
+    queued behind it (each has counted and drawn its wait ticket); then the blocked save goes
+    on (running ``then`` first) and every call finishes."""
+    entered, release = threading.Event(), threading.Event()
+    first = [True]
+
+    def hook(step: str) -> None:
+        if step == "save.tmp_written" and first[0]:
+            first[0] = False
+            entered.set()
+            assert release.wait(timeout=30)
+            then()
+
+    counting = _CountingLock()
+    shard._ticket_lock = counting  # type: ignore[assignment]
+    fault(hook)
+    threads = [threading.Thread(target=store.record_decision, args=(True,))]
+    threads[0].start()
+    assert entered.wait(timeout=30)
+    threads += [
+        threading.Thread(target=store.record_decision, args=(True,)) for _ in range(waiters)
+    ]
+    for t in threads[1:]:
+        t.start()
+    # The blocked save took the ticket lock twice (its wait ticket, its save ticket); each
+    # waiter once, after counting: then every waiter is queued on the save lock.
+    wait_until(lambda: counting.taken == 2 + waiters)
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+
+
+def test_write_through_calls_queued_behind_a_save_share_the_next_save(
+    tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
+) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path)
+    _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=lambda: None)
+    # The blocked save, then one save for all five waiters (each counted before it began).
+    assert store.store_generation == 2
+    assert totals(tmp_path) == {"ALLOW": 6, "DENY": 0}
+    binding.close()
+
+
+def test_write_through_callers_save_themselves_when_the_save_they_waited_for_fails(
+    tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
+) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path)
+
+    def fail() -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=fail)
+    assert store.metric_write_failures() == 1
+    assert store.store_generation == 1  # the failed save rolled back; one save served the rest
+    assert totals(tmp_path) == {"ALLOW": 6, "DENY": 0}
+    binding.close()
+
+
+def test_write_through_is_durable_when_each_concurrent_call_returns(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path, durability="none")
+    returned = [0]
+    lock = threading.Lock()
+    problems: list[str] = []
+
+    def worker() -> None:
+        for _ in range(25):
+            store.record_decision(False, ["TIER_FAIL"])
+            with lock:
+                returned[0] += 1
+                done = returned[0]
+            # Every call that returned before this read is on disk (the shard only grows).
+            on_disk = totals(tmp_path)["DENY"]
+            if on_disk < done:
+                problems.append(f"{done} calls returned, {on_disk} on disk")
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert problems == []
+    assert totals(tmp_path) == {"ALLOW": 0, "DENY": 200}
+    assert store.store_generation <= 200
+    binding.close()
+
+
 def test_write_through_failures_are_counted_without_recursion(
     tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
 ) -> None:
