@@ -1,15 +1,13 @@
-"""The backend app with its metric persistence switched, for figure 5 (gunicorn throughput).
+"""The backend app with its metrics not persisted: figure 5's "metrics off" variant.
 
-``backend.app.main`` has no setting to run without metrics, so these wrappers change one thing in
-the process that imports them: what ``GateMetricStore.bind_to_dir`` does when a worker starts.
-Everything else (HTTP parsing, validation, ``ReleaseGate.acheck`` with its two worker-thread
-hops, the durable ``JsonlAuditLog`` with its fsync) is the unchanged app.
-
-* ``off``: the store is not bound. The gate still counts, in memory only; nothing of the
-  metrics touches the disk. This is "metrics off" as far as cost goes (an unbound store costs
-  about a microsecond per check, figure 2), without a code path the app does not have.
-* ``metrics_periodic``: the store is bound in ``periodic`` mode (a save every 5 s from a thread)
-  instead of the default write-through.
+``backend.app.main`` always binds its store (write-through by default; periodic and the
+durability are settings, ``GATEMETRICS_PERSISTENCE`` and ``GATEMETRICS_DURABILITY``, which the
+other variants use). To measure what the metrics cost at all, this wrapper changes one thing in
+the process that imports it: ``GateMetricStore.bind_to_dir`` becomes a no-op, so the store counts
+in memory only and nothing of the metrics touches the disk (an unbound store costs about a
+microsecond per check, figure 2). Everything else (HTTP parsing, validation,
+``ReleaseGate.acheck`` with its two worker-thread hops, the durable ``JsonlAuditLog`` with its
+fsync) is the unchanged app.
 
 gunicorn imports the app module in each worker (or once in the master with ``--preload``, before
 the fork); either way the patch applies to that server's processes only.
@@ -21,10 +19,7 @@ import os
 from typing import Any
 
 from backend.app.main import create_app
-
 from backend.app.testing.gate_metrics import GateMetricStore
-
-_bind_to_dir = GateMetricStore.bind_to_dir
 
 
 class _NoBinding:
@@ -41,17 +36,7 @@ def _unbound(self: GateMetricStore, path: object, **_: Any) -> _NoBinding:
     return _NoBinding()
 
 
-def _periodic(self: GateMetricStore, path: Any, **kwargs: Any) -> Any:
-    kwargs["mode"] = "periodic"
-    return _bind_to_dir(self, path, **kwargs)
-
-
-def _no_fsync(self: GateMetricStore, path: Any, **kwargs: Any) -> Any:
-    kwargs["durability"] = "none"
-    return _bind_to_dir(self, path, **kwargs)
-
-
-_VARIANTS = {"off": _unbound, "periodic": _periodic, "write-through-none": _no_fsync}
+_VARIANTS = {"off": _unbound}
 
 
 def _app_with(bind: Any) -> Any:
@@ -69,6 +54,6 @@ def _select() -> Any:
 
 
 #: What gunicorn serves in figure 5's variants: ``benchmarks._apps:app``, persistence chosen
-#: by ``GATEMETRICS_BENCH_PERSISTENCE`` (``off``, ``periodic``, ``write-through-none``). The
-#: default variant serves the real ``backend.app.main:app`` itself.
+#: by ``GATEMETRICS_BENCH_PERSISTENCE`` (only ``off``). The other variants serve the real
+#: ``backend.app.main:app`` itself.
 app = _select()

@@ -76,6 +76,7 @@ class _Server:
     app: str
     persistence: str | None  # GATEMETRICS_BENCH_PERSISTENCE, None for the shipped app
     root: Path
+    settings: dict[str, str] = field(default_factory=dict)  # the app's own environment settings
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     completed: int = 0  # requests wrk saw answered, over every run (warm-up included)
@@ -114,6 +115,9 @@ def _start(server: _Server) -> None:
     env.pop("GATEMETRICS_BENCH_PERSISTENCE", None)
     if server.persistence is not None:
         env["GATEMETRICS_BENCH_PERSISTENCE"] = server.persistence
+    for name in ("GATEMETRICS_PERSISTENCE", "GATEMETRICS_SAVE_INTERVAL", "GATEMETRICS_DURABILITY"):
+        env.pop(name, None)
+    env.update(server.settings)
     log = (server.root / "gunicorn.log").open("wb")
     server.proc = subprocess.Popen(
         [
@@ -328,12 +332,17 @@ def run(ctx: Context) -> dict[str, Any]:
         ),
         "none": _Server(
             "metrics on, write-through, durability none",
-            "benchmarks._apps:app",
-            "write-through-none",
+            "backend.app.main:app",
+            None,
             ctx.tmp / "none",
+            {"GATEMETRICS_DURABILITY": "none"},
         ),
         "periodic": _Server(
-            "metrics on, periodic (5 s)", "benchmarks._apps:app", "periodic", ctx.tmp / "periodic"
+            "metrics on, periodic (5 s)",
+            "backend.app.main:app",
+            None,
+            ctx.tmp / "periodic",
+            {"GATEMETRICS_PERSISTENCE": "periodic", "GATEMETRICS_SAVE_INTERVAL": "5"},
         ),
     }
     try:

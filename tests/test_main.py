@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from backend.app.main import MAX_BODY_BYTES, ReleaseGateApp, Settings, create_ap
 from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import ReleaseGate
 from gatemetrics.aggregate import LOCK_NAME
+from gatemetrics.shards import Durability
 from tests.conftest import GATE_APP_CLOCK_MS, run_python
 from tests.exposition_parser import parse
 from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES
@@ -321,6 +323,87 @@ def test_settings_refuse_to_guess_without_a_home(monkeypatch: pytest.MonkeyPatch
     assert (
         Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"}).defaulted == ()
     )
+
+
+def test_settings_default_to_write_through_with_full_durability() -> None:
+    settings = Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"})
+    assert (settings.persistence, settings.save_interval, settings.durability) == (
+        "write-through",
+        5.0,
+        Durability.FULL,
+    )
+    # Empty values count as unset, like the path variables.
+    empty = {"GATEMETRICS_PERSISTENCE": "", "GATEMETRICS_DURABILITY": ""}
+    assert Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"} | empty) == (
+        settings
+    )
+
+
+def test_settings_read_persistence_interval_and_durability() -> None:
+    settings = Settings.from_env(
+        {
+            "GATEMETRICS_DIR": "/a",
+            "RELEASE_GATE_AUDIT_LOG": "/b",
+            "GATEMETRICS_PERSISTENCE": "periodic",
+            "GATEMETRICS_SAVE_INTERVAL": "2.5",
+            "GATEMETRICS_DURABILITY": "none",
+        }
+    )
+    assert (settings.persistence, settings.save_interval, settings.durability) == (
+        "periodic",
+        2.5,
+        Durability.NONE,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEMETRICS_PERSISTENCE", "write_through"),
+        ("GATEMETRICS_PERSISTENCE", "off"),
+        ("GATEMETRICS_DURABILITY", "FULL"),
+        ("GATEMETRICS_DURABILITY", "fsync"),
+        ("GATEMETRICS_SAVE_INTERVAL", "soon"),
+        ("GATEMETRICS_SAVE_INTERVAL", "0"),
+        ("GATEMETRICS_SAVE_INTERVAL", "-1"),
+        ("GATEMETRICS_SAVE_INTERVAL", "nan"),
+        ("GATEMETRICS_SAVE_INTERVAL", "inf"),
+        ("GATEMETRICS_SAVE_INTERVAL", "86401"),
+    ],
+)
+def test_settings_refuse_bad_persistence_values_naming_the_variable(name: str, value: str) -> None:
+    env = {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b", name: value}
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env(env)
+
+
+async def test_periodic_persistence_saves_off_the_request_path(tmp_path: Path) -> None:
+    settings = Settings(
+        str(tmp_path / "shards"),
+        str(tmp_path / "audit.jsonl"),
+        persistence="periodic",
+        save_interval=0.05,
+        durability=Durability.NONE,
+    )
+    app = create_app(settings)
+    assert await lifespan(app, "startup") == [{"type": "lifespan.startup.complete"}]
+    try:
+        assert (await Client(app).check({"verdict": "release_ok", "reasons": []})).status == 200
+
+        # The periodic thread saves within an interval or so: poll (off the loop, since it reads
+        # files) with a deadline, never sleep a fixed time.
+        def saved() -> bool:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if counts(app)["decisions"]["ALLOW"] == 1:
+                    return True
+                time.sleep(0.01)
+            return False
+
+        assert await anyio.to_thread.run_sync(saved)
+    finally:
+        assert await lifespan(app, "shutdown") == [{"type": "lifespan.shutdown.complete"}]
+    assert counts(app)["decisions"] == {"ALLOW": 1, "DENY": 0}
 
 
 async def test_default_paths_are_created_private_to_the_user(tmp_path: Path) -> None:

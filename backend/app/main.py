@@ -92,6 +92,7 @@ from backend.app.testing.release_gate import ReleaseGate, ReleaseOverride
 from backend.app.testing.release_policy import BlockReasonCode, ReleasePolicyResult, ReleaseVerdict
 from gatemetrics.errors import LockTimeoutError
 from gatemetrics.exposition import CONTENT_TYPE
+from gatemetrics.shards import Durability, Mode
 
 if TYPE_CHECKING:
     from gatemetrics.shards import Binding
@@ -138,6 +139,15 @@ class Settings:
     ``metrics_lock_timeout`` bounds how long ``GET /metrics`` waits for the directory lock (a
     compaction or a cron aggregation holds it) before answering 503. ``body_timeout`` bounds
     how long a check's body may take to arrive before the answer is 408.
+
+    ``persistence``, ``save_interval`` and ``durability`` choose how the worker's store saves
+    its shard (:meth:`GateMetricStore.bind_to_dir`). The default, write-through with full
+    durability, makes every answered decision survive a SIGKILL of its worker and costs one
+    fsynced save per check (about 1 ms here; benchmarks/RESULTS.md figure 5 measures what it
+    costs in throughput). ``periodic`` saves every ``save_interval`` seconds instead: no cost
+    per check, but a worker that is SIGKILLed loses up to one interval of counts (the audit log
+    still holds every decision). ``durability`` ``file`` or ``none`` skip the directory fsync,
+    or both fsyncs: still exact through any process death, not through a power loss.
     """
 
     metrics_dir: str
@@ -145,6 +155,9 @@ class Settings:
     defaulted: tuple[str, ...] = ()
     metrics_lock_timeout: float = 5.0
     body_timeout: float = 10.0
+    persistence: Mode = "write-through"
+    save_interval: float = 5.0
+    durability: Durability = Durability.FULL
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -166,7 +179,45 @@ class Settings:
             if not audit_log:
                 audit_log = os.path.join(root, "release-gate-audit.jsonl")
                 defaulted.append("RELEASE_GATE_AUDIT_LOG")
-        return cls(os.path.abspath(metrics_dir), os.path.abspath(audit_log), tuple(defaulted))
+        return cls(
+            os.path.abspath(metrics_dir),
+            os.path.abspath(audit_log),
+            tuple(defaulted),
+            persistence=_env_choice(
+                env, "GATEMETRICS_PERSISTENCE", _PERSISTENCE_MODES, "write-through"
+            ),
+            save_interval=_env_seconds(env, "GATEMETRICS_SAVE_INTERVAL", default=5.0),
+            durability=Durability(
+                _env_choice(env, "GATEMETRICS_DURABILITY", tuple(Durability), Durability.FULL)
+            ),
+        )
+
+
+_PERSISTENCE_MODES: tuple[Mode, ...] = ("write-through", "periodic")
+
+
+def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> Any:
+    """The value of ``name`` if it is one of ``choices``; ``default`` when unset or empty."""
+    value = env.get(name, "")
+    if not value:
+        return default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value[:40]!r}")
+    return value
+
+
+def _env_seconds(env: Mapping[str, str], name: str, *, default: float) -> float:
+    """A positive, finite number of seconds (at most a day) from ``name``, or ``default``."""
+    value = env.get(name, "")
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds; got {value[:40]!r}") from None
+    if not 0 < seconds <= 86_400:  # also rejects nan and inf
+        raise ValueError(f"{name} must be more than 0 and at most 86400 seconds; got {value!r}")
+    return seconds
 
 
 def _state_home(env: Mapping[str, str]) -> str:
@@ -209,10 +260,15 @@ def _open_worker(settings: Settings) -> _Worker:
     os.close(fd)
     audit_log = JsonlAuditLog(settings.audit_log)
     store = GateMetricStore()
-    # Last, since it takes the shard's lifetime lock: nothing after it can fail. Write-through:
-    # record_outcome returns only once the count is in this worker's shard. Raises
-    # ShardWriteError for an unusable directory.
-    binding = store.bind_to_dir(settings.metrics_dir)
+    # Last, since it takes the shard's lifetime lock: nothing after it can fail. Write-through
+    # (the default): record_outcome returns only once the count is in this worker's shard.
+    # Raises ShardWriteError for an unusable directory.
+    binding = store.bind_to_dir(
+        settings.metrics_dir,
+        mode=settings.persistence,
+        interval=settings.save_interval,
+        durability=settings.durability,
+    )
     return _Worker(binding, ReleaseGate(audit_log=audit_log, metric_store=store))
 
 
