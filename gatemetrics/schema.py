@@ -201,30 +201,62 @@ class Schema:
         """
         if not isinstance(data, Mapping):
             raise SchemaError("", f"expected a mapping, got {type(data).__name__}")
-        extra = _METADATA_KEYS | frozenset(allow_extra)
+        extra = frozenset(allow_extra)
+        extra = extra | _METADATA_KEYS if extra else _METADATA_KEYS
+        # The aggregator parses every shard on every read: the common case (exact ``str`` keys,
+        # ``int`` counts in range) is checked inline; anything else takes the slow path below,
+        # which raises the precise error.
+        value_slots = self._value_slots()
         counts = self.zeros()
         for key, value in data.items():
-            if not isinstance(key, str):
-                raise SchemaError(repr(key), "keys must be strings")
+            if type(key) is not str:
+                if not isinstance(key, str):
+                    raise SchemaError(repr(key), "keys must be strings")
+                key = str.__str__(key)  # noqa: PLW2901 - a str subclass counts by its value
             if key in extra:
                 continue
-            fam = self._by_key.get(key)
-            if fam is None:
+            slots = value_slots.get(key)
+            if slots is None:
                 raise SchemaError(key, "unknown family")
-            base = self._offsets[key]
-            if fam.label is None:
-                counts[base] = _check_count(key, value)
+            if type(slots) is int:  # a family without a label: one slot
+                if type(value) is int and 0 <= value <= MAX_COUNT:
+                    counts[slots] = value
+                else:
+                    counts[slots] = _check_count(key, value)
                 continue
-            if not isinstance(value, Mapping):
-                raise SchemaError(key, f"expected a mapping of label values, got {_tname(value)}")
-            for label_value, n in value.items():
-                if not isinstance(label_value, str):
-                    raise SchemaError(f"{key}.{label_value!r}", "label values must be strings")
-                idx = self._slots.get((key, label_value))
-                if idx is None:
-                    raise SchemaError(f"{key}.{label_value}", "unknown label value")
-                counts[idx] = _check_count(f"{key}.{label_value}", n)
+            _parse_labelled(key, value, slots, counts)
         return counts
+
+    def _value_slots(self) -> dict[str, Any]:
+        """Per family key: its slot (no label) or a dict of label value to slot. Cached."""
+        cached = self._cache.get("value_slots")
+        if cached is None:
+            cached = {}
+            for fam in self.families:
+                if fam.label is None:
+                    cached[fam.key] = self._slots[(fam.key, None)]
+                else:
+                    cached[fam.key] = {v: self._slots[(fam.key, v)] for v in fam.values}
+            self._cache["value_slots"] = cached
+        return cached
+
+
+def _parse_labelled(key: str, value: object, slots: dict[str, int], counts: list[int]) -> None:
+    """Validate one labelled family's mapping into ``counts`` (see :meth:`Schema.parse_counts`)."""
+    if not isinstance(value, Mapping):
+        raise SchemaError(key, f"expected a mapping of label values, got {_tname(value)}")
+    for label_value, n in value.items():
+        idx = slots.get(label_value) if type(label_value) is str else None
+        if idx is None:
+            if not isinstance(label_value, str):
+                raise SchemaError(f"{key}.{label_value!r}", "label values must be strings")
+            idx = slots.get(str.__str__(label_value))
+            if idx is None:
+                raise SchemaError(f"{key}.{label_value}", "unknown label value")
+        if type(n) is int and 0 <= n <= MAX_COUNT:
+            counts[idx] = n
+        else:
+            counts[idx] = _check_count(f"{key}.{label_value}", n)
 
 
 def _tname(value: object) -> str:

@@ -120,3 +120,13 @@ def test_parse_counts_rejects_non_mapping() -> None:
 def test_counts_to_dict_checks_length() -> None:
     with pytest.raises(SchemaError, match="expected 3"):
         _schema().counts_to_dict([1])
+
+
+def test_parse_counts_reads_str_subclass_keys_by_their_value() -> None:
+    class Key(str):
+        __slots__ = ()
+
+        def __hash__(self) -> int:  # a hostile hash must not matter: the value is what counts
+            return 0
+
+    assert _schema().parse_counts({Key("a"): {Key("y"): 2}, Key("b"): 3}) == [0, 2, 3]
