@@ -55,10 +55,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from filelock import FileLock, Timeout
 
 from gatemetrics import _faults
-from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
+from gatemetrics._flock import exclusive_flock
+from gatemetrics.errors import SchemaError, ShardWriteError
 from gatemetrics.exposition import render_prometheus
 from gatemetrics.schema import MAX_COUNT, Family, Schema, check_generation, check_timestamp
 from gatemetrics.shards import (
@@ -286,16 +286,10 @@ def aggregate_dir(
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
-    lock_path = os.path.join(path, LOCK_NAME)
-    lock = FileLock(lock_path, timeout=lock_timeout, thread_local=False, fallback_to_soft=False)
-    try:
-        lock.acquire(timeout=lock_timeout)
-    except Timeout:
-        raise LockTimeoutError(lock_path, lock_timeout) from None
-    try:
+    # A bare flock, not filelock: this runs on every aggregation and every GET /metrics, and
+    # filelock's acquire+release costs about 0.3 ms of the run's fixed cost (see _flock).
+    with exclusive_flock(os.path.join(path, LOCK_NAME), timeout=lock_timeout):
         return _Run(path, schema, namespace, compact=compact, clock=clock).run()
-    finally:
-        lock.release()
 
 
 # -- one run ---------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""Tests of gatemetrics._flock: the short-held exclusive flock with a timeout."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gatemetrics import LockTimeoutError
+from gatemetrics._flock import exclusive_flock
+
+# A real process that takes the lock, says so, and holds it until it reads a line (or dies).
+HOLDER = """
+import sys
+from gatemetrics._flock import exclusive_flock
+with exclusive_flock(sys.argv[1], timeout=5):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def locked_elsewhere(path: Path) -> bool:
+    """Whether another open file description holds an flock on ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def start_holder(path: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=30)
+
+
+def test_holds_the_lock_only_inside_the_block(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    with exclusive_flock(str(path), timeout=1):
+        assert locked_elsewhere(path)
+    assert not locked_elsewhere(path)
+    assert path.exists()  # lock files are never deleted
+
+
+def test_two_calls_in_one_process_exclude_each_other(tmp_path: Path) -> None:
+    path = str(tmp_path / "x.lock")
+    with (
+        exclusive_flock(path, timeout=1),
+        pytest.raises(LockTimeoutError),
+        exclusive_flock(path, timeout=0),
+    ):
+        pass
+
+
+def test_times_out_while_another_process_holds_it(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    proc = start_holder(path)
+    try:
+        with pytest.raises(LockTimeoutError) as err, exclusive_flock(str(path), timeout=0.05):
+            pass
+        assert err.value.path == str(path)
+        assert err.value.timeout == 0.05
+    finally:
+        stop(proc)
+
+
+def test_waits_for_a_holder_that_releases(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    proc = start_holder(path)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        with exclusive_flock(str(path), timeout=30):
+            assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)
+
+
+def test_the_lock_is_freed_when_its_holder_is_killed(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    proc = start_holder(path)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        with exclusive_flock(str(path), timeout=30):
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        stop(proc)
+
+
+def test_a_forked_child_does_not_share_a_held_lock(tmp_path: Path) -> None:
+    path = str(tmp_path / "x.lock")
+    with exclusive_flock(path, timeout=1):
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's lock must exclude it
+            try:
+                with exclusive_flock(path, timeout=0):
+                    os._exit(1)
+            except LockTimeoutError:
+                os._exit(0)
+            os._exit(2)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_never_creates_a_missing_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "gone" / "x.lock"
+    with pytest.raises(FileNotFoundError), exclusive_flock(str(missing), timeout=1):
+        pass
+    assert not missing.parent.exists()
