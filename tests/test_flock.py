@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -13,27 +12,17 @@ import pytest
 
 from gatemetrics import LockTimeoutError
 from gatemetrics._flock import exclusive_flock
+from tests.shard_tools import is_locked
 
 # A real process that takes the lock, says so, and holds it until it reads a line (or dies).
 HOLDER = """
 import sys
 from gatemetrics._flock import exclusive_flock
+from tests.shard_tools import is_locked
 with exclusive_flock(sys.argv[1], timeout=5):
     print("held", flush=True)
     sys.stdin.readline()
 """
-
-
-def locked_elsewhere(path: Path) -> bool:
-    """Whether another open file description holds an flock on ``path``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def start_holder(path: Path) -> subprocess.Popen[str]:
@@ -57,8 +46,8 @@ def stop(proc: subprocess.Popen[str]) -> None:
 def test_holds_the_lock_only_inside_the_block(tmp_path: Path) -> None:
     path = tmp_path / "x.lock"
     with exclusive_flock(str(path), timeout=1):
-        assert locked_elsewhere(path)
-    assert not locked_elsewhere(path)
+        assert is_locked(path)
+    assert not is_locked(path)
     assert path.exists()  # lock files are never deleted
 
 
