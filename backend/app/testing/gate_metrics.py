@@ -201,27 +201,15 @@ class GateMetricStore(CounterStore):
 
     def record_breach(self) -> None:
         """Count one contract breach (an override attempted on an absolute block)."""
-        with self._lock:
-            self._counts[_BREACH] += 1
-        hook = self._on_change
-        if hook is not None:
-            hook()
+        self.increment_slots((_BREACH,))
 
     def record_audit_write_failure(self) -> None:
         """Count one audit entry that could not be written."""
-        with self._lock:
-            self._counts[_AUDIT_FAILURE] += 1
-        hook = self._on_change
-        if hook is not None:
-            hook()
+        self.increment_slots((_AUDIT_FAILURE,))
 
     def record_metric_write_failure(self) -> None:
         """Count one failed attempt to persist these metrics."""
-        with self._lock:
-            self._counts[_METRIC_FAILURE] += 1
-        hook = self._on_change
-        if hook is not None:
-            hook()
+        self.increment_slots((_METRIC_FAILURE,))
 
     # -- reading -----------------------------------------------------------------------------
 
