@@ -1,19 +1,24 @@
 """The aggregator: merge a shard directory into one exact aggregate, and compact it.
 
-Directory layout (see :mod:`gatemetrics.shards` for the shard side)::
+Directory layout (file formats in :mod:`gatemetrics._format`; the shard side in
+:mod:`gatemetrics.shards`)::
 
-    DIR/shard-<incarnation>.json   one per process incarnation (cumulative counts)
-    DIR/shard-<incarnation>.lock   its owner's lifetime lock
-    DIR/shard-<incarnation>.tmp    its owner's temp file while saving (or a dead writer's orphan)
+    DIR/v2-<incarnation>.shard     one per process incarnation (cumulative counts, two slots);
+                                   its owner holds an flock on it for its whole life
+    DIR/v2-<incarnation>.creating  a shard being created (or a dead creator's orphan)
+    DIR/shard-<incarnation>.json   a shard of the previous release (format v1), with
+    DIR/shard-<incarnation>.lock   its owner's lifetime lock and
+    DIR/shard-<incarnation>.tmp    its owner's temp file while saving
     DIR/archive.json               totals of absorbed (dead) incarnations; written atomically
     DIR/aggregate.lock             the directory lock: one aggregation or compaction at a time
     DIR/quarantine/                broken or hostile files moved aside (bounded)
 
 Every aggregation takes the directory lock (with a timeout), so aggregations and compactions
-never interleave; shard owners never take it and are never blocked by it. Liveness: a shard whose
-lock file the aggregator can ``flock`` has no living owner. The probe opens the lock file
-read-only and never creates one (a lock file appears before its shard, so a shard without one
-has no owner), so reading needs no write permission except for the directory lock.
+never interleave; shard owners never take it and are never blocked by it. Liveness: a v2 shard
+whose own ``flock`` the aggregator can take has no living owner, and neither has a v1 shard whose
+lock file it can take. One open per v2 shard serves the probe and the read; a dead shard's lock
+stays held by the aggregator until the run ends. Reading needs no write permission except for
+the directory lock.
 
 Compaction (crash-safe; a kill at any step leaves a directory whose next aggregate is exact):
 
@@ -21,21 +26,27 @@ Compaction (crash-safe; a kill at any step leaves a directory whose next aggrega
    ids just absorbed (and the names of files about to be quarantined, with the new quarantine
    count). A shard whose id the archive lists is never counted again, so a crash between this
    write and the deletions cannot double count.
-2. Quarantined files are moved, absorbed shards, dead writers' orphan temp files and dead lock
-   files are deleted. A lock file is deleted only while holding its ``flock``, so an owner that
-   opened it just before cannot believe it holds a lock on a file that is gone (filelock checks
-   that the inode it locked is still linked, and our shards then take a fresh incarnation).
+2. Quarantined files are moved; absorbed shards, dead creators' orphan temp files, dead v1
+   writers' temp files and dead v1 lock files are deleted. A lock or temp file is deleted only
+   while holding its ``flock``, so an owner that opened it just before cannot believe it holds a
+   lock on a file that is gone (v2 creators then retry as a new incarnation).
 3. The archive is written once more without the ids and names whose files are now gone, so it
    does not grow with history.
 
-Broken or hostile files (truncated, not JSON or UTF-8, too large, wrongly typed, negative, NaN,
-out of schema, label injection, a symlink, a directory or FIFO named like a shard, unreadable)
-cost only themselves: when no live owner can write them any more they are quarantined (moved
-aside) and counted in ``<namespace>_quarantined_shards_total``; a live owner's broken file is
-skipped (its next save replaces it). Each costs one log line per run. Nothing outside the schema
-ever reaches the result. A well-formed archive that does not fit the schema is *not* quarantined:
-that means the aggregator was given the wrong schema, and dropping the history would be worse
-than stopping (:class:`~gatemetrics.SchemaError`).
+Broken or hostile files (truncated, not JSON or UTF-8, a v2 file with a bad header, the wrong
+size, bad checksums in both slots or another schema's fingerprint, too large, wrongly typed,
+negative, NaN, out of schema, label injection, a symlink, a directory or FIFO named like a shard,
+unreadable) cost only themselves: when no live owner can write them any more they are
+quarantined (moved aside) and counted in ``<namespace>_quarantined_shards_total``; a live
+owner's broken file is skipped. Each costs one log line per run. Nothing outside the schema ever
+reaches the result. A well-formed archive that does not fit the schema is *not* quarantined: that
+means the aggregator was given the wrong schema, and dropping the history would be worse than
+stopping (:class:`~gatemetrics.SchemaError`).
+
+Upgrading from the previous release: its shards (v1) are read, counted and compacted like v2
+ones, so workers of both releases can share a directory during a rolling upgrade. A compactor of
+the previous release (an old gunicorn master's ``child_exit``) ignores v2 files (their names do
+not start with ``shard-``) and reads the archive this release writes (still archive version 1).
 """
 
 from __future__ import annotations
@@ -51,26 +62,32 @@ import shutil
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import orjson
 
 from gatemetrics import _faults
 from gatemetrics._flock import exclusive_flock
+from gatemetrics._format import (
+    ARCHIVE_NAME,
+    ARCHIVE_TMP,
+    MAX_ARCHIVE_BYTES,
+    MAX_SHARD_BYTES,
+    OWNED_PREFIXES,
+    Archive,
+    BadFile,
+    ShardRecord,
+    decode_v1,
+    decode_v2,
+    parse_name,
+    v1_names,
+    v2_names,
+)
 from gatemetrics.errors import SchemaError, ShardWriteError
 from gatemetrics.exposition import render_prometheus
-from gatemetrics.schema import MAX_COUNT, Family, Schema, check_generation, check_timestamp
-from gatemetrics.shards import (
-    SHARD_FORMAT,
-    SHARD_VERSION,
-    Durability,
-    fsync_directory,
-    parse_shard_name,
-    shard_file_names,
-    valid_incarnation,
-    write_file_atomically,
-)
+from gatemetrics.schema import MAX_COUNT, Family, Schema
+from gatemetrics.shards import fsync_directory, write_file_atomically
 from gatemetrics.store import Snapshot
 
 __all__ = [
@@ -87,17 +104,8 @@ __all__ = [
     "pipeline_schema",
 ]
 
-ARCHIVE_NAME = "archive.json"
-ARCHIVE_TMP = "archive.json.tmp"
-ARCHIVE_FORMAT = "gatemetrics-archive"
-ARCHIVE_VERSION = 1
 LOCK_NAME = "aggregate.lock"
 QUARANTINE_DIR = "quarantine"
-#: A shard is a few hundred bytes; anything beyond this is hostile and never read into memory.
-MAX_SHARD_BYTES = 1 << 20
-# The archive lists absorbed ids only between two writes of one compaction; a crash can leave
-# one batch there, so allow for a big batch.
-MAX_ARCHIVE_BYTES = 256 << 20
 #: Entries kept in the quarantine directory; the oldest go first beyond this.
 QUARANTINE_KEEP = 200
 
@@ -122,32 +130,9 @@ _NAMESPACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]*\Z")
 
 State = Literal["live", "dead", "absorbed"]
 _CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
-_ARCHIVE_KEYS = frozenset(
-    {
-        "format",
-        "version",
-        "counts",
-        "absorbed",
-        "absorbed_total",
-        "quarantined_total",
-        "quarantining",
-        "updated_at",
-        "first_start",
-    }
-)
-_SHARD_KEYS = frozenset(
-    {
-        "format",
-        "version",
-        "incarnation",
-        "pid",
-        "host",
-        "started_at",
-        "generation",
-        "saved_at",
-        "counts",
-    }
-)
+_OPEN_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_NOT_A_NAME = "not a shard file name"
+_PIPELINE_CACHE: dict[tuple[Schema, str], Schema] = {}
 
 
 def pipeline_schema(schema: Schema, namespace: str) -> Schema:
@@ -159,8 +144,7 @@ def pipeline_schema(schema: Schema, namespace: str) -> Schema:
     if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
         # No leading underscore or colon: "__" is Prometheus's, colons are for recording rules.
         raise SchemaError("namespace", f"must match [a-zA-Z][a-zA-Z0-9_]*, not {namespace!r}")
-    key = f"pipeline:{namespace}"
-    cached = schema._cache.get(key)
+    cached = _PIPELINE_CACHE.get((schema, namespace))
     if cached is None:
         cached = schema.extend(
             (
@@ -179,7 +163,7 @@ def pipeline_schema(schema: Schema, namespace: str) -> Schema:
                 ),
             )
         )
-        schema._cache[key] = cached
+        _PIPELINE_CACHE[(schema, namespace)] = cached
     result: Schema = cached
     return result
 
@@ -198,6 +182,7 @@ class ShardReport:
     generation: int | None = None
     counts: tuple[int, ...] | None = None
     problem: str | None = None
+    format: int | None = None  # 1 (previous release's JSON) or 2; None when unreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,48 +274,34 @@ def aggregate_dir(
     # A bare flock, not filelock: this runs on every aggregation and every GET /metrics, and
     # filelock's acquire+release costs about 0.3 ms of the run's fixed cost (see _flock).
     with exclusive_flock(os.path.join(path, LOCK_NAME), timeout=lock_timeout):
-        return _Run(path, schema, namespace, compact=compact, clock=clock).run()
+        run = _Run(path, schema, namespace, compact=compact, clock=clock)
+        try:
+            return run.run()
+        finally:
+            run.release()
 
 
 # -- one run ---------------------------------------------------------------------------------
 
 
-class _Bad(Exception):
-    """A file that cannot be counted; the message says why, for the log line."""
-
-
-@dataclass
-class _Archive:
-    counts: list[int]
-    absorbed: set[str]
-    absorbed_total: int = 0
-    quarantined_total: int = 0
-    quarantining: set[str] = field(default_factory=set)
-    updated_at: float | None = None
-    first_start: float | None = None
-    exists: bool = False
-    problem: str | None = None
-
-    def to_json(self, schema: Schema) -> bytes:
-        doc: dict[str, Any] = {
-            "format": ARCHIVE_FORMAT,
-            "version": ARCHIVE_VERSION,
-            "counts": schema.counts_to_dict(self.counts),
-            "absorbed": sorted(self.absorbed),
-            "absorbed_total": self.absorbed_total,
-            "quarantined_total": self.quarantined_total,
-            "quarantining": sorted(self.quarantining),
-            "updated_at": self.updated_at,
-            "first_start": self.first_start,
-        }
-        return orjson.dumps(doc)
-
-
 @dataclass
 class _Entry:
-    json: bool = False
-    tmp: bool = False
-    lock: bool = False
+    """The files of one incarnation found in the directory."""
+
+    v1: bool = False
+    v1_lock: bool = False
+    v1_tmp: bool = False
+    v2: bool = False
+    v2_creating: bool = False
+
+
+_ENTRY_FIELD = {
+    "v1": "v1",
+    "v1-lock": "v1_lock",
+    "v1-tmp": "v1_tmp",
+    "v2": "v2",
+    "v2-creating": "v2_creating",
+}
 
 
 class _Run:
@@ -353,8 +324,11 @@ class _Run:
         self.files_read = 0
         self.names: list[str] = []
         self.entries: dict[str, _Entry] = {}
+        # Liveness of v1 owners (by their lock file) and v2 owners (by the shard's own flock).
         self.states: dict[str, Literal["live", "dead"]] = {}
-        self.archive = _Archive(schema.zeros(), set())
+        # Descriptors of dead v2 shards: their flock stays ours until the run ends.
+        self.held: dict[str, int] = {}
+        self.archive = Archive(schema.zeros(), set())
         self.totals: list[int] = schema.zeros()
         self.starts: list[float] = []
         self.reports: list[ShardReport] = []
@@ -365,29 +339,39 @@ class _Run:
     def _p(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
+    def release(self) -> None:
+        for fd in self.held.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)  # releases the flock we took on a dead shard
+        self.held.clear()
+
     def run(self) -> Aggregate:
         if self.compact:
             _faults.point("compact.locked")
         self.names = sorted(os.listdir(self.dir))
         for name in self.names:
-            parsed = parse_shard_name(name)
+            parsed = parse_name(name)
             if parsed is None:
-                if name.startswith("shard-"):
-                    self.problems[name] = "not a shard file name"
+                if name.startswith(OWNED_PREFIXES):
+                    self.problems[name] = _NOT_A_NAME
                 continue
             inc, kind = parsed
-            setattr(self.entries.setdefault(inc, _Entry()), kind, True)
+            setattr(self.entries.setdefault(inc, _Entry()), _ENTRY_FIELD[kind], True)
         self.archive = self._read_archive()
         self.totals = list(self.archive.counts)
         if self.archive.first_start is not None:
             self.starts.append(self.archive.first_start)
-        self.states = {inc: self._probe(inc) for inc in self.entries}
-        for inc in sorted(i for i, e in self.entries.items() if e.json):
-            self._count_shard(inc)
+        for inc, entry in sorted(self.entries.items()):
+            if entry.v2:
+                self._count_v2(inc)
+            if entry.v1 or entry.v1_lock or entry.v1_tmp:
+                self.states.setdefault(inc, self._probe_v1(inc))
+            if entry.v1:
+                self._count_v1(inc)
         for name in self.names:
-            if self.problems.get(name) == "not a shard file name":
+            if self.problems.get(name) == _NOT_A_NAME:
                 self.reports.append(
-                    ShardReport(name, None, None, "quarantined", problem=self.problems[name])
+                    ShardReport(name, None, None, "quarantined", problem=_NOT_A_NAME)
                 )
 
         to_quarantine = sorted(self.problems)
@@ -429,8 +413,35 @@ class _Run:
             compaction=compaction,
         )
 
-    def _count_shard(self, inc: str) -> None:
-        name = shard_file_names(inc)[0]
+    # -- counting ------------------------------------------------------------------------------
+
+    def _count_v2(self, inc: str) -> None:
+        name = v2_names(inc)[0]
+        try:
+            state, record = self._read_v2(name, inc)
+        except _Unreadable as bad:
+            # Nobody can hold a lock on a symlink or a directory: such an entry has no owner.
+            self.states[inc] = "dead"
+            self.dead += 1
+            self._bad(name, inc, "dead", str(bad), 2)
+            return
+        self.states[inc] = state
+        if state == "live":
+            self.live += 1
+        else:
+            self.dead += 1
+        # Liveness beats the archive: an owner holding its shard's lock was never absorbed
+        # (absorbing needs that lock), whatever the archive lists.
+        if state == "dead" and inc in self.archive.absorbed:
+            self.reports.append(ShardReport(name, inc, "absorbed", "absorbed", format=2))
+            return
+        if isinstance(record, BadFile):
+            self._bad(name, inc, state, str(record), 2)
+            return
+        self._add(name, inc, state, record)
+
+    def _count_v1(self, inc: str) -> None:
+        name = v1_names(inc)[0]
         state: State = "absorbed" if inc in self.archive.absorbed else self.states[inc]
         if state == "live":
             self.live += 1
@@ -438,23 +449,32 @@ class _Run:
             self.dead += 1
         if state == "absorbed":
             # Already in the archive's totals; a crash kept the file. Never count it again.
-            self.reports.append(ShardReport(name, inc, "absorbed", "absorbed"))
+            self.reports.append(ShardReport(name, inc, "absorbed", "absorbed", format=1))
             return
         try:
-            counts, meta = self._read_shard(name, inc)
-            summed = [t + c for t, c in zip(self.totals, counts, strict=True)]
-            if max(summed, default=0) > MAX_COUNT:
-                raise _Bad("its counts would push the aggregate past 2**63-1")
-        except _Bad as bad:
-            if state == "dead":
-                self.problems[name] = str(bad)
-                self.reports.append(ShardReport(name, inc, state, "quarantined", problem=str(bad)))
-            else:
-                _log.warning("skipped %s (its owner is alive and rewrites it): %s", name, bad)
-                self.reports.append(ShardReport(name, inc, state, "skipped", problem=str(bad)))
+            data = self._read_bounded(name, MAX_SHARD_BYTES)
+        except FileNotFoundError:
+            # Only another process breaking the protocol removes a shard under our lock.
+            self._bad(name, inc, state, "vanished while being read", 1)
+            return
+        except BadFile as bad:
+            self._bad(name, inc, state, str(bad), 1)
+            return
+        try:
+            record = decode_v1(data, self.schema, inc)
+        except BadFile as bad:
+            self._bad(name, inc, state, str(bad), 1)
+            return
+        self._add(name, inc, state, record)
+
+    def _add(self, name: str, inc: str, state: State, record: ShardRecord) -> None:
+        counts = record.counts
+        summed = [t + c for t, c in zip(self.totals, counts, strict=True)]
+        if max(summed, default=0) > MAX_COUNT:
+            self._bad(name, inc, state, "its counts would push the aggregate past 2**63-1", 0)
             return
         self.totals = summed
-        self.starts.append(meta["start"])
+        self.starts.append(record.start)
         if state == "dead" and self.compact:
             self.absorb[inc] = counts
         self.reports.append(
@@ -463,33 +483,100 @@ class _Run:
                 inc,
                 state,
                 "counted",
-                pid=meta["pid"],
-                host=meta["host"],
-                saved_at=meta["saved_at"],
-                generation=meta["generation"],
+                pid=record.pid,
+                host=record.host,
+                saved_at=record.saved_at,
+                generation=record.generation,
                 counts=counts,
+                format=record.format,
             )
         )
 
+    def _bad(self, name: str, inc: str, state: State, problem: str, fmt: int) -> None:
+        form = fmt or (2 if name.startswith("v2-") else 1)
+        if state == "live":
+            _log.warning("skipped %s (its owner is alive): %s", name, problem)
+            self.reports.append(
+                ShardReport(name, inc, state, "skipped", problem=problem, format=form)
+            )
+        else:
+            self.problems[name] = problem
+            self.reports.append(
+                ShardReport(name, inc, state, "quarantined", problem=problem, format=form)
+            )
+
     # -- reading -----------------------------------------------------------------------------
 
-    def _read_bounded(self, name: str, limit: int) -> bytes:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    def _read_v2(
+        self, name: str, inc: str
+    ) -> tuple[Literal["live", "dead"], ShardRecord | BadFile]:
+        """Probe and read one v2 shard through one descriptor: ``(state, record or problem)``.
+
+        Raises :class:`_Unreadable` for an entry that cannot be a shard at all (a symlink, a
+        directory, a FIFO): no owner can hold its lock, so it is dead.
+        """
         try:
-            fd = os.open(self._p(name), flags)
+            fd = os.open(self._p(name), _OPEN_RO)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise _Bad("a symlink, not a regular file") from None
+                raise _Unreadable("a symlink, not a regular file") from None
             if exc.errno == errno.ENOENT:
-                raise
-            raise _Bad(f"cannot be read: {exc.strerror}") from None
+                raise _Unreadable("vanished while being read") from None
+            # Cannot tell: treat as live (only dead shards are ever changed).
+            return "live", BadFile(f"cannot be read: {exc.strerror}")
+        keep = False
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                raise _Bad(f"{kind}, not a shard")
+                raise _Unreadable(f"{kind}, not a shard")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in _CONTENTION:
+                    _log.warning("cannot probe %s (treated as live): %s", name, exc.strerror)
+                state: Literal["live", "dead"] = "live"
+            else:
+                state = "dead"
+                keep = True
+                self.held[inc] = fd
+            if st.st_size > MAX_SHARD_BYTES:
+                return state, BadFile(f"too large ({st.st_size} bytes, limit {MAX_SHARD_BYTES})")
+            data = os.pread(fd, st.st_size, 0)
+            self.files_read += 1
+
+            def reread(offset: int, size: int) -> bytes:
+                return os.pread(fd, size, offset)
+
+            try:
+                record = decode_v2(
+                    data, self.schema, inc, reread=reread if state == "live" else None
+                )
+            except BadFile as bad:
+                return state, bad
+            return state, record
+        except OSError as exc:
+            return "live", BadFile(f"cannot be read: {exc.strerror}")
+        finally:
+            if not keep:
+                os.close(fd)
+
+    def _read_bounded(self, name: str, limit: int) -> bytes:
+        try:
+            fd = os.open(self._p(name), _OPEN_RO)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BadFile("a symlink, not a regular file") from None
+            if exc.errno == errno.ENOENT:
+                raise
+            raise BadFile(f"cannot be read: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise BadFile(f"{kind}, not a shard")
             if st.st_size > limit:
-                raise _Bad(f"too large ({st.st_size} bytes, limit {limit})")
+                raise BadFile(f"too large ({st.st_size} bytes, limit {limit})")
             chunks: list[bytes] = []
             size = 0
             while True:
@@ -499,114 +586,25 @@ class _Run:
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > limit:
-                    raise _Bad(f"too large (more than {limit} bytes)")
+                    raise BadFile(f"too large (more than {limit} bytes)")
         except OSError as exc:
-            raise _Bad(f"cannot be read: {exc.strerror}") from None
+            raise BadFile(f"cannot be read: {exc.strerror}") from None
         finally:
             os.close(fd)
         self.files_read += 1
         return b"".join(chunks)
 
-    def _read_shard(self, name: str, inc: str) -> tuple[tuple[int, ...], dict[str, Any]]:
-        try:
-            data = self._read_bounded(name, MAX_SHARD_BYTES)
-        except FileNotFoundError:
-            # Only another process breaking the protocol removes a shard under our lock.
-            raise _Bad("vanished while being read") from None
-        if not data:
-            raise _Bad("empty (0 bytes)")
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise _Bad(f"not valid JSON or not UTF-8 ({exc})") from None
-        if not isinstance(doc, dict):
-            raise _Bad(f"a JSON {type(doc).__name__}, not an object")
-        if set(doc) != _SHARD_KEYS:
-            missing = sorted(_SHARD_KEYS - set(doc))
-            extra = sorted(set(doc) - _SHARD_KEYS)
-            raise _Bad(f"wrong fields (missing {missing}, unexpected {extra[:5]})")
-        if doc["format"] != SHARD_FORMAT or doc["version"] != SHARD_VERSION:
-            raise _Bad(f"unknown format {doc['format']!r} version {doc['version']!r}")
-        if doc["incarnation"] != inc:
-            raise _Bad("incarnation inside does not match the file name (a copied shard?)")
-        pid, host = doc["pid"], doc["host"]
-        if type(pid) is not int or not 0 < pid < 2**32:
-            raise _Bad(f"pid must be a positive int, got {pid!r}"[:200])
-        if not isinstance(host, str) or len(host) > 255:
-            raise _Bad("host must be a string of at most 255 characters")
-        try:
-            check_timestamp(doc["started_at"])
-            saved_at = check_timestamp(doc["saved_at"])
-            generation = check_generation(doc["generation"])
-            raw = doc["counts"]
-            counts = self.schema.parse_counts(raw)
-            if not isinstance(raw, dict) or "store_generation" not in raw:
-                raise SchemaError("counts.store_generation", "missing")
-            check_generation(raw["store_generation"])
-            start = check_timestamp(raw.get("store_start_timestamp"))
-        except SchemaError as exc:
-            raise _Bad(f"invalid: {exc}"[:300]) from None
-        meta = {
-            "pid": pid,
-            "host": host,
-            "saved_at": saved_at,
-            "generation": generation,
-            "start": start,
-        }
-        return tuple(counts), meta
-
-    def _read_archive(self) -> _Archive:
-        empty = _Archive(self.schema.zeros(), set())
+    def _read_archive(self) -> Archive:
+        empty = Archive(self.schema.zeros(), set())
         try:
             data = self._read_bounded(ARCHIVE_NAME, MAX_ARCHIVE_BYTES)
+            return Archive.decode(data, self.schema)
         except FileNotFoundError:
             return empty
-        except _Bad as bad:
+        except BadFile as bad:
             return self._broken_archive(empty, str(bad))
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            return self._broken_archive(empty, f"not valid JSON or not UTF-8 ({exc})")
-        if (
-            not isinstance(doc, dict)
-            or set(doc) != _ARCHIVE_KEYS
-            or doc["format"] != ARCHIVE_FORMAT
-            or doc["version"] != ARCHIVE_VERSION
-        ):
-            return self._broken_archive(empty, "not a gatemetrics archive (wrong fields)")
-        try:
-            counts = self.schema.parse_counts(doc["counts"])
-            absorbed = doc["absorbed"]
-            quarantining = doc["quarantining"]
-            if not isinstance(absorbed, list) or not all(valid_incarnation(a) for a in absorbed):
-                raise SchemaError("absorbed", "must be a list of incarnation ids")
-            if not isinstance(quarantining, list) or not all(
-                isinstance(q, str) and q.startswith("shard-") and "/" not in q for q in quarantining
-            ):
-                raise SchemaError("quarantining", "must be a list of shard file names")
-            absorbed_total = check_generation(doc["absorbed_total"])
-            quarantined_total = check_generation(doc["quarantined_total"])
-            updated_at = None if doc["updated_at"] is None else check_timestamp(doc["updated_at"])
-            first = None if doc["first_start"] is None else check_timestamp(doc["first_start"])
-        except SchemaError as exc:
-            # Well-formed but not ours: most likely the wrong schema was passed. Quarantining
-            # would throw the history away, so stop and say so.
-            raise SchemaError(
-                f"{ARCHIVE_NAME}.{exc.field}",
-                f"{exc.problem} (is this directory written with another schema?)",
-            ) from None
-        return _Archive(
-            counts,
-            set(absorbed),
-            absorbed_total,
-            quarantined_total,
-            set(quarantining),
-            updated_at,
-            first,
-            exists=True,
-        )
 
-    def _broken_archive(self, empty: _Archive, problem: str) -> _Archive:
+    def _broken_archive(self, empty: Archive, problem: str) -> Archive:
         if self.compact:
             _log.error("quarantined %s: %s; its totals are lost", ARCHIVE_NAME, problem)
         else:
@@ -618,19 +616,19 @@ class _Run:
         empty.problem = problem
         return empty
 
-    def _probe(self, inc: str) -> Literal["live", "dead"]:
-        """Whether ``inc``'s owner holds its lifetime lock. Never creates a file.
+    def _probe_v1(self, inc: str) -> Literal["live", "dead"]:
+        """Whether ``inc``'s v1 owner holds its lifetime lock file. Never creates a file.
 
         Anything we cannot prove dead is treated as live: only dead shards are ever changed.
         """
-        lock = self._p(shard_file_names(inc)[1])
+        lock = self._p(v1_names(inc)[1])
         try:
-            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(lock, _OPEN_RO)
         except FileNotFoundError:
             return "dead"  # owners create the lock before the shard: nobody owns this one
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                return "dead"  # filelock never follows or creates a symlink: no owner
+                return "dead"  # owners never follow or create a symlink: no owner
             _log.warning("cannot probe %s (treated as live): %s", lock, exc.strerror)
             return "live"
         try:
@@ -658,7 +656,7 @@ class _Run:
         broken_archive = old.problem is not None
         if broken_archive:
             self._move_to_quarantine(ARCHIVE_NAME)
-        new = _Archive(
+        new = Archive(
             counts=list(old.counts),
             absorbed=old.absorbed | set(self.absorb),
             absorbed_total=old.absorbed_total + len(self.absorb),
@@ -680,7 +678,9 @@ class _Run:
 
         # Step 3: forget ids and names whose files are gone, so the archive stays small.
         present = set(os.listdir(self.dir))
-        kept_absorbed = {i for i in new.absorbed if shard_file_names(i)[0] in present}
+        kept_absorbed = {
+            i for i in new.absorbed if v1_names(i)[0] in present or v2_names(i)[0] in present
+        }
         kept_quarantining = {n for n in new.quarantining if n in present}
         if kept_absorbed != new.absorbed or kept_quarantining != new.quarantining:
             new.absorbed, new.quarantining = kept_absorbed, kept_quarantining
@@ -697,7 +697,7 @@ class _Run:
         )
         return removed, archive_report
 
-    def _remove_files(self, new: _Archive, to_quarantine: list[str]) -> CompactionReport:
+    def _remove_files(self, new: Archive, to_quarantine: list[str]) -> CompactionReport:
         """Step 2: everything the new archive made redundant, and what is broken."""
         dead = {inc for inc, s in self.states.items() if s == "dead"}
         quarantined = 0
@@ -705,20 +705,33 @@ class _Run:
             if self._move_to_quarantine(name):
                 quarantined += 1
                 _faults.point("compact.quarantined")
-        gone = {p[0] for n in to_quarantine if (p := parse_shard_name(n))}
+        gone = {p[0] for n in to_quarantine if (p := parse_name(n))}
         removed_shards = removed_tmp = removed_locks = 0
         for inc, entry in sorted(self.entries.items()):
-            if entry.json and inc in new.absorbed and self._unlink(shard_file_names(inc)[0]):
+            if inc not in new.absorbed:
+                continue
+            if entry.v2 and inc in self.held and self._unlink_held(inc):
+                removed_shards += 1
+                _faults.point("compact.shard_deleted")
+            if entry.v1 and self._unlink(v1_names(inc)[0]):
                 removed_shards += 1
                 gone.add(inc)
                 _faults.point("compact.shard_deleted")
         for inc, entry in sorted(self.entries.items()):
-            if entry.tmp and inc in dead and self._unlink(shard_file_names(inc)[2]):
+            if entry.v1_tmp and inc in dead and self._unlink(v1_names(inc)[2]):
+                removed_tmp += 1
+                _faults.point("compact.tmp_deleted")
+            if entry.v2_creating and self._unlink_if_free(v2_names(inc)[1]):
                 removed_tmp += 1
                 _faults.point("compact.tmp_deleted")
         for inc, entry in sorted(self.entries.items()):
-            no_shard = not entry.json or inc in gone
-            if entry.lock and inc in dead and no_shard and self._unlink_free_lock(inc):
+            no_shard = not entry.v1 or inc in gone
+            if (
+                entry.v1_lock
+                and inc in dead
+                and no_shard
+                and self._unlink_if_free(v1_names(inc)[1])
+            ):
                 removed_locks += 1
                 _faults.point("compact.lock_deleted")
         if ARCHIVE_TMP in self.names:
@@ -733,13 +746,13 @@ class _Run:
             removed_lock_files=removed_locks,
         )
 
-    def _write_archive(self, archive: _Archive) -> None:
+    def _write_archive(self, archive: Archive) -> None:
         try:
             write_file_atomically(
                 self._p(ARCHIVE_TMP),
                 self._p(ARCHIVE_NAME),
-                archive.to_json(self.schema),
-                durability=Durability.FULL,
+                archive.encode(self.schema),
+                sync=True,
                 mode=0o644,
                 step_prefix="archive",
             )
@@ -757,11 +770,22 @@ class _Run:
             return False
         return True
 
-    def _unlink_free_lock(self, inc: str) -> bool:
-        """Delete a dead incarnation's lock file while holding its flock (see module doc)."""
-        name = shard_file_names(inc)[1]
+    def _unlink_held(self, inc: str) -> bool:
+        """Delete an absorbed dead v2 shard whose flock we hold, if its name is still it."""
+        name = v2_names(inc)[0]
+        fd = self.held[inc]
         try:
-            fd = os.open(self._p(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            here, ours = os.stat(self._p(name), follow_symlinks=False), os.fstat(fd)
+        except OSError:
+            return False
+        if (here.st_dev, here.st_ino) != (ours.st_dev, ours.st_ino):
+            return False  # replaced since we read it: leave it for the next run
+        return self._unlink(name)
+
+    def _unlink_if_free(self, name: str) -> bool:
+        """Delete a lock or temp file while holding its flock (see the module doc)."""
+        try:
+            fd = os.open(self._p(name), _OPEN_RO)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -772,7 +796,7 @@ class _Run:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return False  # someone holds it after all: leave it
+            return False  # someone holds it: a live owner, leave it
         else:
             return self._unlink(name)
         finally:
@@ -822,3 +846,7 @@ class _Run:
                     os.unlink(victim)
             except OSError as exc:
                 _log.warning("cannot trim quarantine entry %s: %s", old, exc.strerror)
+
+
+class _Unreadable(Exception):
+    """An entry under a shard's name that cannot be a shard at all (no owner can lock it)."""

@@ -32,7 +32,7 @@ async def asave(
     store: CounterStore,
     directory: str | os.PathLike[str],
     *,
-    durability: Durability | str = Durability.FULL,
+    durability: Durability | str = Durability.PROCESS_CRASH,
     failure_key: str | None = None,
 ) -> bool:
     """:func:`gatemetrics.save_to_dir` in a worker thread; False on failure, never raises."""
@@ -63,7 +63,7 @@ async def periodic_saver(
     directory: str | os.PathLike[str],
     *,
     interval: float = 5.0,
-    durability: Durability | str = Durability.FULL,
+    durability: Durability | str = Durability.PROCESS_CRASH,
     failure_key: str | None = None,
 ) -> AsyncIterator[Shard]:
     """Save ``store`` every ``interval`` seconds while the block runs, and once more on exit.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from gatemetrics.aggregate import Aggregate, aggregate_dir
 from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.schema import Schema
-from gatemetrics.shards import Durability, write_file_atomically
+from gatemetrics.shards import write_file_atomically
 
 __all__ = ["main"]
 
@@ -265,7 +265,7 @@ def _write_textfile(path: str, text: str) -> None:
             tmp,
             target,
             text.encode(),
-            durability=Durability.FULL,
+            sync=True,
             mode=0o644,
             step_prefix="textfile",
         )

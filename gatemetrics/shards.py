@@ -1,30 +1,38 @@
 """Per-process shards: a store's cumulative counts on disk, owned by one process incarnation.
 
-A *shard* is one file, ``DIR/shard-<incarnation>.json``, holding the whole cumulative state of one
-store in one process incarnation. Its owner:
+A *shard* is one file, ``DIR/v2-<incarnation>.shard`` (format in :mod:`gatemetrics._format`),
+holding the whole cumulative state of one store in one process incarnation. Its owner:
 
-* takes an exclusive ``flock`` on ``DIR/shard-<incarnation>.lock`` *before* the shard first
-  appears and holds it until it dies (the kernel frees it on any death, SIGKILL included). The
-  aggregator treats a shard whose lock it can take as dead, and only a dead shard is ever folded
-  into the archive or deleted;
-* saves by writing ``DIR/shard-<incarnation>.tmp``, optionally fsyncing it, ``os.replace``-ing it
-  over the shard and optionally fsyncing the directory, so no reader ever sees a torn shard. A
-  temp file left by a killed writer carries its incarnation in its name, so the aggregator
-  removes only dead writers' temp files.
+* creates it once, at its full fixed size: writes ``DIR/v2-<incarnation>.creating``, takes an
+  exclusive ``flock`` on it, then renames it into place, so a shard never appears short or torn
+  and is locked from the moment it exists. The owner keeps that descriptor, and with it the
+  lock, for its whole life (the kernel frees it on any death, SIGKILL included). The aggregator
+  treats a shard whose ``flock`` it can take as dead, and only a dead shard is ever folded into
+  the archive or deleted;
+* saves by writing the slot that does not hold its newest state, in place, with one ``pwrite``
+  through that descriptor: no temp file, no rename, no fsync by default. A reader takes the valid
+  slot with the highest sequence, so a save is visible all at once or not at all, to readers and
+  after a SIGKILL at any instant. Because a save never goes through the file's name, a shard that
+  was removed (an absorbed dead owner's, or a directory an operator recreated) can never
+  reappear with counts that were already counted or thrown away.
 
 An *incarnation* id is unique across pid reuse and across containers sharing the directory: a
 host tag (hostname and boot id), the pid, the start time in nanoseconds and 64 random bits.
 
+Durability (:class:`Durability`): a save that returned is in the page cache, which survives any
+process death (SIGKILL, OOM kill, a crash). Only a kernel crash or power loss can lose it, unless
+``durability="power-loss"`` adds an ``fdatasync`` per save.
+
 Fork: counts made before a fork stay with the parent (:mod:`gatemetrics.store` zeroes every store
-in a forked child). A child's shards start over as new incarnations; the lifetime lock the child
-inherited is the parent's and is never released by the child (filelock 4 closes the inherited
-descriptor). A pid guard repeats the reset for forks that bypass ``os.register_at_fork``.
+in a forked child). A child's shards start over as new incarnations; the child closes its copy of
+the parent's shard descriptor without unlocking it (an ``flock`` belongs to the open file
+description, which the parent still holds). A pid guard repeats the reset for forks that bypass
+``os.register_at_fork``.
 
 Binding: :func:`bind` makes a store persist itself, either after every public write
 (``"write-through"``: exact even if the process is SIGKILLed right after the write returned; one
-save per write, about 1 ms with full durability on ext4 (benchmarks figure 2); concurrent writers
-share saves, see :meth:`Shard.save`) or from a background thread every ``interval`` seconds
-(``"periodic"``). Both save once more at interpreter exit (``atexit``) and in
+``pwrite`` of a few hundred bytes per write) or from a background thread every ``interval``
+seconds (``"periodic"``). Both save once more at interpreter exit (``atexit``) and in
 :func:`close_all_bindings` (gunicorn's ``worker_exit``). Periodic threads are stopped before any
 ``os.fork`` and restarted after it in parent and child, so a process that forks never does so
 with one of our threads running.
@@ -38,6 +46,10 @@ Hazards, stated plainly:
 * A process that exits through ``os._exit`` (multiprocessing children do) skips ``atexit``: with
   periodic saving, counts since the last save are lost. Use write-through there, or call
   :meth:`Binding.close` before exiting.
+* A shard removed or replaced behind its owner's back (``rm``, the directory recreated) is
+  noticed within :data:`VANISHED_CHECK_S`: the owner then starts a new incarnation carrying only
+  the counts made after its last save into the removed file. Saves made into the removed file in
+  that window are lost, never counted twice.
 """
 
 from __future__ import annotations
@@ -45,34 +57,35 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
+import math
 import os
-import re
 import secrets
 import socket
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
-
-import orjson
-from filelock import FileLock, Timeout
+from typing import Literal
 
 from gatemetrics import _faults
+from gatemetrics._format import layout_for, v2_names, valid_incarnation
 from gatemetrics.errors import GatemetricsError, ShardWriteError
-from gatemetrics.store import CounterStore, Snapshot
+from gatemetrics.store import CounterStore
 
 __all__ = [
+    "CREATE_STEPS",
     "SAVE_STEPS",
-    "SHARD_FORMAT",
-    "SHARD_VERSION",
+    "VANISHED_CHECK_S",
     "Binding",
     "Durability",
     "Identity",
+    "Mode",
     "Shard",
     "bind",
     "close_all_bindings",
@@ -81,50 +94,70 @@ __all__ = [
     "shard_for",
 ]
 
-SHARD_FORMAT = "gatemetrics-shard"
-SHARD_VERSION = 1
-
-#: The named crash points of a save, in order (see :mod:`gatemetrics._faults`).
-SAVE_STEPS = (
-    "save.locked",  # lifetime lock held, nothing written yet
-    "save.tmp_written",  # temp file complete, not yet fsynced
-    "save.tmp_synced",  # temp file fsynced (per durability)
-    "save.replaced",  # shard replaced, directory not yet fsynced
-    "save.done",  # directory fsynced (per durability)
+#: The named crash points of creating a shard, in order (see :mod:`gatemetrics._faults`).
+CREATE_STEPS = (
+    "create.locked",  # temp file created and locked, empty
+    "create.written",  # temp file complete (header and both slots), not yet renamed
+    "create.renamed",  # the shard is in place
+    "create.done",  # directory fsynced (power-loss durability only)
 )
+#: The named crash points of a save, in order.
+SAVE_STEPS = (
+    "save.locked",  # save lock held, shard open, nothing written yet
+    "save.written",  # the slot is written (the save is visible and survives process death)
+    "save.done",  # fdatasync done (power-loss durability only)
+)
+#: How often (seconds, at most) a saving owner checks that its shard is still at its path.
+VANISHED_CHECK_S = 1.0
 
 _log = logging.getLogger("gatemetrics.shards")
 
-_INCARNATION = r"[0-9a-f]{8}-[0-9]{1,10}-[0-9a-f]{1,16}-[0-9a-f]{16}"
-_NAME = re.compile(rf"shard-(?P<inc>{_INCARNATION})\.(?P<kind>json|lock|tmp)\Z")
-_INCARNATION_RE = re.compile(rf"{_INCARNATION}\Z")
-
-# Attempts at a fresh incarnation when its lifetime lock cannot be taken at once: an aggregator
-# may be probing or removing that very lock file (see Shard._open_locked).
-_LOCK_ATTEMPTS = 5
+# Attempts at a fresh incarnation when creating its shard collides with an aggregator that is
+# probing or removing that very temp file (see Shard._create).
+_CREATE_ATTEMPTS = 5
 # One log line per shard at most this often while saves keep failing (they are all counted).
 _LOG_EVERY_S = 10.0
+_CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+
+# The previous release's durability names, accepted with a DeprecationWarning.
+_LEGACY_DURABILITY = {"none": "process-crash", "file": "power-loss", "full": "power-loss"}
 
 
 class Durability(StrEnum):
-    """How hard a save tries to survive a power loss (a process crash never loses a save)."""
+    """What a save that returned survives.
 
-    NONE = "none"  # write + rename: survives process death, not a kernel crash
-    FILE = "file"  # + fsync of the shard file
-    FULL = "full"  # + fsync of the directory after the rename (the default)
+    ``process-crash`` (the default): any process death (SIGKILL, OOM kill, a crash); no fsync on
+    the request path. ``power-loss``: also a kernel crash or power loss, at the price of an
+    ``fdatasync`` per save. The previous release's ``none`` maps to ``process-crash``, ``file``
+    and ``full`` to ``power-loss``, with a ``DeprecationWarning``.
+    """
 
+    PROCESS_CRASH = "process-crash"
+    POWER_LOSS = "power-loss"
 
-def parse_shard_name(name: str) -> tuple[str, Literal["json", "lock", "tmp"]] | None:
-    """``(incarnation, kind)`` for a well-formed shard, lock or temp file name, else ``None``."""
-    m = _NAME.match(name)
-    if m is None:
-        return None
-    return m["inc"], m["kind"]  # type: ignore[return-value]
+    @classmethod
+    def from_setting(cls, value: str) -> tuple[Durability, str | None]:
+        """The member a setting names, and a deprecation message for a legacy name (or None).
 
+        ``ValueError`` for anything else. For settings read from the environment, which log
+        the message rather than raise a warning.
+        """
+        new = _LEGACY_DURABILITY.get(value)
+        if new is None:
+            return cls(value), None
+        return cls(new), (
+            f"durability {value!r} is deprecated since shard format v2; it now means {new!r}. "
+            "Use 'process-crash' (the default: survives any process death, no fsync) or "
+            "'power-loss' (an fdatasync per save)"
+        )
 
-def shard_file_names(incarnation: str) -> tuple[str, str, str]:
-    """The shard, lock and temp file names of ``incarnation``."""
-    return (f"shard-{incarnation}.json", f"shard-{incarnation}.lock", f"shard-{incarnation}.tmp")
+    @classmethod
+    def _missing_(cls, value: object) -> Durability | None:
+        if not isinstance(value, str) or value not in _LEGACY_DURABILITY:
+            return None
+        member, message = cls.from_setting(value)
+        warnings.warn(message or "", DeprecationWarning, stacklevel=2)
+        return member
 
 
 def check_writable(store: CounterStore) -> None:
@@ -134,10 +167,6 @@ def check_writable(store: CounterStore) -> None:
             f"{type(store).__name__} is a read-only merged view; saving it as a shard would "
             "count every shard in it twice"
         )
-
-
-def valid_incarnation(value: object) -> bool:
-    return isinstance(value, str) and _INCARNATION_RE.match(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +228,7 @@ class Shard:
         store: CounterStore,
         directory: str | os.PathLike[str],
         *,
-        durability: Durability | str = Durability.FULL,
+        durability: Durability | str = Durability.PROCESS_CRASH,
         failure_key: str | None = None,
         identity_factory: Callable[[], Identity] = new_identity,
         clock: Callable[[], float] = time.time,
@@ -207,22 +236,29 @@ class Shard:
         check_writable(store)
         self._store_ref = weakref.ref(store)
         self._schema = store.schema
+        self._layout = layout_for(store.schema)
         self._directory = os.path.abspath(os.fspath(directory))
         self._durability = Durability(durability)
+        self._sync = self._durability is Durability.POWER_LOSS
         self._failure_slot = None if failure_key is None else store.schema.slot(failure_key)
         self._identity_factory = identity_factory
         self._clock = clock
         self._save_lock = threading.Lock()
         self._pid = os.getpid()
         self._identity: Identity | None = None
-        self._lock: FileLock | None = None
-        self._lock_inode: tuple[int, int] | None = None
-        # Counts of closed predecessor incarnations, and of this incarnation's last good save.
-        self._baseline: tuple[int, ...] = tuple(store.schema.zeros())
+        self._fd: int | None = None  # the shard's descriptor; holds the lifetime lock
+        self._inode: tuple[int, int] | None = None
+        self._header_len = 0
+        self._seq = 0  # the slot sequence of the last good save of this incarnation
+        self._next_check = 0.0  # monotonic time of the next "still at its path?" check
+        # Counts of closed predecessor incarnations (None: all zero, the common case), and of
+        # this incarnation's last good save.
+        self._baseline: tuple[int, ...] | None = None
         self._last_saved: tuple[int, ...] | None = None
+        self._restores_seen = store.restores
         self._last_log = 0.0
         # Group commit (see save): every save draws a ticket before it takes its snapshot, and
-        # records the ticket of the latest save that reached the disk. Both only ever grow, also
+        # records the ticket of the latest save that reached the file. Both only ever grow, also
         # across incarnations and forks, so durable <= issued always holds.
         self._ticket_lock = threading.Lock()
         self._tickets_issued = 0
@@ -250,12 +286,12 @@ class Shard:
         ident = self._identity
         if ident is None:
             return None
-        return os.path.join(self._directory, shard_file_names(ident.incarnation)[0])
+        return os.path.join(self._directory, v2_names(ident.incarnation)[0])
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> Identity:
-        """Create the directory and take the lifetime lock of a new incarnation, if not held.
+        """Create this incarnation's shard (locked for life), if there is none yet.
 
         Raises :class:`ShardWriteError` when that is impossible (bad directory, no ``flock``).
         Runs on the calling thread and never waits: the lock is taken non-blockingly.
@@ -265,13 +301,12 @@ class Shard:
             return self._open_locked()
 
     def save(self) -> bool:
-        """Write the store's cumulative counts as this incarnation's shard; never raises.
+        """Write the store's cumulative counts into this incarnation's shard; never raises.
 
-        Returns once everything the store counted before the call is on disk. Concurrent
+        Returns once everything the store counted before the call is in the file. Concurrent
         callers share saves (group commit): a caller that waited for another thread's save
-        returns without writing when a save that began after its call reached the disk, since
-        that save already holds its counts. Under load, one save (and its fsyncs) then serves
-        every write-through call that queued behind the previous one.
+        returns without writing when a save that began after its call reached the file, since
+        that save already holds its counts.
         """
         store = self._store_ref()
         if store is None:
@@ -281,31 +316,48 @@ class Shard:
         with self._ticket_lock:
             wanted = self._tickets_issued + 1
         with self._save_lock:
-            self._guard_pid()
+            if self._pid != os.getpid():
+                self._guard_pid()
             if self._ticket_durable >= wanted:
                 return True
-            bumped: tuple[Snapshot, int] | None = None
-            path = self._directory
+            generation = 0
             try:
-                ident = self._open_locked()
-                path = os.path.join(self._directory, shard_file_names(ident.incarnation)[0])
+                fd = self._fd
+                if fd is None or time.monotonic() >= self._next_check:
+                    self._open_locked()
+                    fd = self._fd
+                    assert fd is not None
                 _faults.point("save.locked")
                 with self._ticket_lock:  # drawn before the snapshot (see above)
                     self._tickets_issued += 1
                     ticket = self._tickets_issued
-                bumped = store._bump_generation()
-                snap = bumped[0]
-                counts = tuple(c - b for c, b in zip(snap.counts, self._baseline, strict=True))
-                self._check_monotonic(counts, path)
-                self._write(ident, snap, counts)
+                counts, generation, start, restores = store._next_save()
+                baseline = self._baseline
+                if baseline is not None:
+                    counts = tuple(c - b for c, b in zip(counts, baseline, strict=True))
+                if restores != self._restores_seen:
+                    self._check_monotonic(counts)
+                seq = self._seq + 1
+                layout = self._layout
+                data = layout.pack(seq, generation, self._clock(), start, counts)
+                if os.pwrite(fd, data, layout.slot_offset(self._header_len, seq)) != len(data):
+                    raise OSError(errno.EIO, "short write to the shard")
+                _faults.point("save.written")
+                if self._sync:
+                    os.fdatasync(fd)
+                _faults.point("save.done")
             except Exception as exc:  # noqa: BLE001 - save never raises; the failure is counted
-                if bumped is not None:
-                    store._rollback_generation(bumped[0].generation, bumped[1])
+                # The slot with the last good save was not touched: the next save rewrites the
+                # same (possibly torn) slot with the same sequence.
+                if generation:
+                    store._rollback_generation(generation, generation - 1)
                 if self._failure_slot is not None:
                     store._count_quietly(self._failure_slot)
-                self._log_failure(path, exc)
+                self._log_failure(self.path or self._directory, exc)
                 return False
+            self._seq = seq
             self._last_saved = counts
+            self._restores_seen = restores
             self._ticket_durable = ticket
             return True
 
@@ -320,34 +372,35 @@ class Shard:
             self._end_incarnation()
         return ok
 
-    def _end_incarnation(self) -> None:
-        """Release the lifetime lock; what it saved becomes the baseline of the next one."""
-        lock, self._lock = self._lock, None
-        if self._last_saved is not None:
-            self._baseline = tuple(
-                b + s for b, s in zip(self._baseline, self._last_saved, strict=True)
-            )
-        self._identity = None
-        self._lock_inode = None
-        self._last_saved = None
-        if lock is not None:
-            try:
-                lock.release()
-            except Exception as exc:  # noqa: BLE001 - the kernel frees it at exit anyway
-                _log.warning("releasing %s failed: %s", lock.lock_file, exc)
-
     def unsaved(self) -> bool:
         """Whether the store has counts this incarnation has not saved yet."""
         store = self._store_ref()
         if store is None:
             return False
         counts = store.snapshot().counts
+        baseline = self._baseline or (0,) * len(counts)
         last = self._last_saved
         if last is None:
-            return counts != self._baseline
-        return any(c - b != s for c, b, s in zip(counts, self._baseline, last, strict=True))
+            return counts != baseline
+        return any(c - b != s for c, b, s in zip(counts, baseline, last, strict=True))
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _end_incarnation(self) -> None:
+        """Close the shard (releasing its lock); what it saved becomes the next baseline."""
+        fd, self._fd = self._fd, None
+        if self._last_saved is not None:
+            base = self._baseline or (0,) * len(self._last_saved)
+            self._baseline = tuple(b + s for b, s in zip(base, self._last_saved, strict=True))
+        self._identity = None
+        self._inode = None
+        self._last_saved = None
+        self._seq = 0
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as exc:  # the kernel frees the lock at exit anyway
+                _log.warning("closing shard descriptor %d failed: %s", fd, exc)
 
     def _guard_pid(self) -> None:
         # Called with _save_lock held. The at-fork hook normally did this already; a fork that
@@ -359,104 +412,138 @@ class Shard:
             self._reset_in_child()
 
     def _reset_in_child(self) -> None:
-        # The inherited lock belongs to the parent: drop it without releasing (filelock 4 has
-        # closed the inherited descriptor; a release here would unlock the parent's lock).
+        # The inherited descriptor shares the parent's open file description, and with it the
+        # parent's flock: close our copy without LOCK_UN (which would unlock the parent's).
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self._save_lock = threading.Lock()
         self._ticket_lock = threading.Lock()  # a parent thread may have held it at the fork
         self._pid = os.getpid()
         self._identity = None
-        self._lock = None
-        self._lock_inode = None
-        self._baseline = tuple(self._schema.zeros())
+        self._inode = None
+        self._seq = 0
+        self._baseline = None
         self._last_saved = None
+        store = self._store_ref()
+        self._restores_seen = store.restores if store is not None else 0
 
-    def _still_owned(self, ident: Identity) -> bool:
-        """Whether our lock file is still the inode we locked.
+    def _still_in_place(self) -> bool:
+        """Whether our shard is still the file at its path.
 
         If it vanished or was replaced (the directory removed and recreated, a stray ``rm``),
-        aggregators see our shard as dead and may absorb it; writing it again would count it
-        twice. Then this incarnation ends and the next one carries only unsaved counts.
+        what we write there is invisible to aggregators; recreating it with every count would
+        bring back counts that were thrown away. Then this incarnation ends and the next one
+        carries only the counts made after its last save.
         """
-        path = os.path.join(self._directory, shard_file_names(ident.incarnation)[1])
+        path = self.path
+        if path is None:
+            return False
         try:
             st = os.stat(path)
         except OSError:
             return False
-        return (st.st_dev, st.st_ino) == self._lock_inode
+        return (st.st_dev, st.st_ino) == self._inode
 
     def _open_locked(self) -> Identity:
         ident = self._identity
-        if ident is not None and self._lock is not None:
-            if self._still_owned(ident):
+        if ident is not None and self._fd is not None:
+            self._next_check = time.monotonic() + VANISHED_CHECK_S
+            if self._still_in_place():
                 return ident
             _log.warning(
-                "the lifetime lock file of shard %s vanished or was replaced; continuing as a "
-                "new incarnation",
+                "shard %s vanished or was replaced; continuing as a new incarnation",
                 ident.incarnation,
             )
             self._end_incarnation()
+        return self._create()
+
+    def _create(self) -> Identity:
+        """Create a new incarnation's shard: temp file, flock, full contents, rename."""
+        store = self._store_ref()
+        start = store.start_timestamp if store is not None else 0.0
         try:
             os.makedirs(self._directory, exist_ok=True)
         except OSError as exc:
             raise ShardWriteError(self._directory, f"cannot create directory: {exc}") from exc
         last: Exception | None = None
-        for _ in range(_LOCK_ATTEMPTS):
+        for _ in range(_CREATE_ATTEMPTS):
             ident = self._identity_factory()
-            lock_path = os.path.join(self._directory, shard_file_names(ident.incarnation)[1])
-            # thread_local=False: the lock is held for the incarnation's whole life and may be
-            # released by another thread at exit. fallback_to_soft=False: a marker file that no
-            # death removes would make a dead owner look alive forever.
-            lock = FileLock(lock_path, timeout=0, thread_local=False, fallback_to_soft=False)
+            name, tmp_name = v2_names(ident.incarnation)
+            path = os.path.join(self._directory, name)
+            tmp = os.path.join(self._directory, tmp_name)
+            header = self._layout.header(
+                incarnation=ident.incarnation,
+                pid=ident.pid,
+                host=ident.host,
+                started_at=ident.started_at,
+            )
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                lock.acquire(timeout=0)
-            except Timeout as exc:
-                # Either an aggregator is probing this brand-new lock file, or it removed it as
-                # an orphan before our flock (filelock then refuses the unlinked inode). Never
-                # wait for it: a fresh incarnation has a fresh lock file.
+                fd = os.open(tmp, flags, 0o644)
+            except FileExistsError as exc:  # an id collision or a planted file: a new id
                 last = exc
                 continue
             except OSError as exc:
-                raise ShardWriteError(lock_path, f"cannot take the lifetime lock: {exc}") from exc
+                raise ShardWriteError(tmp, f"cannot create the shard: {exc}") from exc
+            done = False
             try:
-                st = os.stat(lock_path)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in _CONTENTION:
+                        raise ShardWriteError(tmp, f"cannot take the lifetime lock: {exc}") from exc
+                    # An aggregator is probing this brand-new temp file (it may remove it as
+                    # an orphan): never wait for it, a fresh incarnation has a fresh file.
+                    last = exc
+                    continue
+                _faults.point("create.locked")
+                os.fchmod(fd, 0o644)  # whatever the umask: aggregators of other users read it
+                view = memoryview(self._layout.new_file(header, start))
+                while view:
+                    view = view[os.write(fd, view) :]
+                _faults.point("create.written")
+                if self._sync:
+                    os.fsync(fd)
+                try:
+                    os.rename(tmp, path)
+                except FileNotFoundError as exc:  # an aggregator removed it before our flock
+                    last = exc
+                    continue
+                _faults.point("create.renamed")
+                if self._sync:
+                    fsync_directory(self._directory)
+                _faults.point("create.done")
+                st = os.fstat(fd)
+                done = True
             except OSError as exc:
-                lock.release()
-                raise ShardWriteError(lock_path, f"lock file vanished: {exc}") from exc
-            self._identity, self._lock, self._lock_inode = ident, lock, (st.st_dev, st.st_ino)
+                raise ShardWriteError(tmp, f"cannot create the shard: {exc}") from exc
+            finally:
+                if not done:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+            self._fd, self._identity = fd, ident
+            self._inode = (st.st_dev, st.st_ino)
+            self._header_len = len(header)
+            self._seq = 0
+            self._last_saved = None
+            self._next_check = time.monotonic() + VANISHED_CHECK_S
             return ident
-        raise ShardWriteError(self._directory, f"no lifetime lock after retries: {last}")
+        raise ShardWriteError(self._directory, f"no new shard after retries: {last}")
 
-    def _check_monotonic(self, counts: tuple[int, ...], path: str) -> None:
+    def _check_monotonic(self, counts: tuple[int, ...]) -> None:
+        # Only after a restore(): a restored store with smaller counts than it saved would make
+        # the aggregate go down. Refuse, loudly (restore the larger counts, or use a new store).
         last = self._last_saved
         low = any(c < 0 for c in counts) or (
             last is not None and any(c < s for c, s in zip(counts, last, strict=True))
         )
         if low:
-            # restore() with smaller counts on a store that already saved: writing them would
-            # make the aggregate go down. Refuse, loudly.
-            raise ShardWriteError(path, "store counts went down since the last save; refusing")
-
-    def _write(self, ident: Identity, snap: Snapshot, counts: tuple[int, ...]) -> None:
-        name, _, tmp_name = shard_file_names(ident.incarnation)
-        path = os.path.join(self._directory, name)
-        tmp = os.path.join(self._directory, tmp_name)
-        doc: dict[str, Any] = {
-            "format": SHARD_FORMAT,
-            "version": SHARD_VERSION,
-            "incarnation": ident.incarnation,
-            "pid": ident.pid,
-            "host": ident.host,
-            "started_at": ident.started_at,
-            "generation": snap.generation,
-            "saved_at": float(self._clock()),
-            "counts": Snapshot(
-                self._schema, counts, snap.generation, snap.start_timestamp
-            ).to_dict(),
-        }
-        data = orjson.dumps(doc)
-        write_file_atomically(
-            tmp, path, data, durability=self._durability, mode=0o644, step_prefix="save"
-        )
+            raise ShardWriteError(
+                self.path or self._directory, "store counts went down since the last save"
+            )
 
     def _log_failure(self, path: str, exc: Exception) -> None:
         now = time.monotonic()
@@ -470,15 +557,16 @@ def write_file_atomically(
     path: str,
     data: bytes,
     *,
-    durability: Durability,
+    sync: bool = True,
     mode: int,
     step_prefix: str,
 ) -> None:
     """Write ``data`` to ``tmp``, (fsync), ``os.replace`` it over ``path``, (fsync the directory).
 
-    ``tmp`` is opened without following symlinks and truncated, so one writer per temp name is
-    assumed (the caller guarantees it). The mode is set explicitly, whatever the umask. On an
-    error before the rename the temp file is removed; a crash leaves it for the aggregator.
+    For the files that are replaced whole (the archive, the textfile). ``tmp`` is opened without
+    following symlinks and truncated, so one writer per temp name is assumed (the caller
+    guarantees it). The mode is set explicitly, whatever the umask. On an error before the rename
+    the temp file is removed; a crash leaves it for the next run to remove.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, mode)
@@ -489,7 +577,7 @@ def write_file_atomically(
             while view:
                 view = view[os.write(fd, view) :]
             _faults.point(f"{step_prefix}.tmp_written")
-            if durability is not Durability.NONE:
+            if sync:
                 os.fsync(fd)
             _faults.point(f"{step_prefix}.tmp_synced")
         finally:
@@ -500,7 +588,7 @@ def write_file_atomically(
             os.unlink(tmp)
         raise
     _faults.point(f"{step_prefix}.replaced")
-    if durability is Durability.FULL:
+    if sync:
         fsync_directory(os.path.dirname(path))
     _faults.point(f"{step_prefix}.done")
 
@@ -529,7 +617,7 @@ def shard_for(
     store: CounterStore,
     directory: str | os.PathLike[str],
     *,
-    durability: Durability | str = Durability.FULL,
+    durability: Durability | str = Durability.PROCESS_CRASH,
     failure_key: str | None = None,
     identity_factory: Callable[[], Identity] = new_identity,
 ) -> Shard:
@@ -560,7 +648,7 @@ def save_to_dir(
     store: CounterStore,
     directory: str | os.PathLike[str],
     *,
-    durability: Durability | str = Durability.FULL,
+    durability: Durability | str = Durability.PROCESS_CRASH,
     failure_key: str | None = None,
 ) -> bool:
     """Save ``store`` as this process's shard in ``directory``; False (never an error) on failure.
@@ -594,12 +682,17 @@ class Binding:
         *,
         mode: Mode = "write-through",
         interval: float = 5.0,
-        durability: Durability | str = Durability.FULL,
+        durability: Durability | str = Durability.PROCESS_CRASH,
         failure_key: str | None = None,
     ) -> None:
         if mode not in ("write-through", "periodic"):
             raise ValueError(f"mode must be 'write-through' or 'periodic', not {mode!r}")
-        if not (isinstance(interval, int | float) and interval > 0):
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not math.isfinite(interval)
+            or interval <= 0
+        ):
             raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
         if store._on_change is not None:
             raise GatemetricsError(f"{type(store).__name__} is already bound")
@@ -695,7 +788,7 @@ def bind(
     *,
     mode: Mode = "write-through",
     interval: float = 5.0,
-    durability: Durability | str = Durability.FULL,
+    durability: Durability | str = Durability.PROCESS_CRASH,
     failure_key: str | None = None,
 ) -> Binding:
     """Make ``store`` persist itself as this process's shard in ``directory``.

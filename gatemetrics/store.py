@@ -85,6 +85,7 @@ class CounterStore:
         "_lock",
         "_on_change",
         "_pid",
+        "_restores",
         "_schema",
         "_start",
     )
@@ -103,6 +104,7 @@ class CounterStore:
         self._start = float(clock())
         self._pid = os.getpid()
         self._on_change: Callable[[], object] | None = None
+        self._restores = 0
         _STORES.add(self)
 
     @property
@@ -118,6 +120,12 @@ class CounterStore:
     def start_timestamp(self) -> float:
         """When this store's counting began, in seconds since the epoch."""
         return self._start
+
+    @property
+    def restores(self) -> int:
+        """How many times :meth:`restore` replaced this store's state (persistence checks that
+        a restored store's counts did not go down since its last save)."""
+        return self._restores
 
     @property
     def pid(self) -> int:
@@ -195,6 +203,7 @@ class CounterStore:
             self._counts = counts
             self._generation = generation
             self._start = start
+            self._restores += 1
 
     # -- persistence hooks (used by gatemetrics.shards) ----------------------------------------
 
@@ -220,6 +229,15 @@ class CounterStore:
             self._generation = previous + 1
             snap = Snapshot(self._schema, tuple(self._counts), self._generation, self._start)
         return snap, previous
+
+    def _next_save(self) -> tuple[tuple[int, ...], int, float, int]:
+        """Advance the generation for a save; ``(counts, generation, start, restores)``.
+
+        The lean form of :meth:`_bump_generation` for the save path (no :class:`Snapshot`).
+        """
+        with self._lock:
+            self._generation = generation = self._generation + 1
+            return tuple(self._counts), generation, self._start, self._restores
 
     def _rollback_generation(self, expected: int, previous: int) -> None:
         """Undo :meth:`_bump_generation` if no other save has moved the generation since."""

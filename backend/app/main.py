@@ -141,13 +141,13 @@ class Settings:
     how long a check's body may take to arrive before the answer is 408.
 
     ``persistence``, ``save_interval`` and ``durability`` choose how the worker's store saves
-    its shard (:meth:`GateMetricStore.bind_to_dir`). The default, write-through with full
-    durability, makes every answered decision survive a SIGKILL of its worker and costs one
-    fsynced save per check (about 1 ms here; benchmarks/RESULTS.md figure 5 measures what it
-    costs in throughput). ``periodic`` saves every ``save_interval`` seconds instead: no cost
-    per check, but a worker that is SIGKILLed loses up to one interval of counts (the audit log
-    still holds every decision). ``durability`` ``file`` or ``none`` skip the directory fsync,
-    or both fsyncs: still exact through any process death, not through a power loss.
+    its shard (:meth:`GateMetricStore.bind_to_dir`). The default, write-through with
+    ``process-crash`` durability, makes every answered decision survive a SIGKILL of its worker
+    at the cost of one in-place ``pwrite`` per check (a few microseconds; benchmarks/RESULTS.md
+    figure 5 measures what it costs in throughput). ``power-loss`` adds an ``fdatasync`` per
+    check, so counts also survive a kernel crash or power loss. ``periodic`` saves every
+    ``save_interval`` seconds instead: a worker that is SIGKILLed loses up to one interval of
+    counts (the audit log still holds every decision).
     """
 
     metrics_dir: str
@@ -157,7 +157,7 @@ class Settings:
     body_timeout: float = 10.0
     persistence: Mode = "write-through"
     save_interval: float = 5.0
-    durability: Durability = Durability.FULL
+    durability: Durability = Durability.PROCESS_CRASH
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -187,9 +187,7 @@ class Settings:
                 env, "GATEMETRICS_PERSISTENCE", _PERSISTENCE_MODES, "write-through"
             ),
             save_interval=_env_seconds(env, "GATEMETRICS_SAVE_INTERVAL", default=5.0),
-            durability=Durability(
-                _env_choice(env, "GATEMETRICS_DURABILITY", tuple(Durability), Durability.FULL)
-            ),
+            durability=_env_durability(env),
         )
 
 
@@ -204,6 +202,24 @@ def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], def
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value[:40]!r}")
     return value
+
+
+def _env_durability(env: Mapping[str, str]) -> Durability:
+    """``GATEMETRICS_DURABILITY``: process-crash (default) or power-loss; the previous
+    release's none/file/full still work, with one warning line naming the new value."""
+    value = env.get("GATEMETRICS_DURABILITY", "")
+    if not value:
+        return Durability.PROCESS_CRASH
+    try:
+        durability, deprecation = Durability.from_setting(value)
+    except ValueError:
+        choices = ", ".join(Durability)
+        raise ValueError(
+            f"GATEMETRICS_DURABILITY must be one of {choices}; got {value[:40]!r}"
+        ) from None
+    if deprecation is not None:
+        _log.warning("GATEMETRICS_DURABILITY: %s", deprecation)
+    return durability
 
 
 def _env_seconds(env: Mapping[str, str], name: str, *, default: float) -> float:

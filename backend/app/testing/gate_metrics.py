@@ -244,7 +244,7 @@ class GateMetricStore(CounterStore):
     # -- persistence -------------------------------------------------------------------------
 
     def save_to_dir(
-        self, path: str | os.PathLike[str], *, durability: Durability | str = Durability.FULL
+        self, path: str | os.PathLike[str], *, durability: Durability | str = Durability.PROCESS_CRASH
     ) -> bool:
         """Write this process's cumulative counts as its own shard in ``path``.
 
@@ -261,7 +261,7 @@ class GateMetricStore(CounterStore):
         *,
         mode: Mode = "write-through",
         interval: float = 5.0,
-        durability: Durability | str = Durability.FULL,
+        durability: Durability | str = Durability.PROCESS_CRASH,
     ) -> Binding:
         """Make this store save itself into ``path``; see :func:`gatemetrics.bind`.
 
