@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from backend.app.testing import release_gate
 from backend.app.testing.audit import InMemoryAuditLog, JsonlAuditLog
 from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import GateDecision, ReleaseGate, ReleaseOverride
@@ -1060,6 +1063,274 @@ async def test_cancelled_natively_during_emission_the_count_ends_before_the_rais
     assert body.observed == [1]  # type: ignore[attr-defined]
     assert results == []
     assert len(log.entries) == 1
+
+
+# -- acheck: one thread hop, and the window between the write and the emission --------------
+
+
+class ThreadRecordingLog(InMemoryAuditLog):
+    """Records the thread each write ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def record(self, entry: Any) -> None:
+        self.threads.append(threading.get_ident())
+        super().record(entry)
+
+
+class ThreadRecordingStore(RecordingSink):
+    """Records the thread each emission ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def record_outcome(self, *args: Any, **kwargs: Any) -> None:
+        self.threads.append(threading.get_ident())
+        super().record_outcome(*args, **kwargs)
+
+
+@pytest.fixture
+def thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., Any]]:
+    """The functions passed to ``anyio.to_thread.run_sync``, in order."""
+    calls: list[Callable[..., Any]] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        calls.append(func)
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    return calls
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("log_factory", "expected"),
+    [
+        (ThreadRecordingLog, (True, (R.TIER_FAIL, R.DRIFT_ALERT), False, False)),
+        # A failed write is emitted from the same thread too (fail-closed DENY, counted).
+        (
+            lambda: RaisingAuditLog(OSError(errno.EIO, "EIO")),
+            (False, (R.TIER_FAIL, R.DRIFT_ALERT), False, True),
+        ),
+    ],
+    ids=["written", "write failed"],
+)
+async def test_acheck_writes_and_emits_in_one_thread_hop_off_the_loop(
+    thread_hops: list[Callable[..., Any]], log_factory: Callable[[], Any], expected: Any
+) -> None:
+    log, store = log_factory(), ThreadRecordingStore()
+    gate = ReleaseGate(log, store)
+    for _ in range(3):
+        await gate.acheck(HOLD_RESULT, override(), "prod", NOW)
+    assert len(thread_hops) == 3  # one per acheck, not one for the write and one for the count
+    assert store.calls == [expected] * 3
+    loop_thread = threading.get_ident()
+    assert loop_thread not in store.threads
+    if isinstance(log, ThreadRecordingLog):
+        # Each check's count ran on the thread that had just written its entry.
+        assert log.threads == store.threads
+        assert len(log.entries) == 3
+
+
+@pytest.mark.anyio
+async def test_the_default_store_counts_in_the_thread_that_wrote_the_entry(
+    thread_hops: list[Callable[..., Any]],
+) -> None:
+    # The thread identity alone proves little (anyio reuses an idle worker for a second hop):
+    # the hop count is what shows the count did not take a hop of its own.
+    seen: list[tuple[str, int]] = []
+
+    class Log(InMemoryAuditLog):
+        def record(self, entry: Any) -> None:
+            seen.append(("write", threading.get_ident()))
+            super().record(entry)
+
+    class Store(GateMetricStore):
+        def record_outcome(self, *args: Any, **kwargs: Any) -> None:
+            seen.append(("count", threading.get_ident()))
+            super().record_outcome(*args, **kwargs)
+
+    store = Store()
+    decision = await ReleaseGate(Log(), store).acheck(OK_RESULT, now_ms=NOW)
+    assert decision.allowed
+    assert len(thread_hops) == 1
+    [(first, writer), (second, counter)] = seen
+    assert (first, second) == ("write", "count")
+    assert writer == counter != threading.get_ident()
+    assert store.decision_counts() == {"ALLOW": 1, "DENY": 0}
+
+
+@pytest.fixture
+def cancel_requested(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once acheck, cancelled, has told its worker thread so (the thread may not have
+    looked yet)."""
+    event = threading.Event()
+    cancel = release_gate._CheckCall.cancel
+
+    def spy(call: Any) -> int:
+        state = cancel(call)
+        event.set()
+        return state
+
+    monkeypatch.setattr(release_gate._CheckCall, "cancel", spy)
+    return event
+
+
+class PausingGate(ReleaseGate):
+    """Pauses its worker thread after the audit write has ended, before the emission starts,
+    until ``resume`` is set: the window where the cancellation and the emission race."""
+
+    def __init__(self, resume: threading.Event, *args: Any) -> None:
+        super().__init__(*args)
+        self.written = threading.Event()
+        self.resume = resume
+
+    def _write_audit(self, plan: Any) -> str | None:
+        error = super()._write_audit(plan)
+        self.written.set()
+        assert self.resume.wait(10.0)
+        return error
+
+
+class WaitingStore(RecordingSink):
+    """An emission that, once started, waits for ``resume`` before it counts."""
+
+    def __init__(self, resume: threading.Event) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.resume = resume
+
+    def record_outcome(self, *args: Any, **kwargs: Any) -> None:
+        self.started.set()
+        assert self.resume.wait(10.0)
+        super().record_outcome(*args, **kwargs)
+
+
+async def cancel_by_anyio_once(started: threading.Event, body: Callable[[], Any]) -> None:
+    async with anyio.create_task_group() as calls:
+        calls.start_soon(body)
+        await wait_in_thread(started)
+        calls.cancel_scope.cancel()
+
+
+async def cancel_natively_once(started: threading.Event, body: Callable[[], Any]) -> None:
+    task = asyncio.create_task(body())
+    await wait_in_thread(started)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+CANCELLERS = pytest.mark.parametrize(
+    "cancel_once", [cancel_by_anyio_once, cancel_natively_once], ids=["anyio", "native"]
+)
+
+
+@pytest.mark.anyio
+@CANCELLERS
+async def test_a_cancellation_between_the_write_and_the_emission_wins_nothing_counted(
+    cancel_requested: threading.Event, cancel_once: Callable[..., Any]
+) -> None:
+    log, store = InMemoryAuditLog(), GateMetricStore()
+    # The worker thread resumes only once acheck has asked it to stop: the cancellation is
+    # requested strictly after the write's end and before the emission's start.
+    gate = PausingGate(cancel_requested, log, store)
+    results: list[GateDecision] = []
+    body = call_recording(gate, lambda: len(log.entries), results)
+    await cancel_once(gate.written, body)
+    assert body.observed == [1]  # type: ignore[attr-defined] # acheck waited for the thread
+    assert results == []
+    assert zero_counts(store)
+    assert len(log.entries) == 1  # the entry records what the gate decided
+
+
+@pytest.mark.anyio
+@CANCELLERS
+async def test_an_emission_that_started_first_wins_over_the_cancellation(
+    cancel_requested: threading.Event, cancel_once: Callable[..., Any]
+) -> None:
+    log, store = InMemoryAuditLog(), WaitingStore(cancel_requested)
+    results: list[GateDecision] = []
+    body = call_recording(ReleaseGate(log, store), lambda: len(store.calls), results)
+    await cancel_once(store.started, body)
+    # Counted either way; returned only under an anyio cancel scope (see acheck's docstring).
+    assert store.calls == [(True, (), False, False)]
+    if cancel_once is cancel_by_anyio_once:
+        assert [d.allowed for d in results] == [True]
+        assert body.observed == []  # type: ignore[attr-defined]
+    else:
+        assert results == []
+        assert body.observed == [1]  # type: ignore[attr-defined] # counted before the raise
+    assert len(log.entries) == 1
+
+
+@pytest.mark.anyio
+async def test_an_anyio_cancellation_during_emission_is_delivered_at_the_next_checkpoint(
+    cancel_requested: threading.Event,
+) -> None:
+    store = WaitingStore(cancel_requested)
+    gate = ReleaseGate(InMemoryAuditLog(), store)
+    task = asyncio.current_task()
+    assert task is not None
+    before = task.cancelling()
+    reached: list[str] = []
+
+    async def canceller(scope: anyio.CancelScope) -> None:
+        await wait_in_thread(store.started)
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as scope:
+            tg.start_soon(canceller, scope)
+            decision = await gate.acheck(OK_RESULT, now_ms=NOW)
+            reached.append("returned")
+            await anyio.lowlevel.checkpoint()
+            reached.append("after the checkpoint")  # pragma: no cover - must not run
+    assert decision.allowed
+    assert reached == ["returned"]
+    assert scope.cancelled_caught
+    assert store.calls == [(True, (), False, False)]
+    # The swallowed delivery left no cancellation request behind on the task.
+    assert task.cancelling() == before
+
+
+@pytest.mark.anyio
+async def test_cancelled_while_waiting_for_a_worker_thread_nothing_happens() -> None:
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    limiter.total_tokens = 1
+    busy = threading.Event()
+    log, store = InMemoryAuditLog(), GateMetricStore()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_in_thread, busy)  # holds the only token
+            with anyio.CancelScope() as scope:
+                tg.start_soon(lambda: ReleaseGate(log, store).acheck(OK_RESULT, now_ms=NOW))
+                await anyio.wait_all_tasks_blocked()
+                assert limiter.statistics().tasks_waiting == 1
+                tg.cancel_scope.cancel()
+            busy.set()
+    finally:
+        limiter.total_tokens = tokens
+    assert not scope.cancelled_caught
+    assert log.entries == []
+    assert zero_counts(store)
+
+
+def test_a_check_call_cancelled_before_its_thread_runs_it_does_nothing() -> None:
+    # The thread pool may pick the call up after the await was cancelled: it must not start.
+    log, store = InMemoryAuditLog(), GateMetricStore()
+    gate = ReleaseGate(log, store)
+    call = release_gate._CheckCall(gate, gate._plan(OK_RESULT, None, "", NOW))
+    assert call.cancel() == release_gate._PENDING
+    assert call.run() is None
+    assert call.decision is None
+    assert log.entries == []
+    assert zero_counts(store)
 
 
 # -- concurrency and the README --------------------------------------------------------------

@@ -44,18 +44,17 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import Any, Final, Literal, Protocol
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 
 from backend.app.testing.audit import AuditEntry, AuditLog, InMemoryAuditLog, OverrideRecord
@@ -78,8 +77,6 @@ _MAX_INT64 = 2**63 - 1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
-
-_T = TypeVar("_T")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> int:
@@ -285,41 +282,73 @@ def _error_token(exc: BaseException) -> str:
     return _TOKEN_UNSAFE.sub("_", type(exc).__name__) or "Exception"
 
 
-class _ThreadCall:
-    """One call run on a worker thread, with a handshake so the caller can wait for it.
+# The states of a _CheckCall. The thread moves PENDING -> WRITING -> EMITTING; the awaiting
+# side, when cancelled, moves PENDING or WRITING -> CANCELLED. Each transition is made under the
+# call's lock, so at the end of the write exactly one side wins: the thread (it emits) or the
+# cancellation (nothing is counted).
+_PENDING: Final = 0
+_WRITING: Final = 1
+_EMITTING: Final = 2
+_CANCELLED: Final = 3
 
-    anyio's own cancellation waits for a worker thread (``abandon_on_cancel=False``), but a
-    native asyncio cancellation (``task.cancel()``, ``asyncio.timeout``) interrupts the await
-    while the thread goes on. The handshake tells the caller whether the call started (then
-    it will finish, and the caller waits) or never will (it was abandoned before starting).
+
+class _CheckCall:
+    """One :meth:`ReleaseGate.acheck`'s audit write and emission, on one worker thread.
+
+    One thread hop instead of two (one for the write, one for the emission): the thread emits
+    right after the write, unless the awaiting side was cancelled in the meantime. The awaiting
+    side cannot rely on anyio to tell it: a native asyncio cancellation interrupts the await
+    while the thread goes on, and an anyio cancellation only does when the thread call is
+    abandonable (``abandon_on_cancel=True``, which :meth:`ReleaseGate.acheck` uses for that
+    reason). So both sides go through :meth:`cancel` and :meth:`run`'s transitions, and a
+    cancelled caller waits for a started call with :meth:`wait` before it raises.
+
+    The lock is held for a state transition only, never across the write or the emission: the
+    event loop, which takes it in :meth:`cancel`, never waits on I/O through it.
     """
 
-    __slots__ = ("_abandoned", "_done", "_func", "_lock", "_started")
+    __slots__ = ("_done", "_gate", "_lock", "_plan", "_state", "decision")
 
-    def __init__(self, func: Callable[[], _T]) -> None:
-        self._func: Callable[[], Any] = func
+    def __init__(self, gate: ReleaseGate, plan: _Plan) -> None:
+        self._gate = gate
+        self._plan = plan
         self._lock = threading.Lock()
-        self._started = False
-        self._abandoned = False
+        self._state = _PENDING
         self._done = threading.Event()
+        # Set by the thread once the emission has returned: the decision, returned and counted.
+        self.decision: GateDecision | None = None
 
-    def run(self) -> Any:
-        with self._lock:
-            if self._abandoned:
-                return None
-            self._started = True
+    def run(self) -> GateDecision | None:
+        """On the worker thread: write, then emit unless cancelled first; None if cancelled."""
         try:
-            return self._func()
+            with self._lock:
+                if self._state == _CANCELLED:
+                    return None  # cancelled before it started: it never will
+                self._state = _WRITING
+            plan = self._plan
+            audit_error = self._gate._write_audit(plan)
+            decision = _settle(plan, audit_error)
+            with self._lock:
+                if self._state == _CANCELLED:
+                    return None  # cancelled during the write: count nothing
+                self._state = _EMITTING
+            self._gate._emit(decision, plan.breach, audit_error is not None)
+            self.decision = decision
+            return decision
         finally:
             self._done.set()
 
-    def abandon(self) -> bool:
-        """True if the call had not started; it then never will."""
+    def cancel(self) -> int:
+        """On the loop, when the await was cancelled: the state the call was in.
+
+        ``_PENDING``: it will never start. ``_WRITING``: the write goes on, the emission will
+        not happen. ``_EMITTING``: the emission had started (or ended) and goes on.
+        """
         with self._lock:
-            if self._started:
-                return False
-            self._abandoned = True
-            return True
+            state = self._state
+            if state != _EMITTING:
+                self._state = _CANCELLED
+            return state
 
     async def wait(self) -> None:
         """Wait off the loop until the started call has finished, whatever cancels us."""
@@ -331,15 +360,14 @@ class _ThreadCall:
                     continue  # another native cancellation: we re-raise the first one
 
 
-async def _run_to_completion(func: Callable[[], _T]) -> _T:
-    """``func()`` on a worker thread; if cancelled once it started, wait for it, then raise."""
-    call = _ThreadCall(func)
-    try:
-        return cast("_T", await anyio.to_thread.run_sync(call.run))
-    except anyio.get_cancelled_exc_class():
-        if not call.abandon():
-            await call.wait()
-        raise
+def _cancelled_by_anyio() -> bool:
+    """True if an anyio cancel scope around the current task has been cancelled.
+
+    A native asyncio cancellation (``task.cancel()``, ``asyncio.timeout``) leaves no cancelled
+    scope behind; an anyio one does, and it stays cancelled (level-triggered): it is delivered
+    again at the task's next checkpoint, so the current delivery may be swallowed.
+    """
+    return anyio.current_effective_deadline() == -math.inf
 
 
 class ReleaseGate:
@@ -429,8 +457,9 @@ class ReleaseGate:
         release_scope: str = "",
         now_ms: int = 0,
     ) -> GateDecision:
-        """:meth:`check` for async code: the audit write and the metric emission run on worker
-        threads (anyio), never on the event loop; the decision itself is computed on the loop.
+        """:meth:`check` for async code: the audit write and then the metric emission run on one
+        worker thread (one anyio ``to_thread`` hop), never on the event loop; the decision
+        itself is computed on the loop.
 
         Cancellation contract (the audit write and the emission cannot be interrupted once
         started, and ``acheck`` never leaves either running behind it):
@@ -439,7 +468,9 @@ class ReleaseGate:
         - Cancelled while the audit write runs: ``acheck`` waits for the write to finish, counts
           nothing and raises the cancellation. The audit log may then hold an entry for a
           decision nobody received: an entry records what the gate decided; a caller that got
-          no decision must treat the release as not allowed.
+          no decision must treat the release as not allowed. A cancellation that arrives after
+          the write ended but before the emission started is one of these: the worker thread
+          checks for it, under a lock, before it emits.
         - Cancelled while the emission runs: with an anyio cancel scope (``move_on_after``,
           ``fail_after``, a task group's cancel), the decision is returned, counted, and the
           cancellation is delivered at the caller's next checkpoint. With a native asyncio
@@ -448,14 +479,22 @@ class ReleaseGate:
           returned (asyncio offers no way to both honour the cancellation and return).
         """
         plan = self._plan(policy_result, override, release_scope, now_ms)
-        audit_error = await _run_to_completion(lambda: self._write_audit(plan))
-        # An anyio cancellation that arrived during the write (the thread call shields it and
-        # returns): stop here, so a decision that will not be returned is never counted. The
-        # next to_thread call would check too, but this guarantee must not rest on its details.
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        decision = _settle(plan, audit_error)
-        failed = audit_error is not None
-        await _run_to_completion(lambda: self._emit(decision, plan.breach, failed))
+        call = _CheckCall(self, plan)
+        try:
+            # Abandonable, so that an anyio cancellation reaches us while the thread runs, as
+            # a native one always does; _CheckCall keeps the thread from outliving acheck. (A
+            # cancelled call gives its thread-limiter token back at once; its wait takes one.)
+            decision = await anyio.to_thread.run_sync(call.run, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            state = call.cancel()
+            if state != _PENDING:
+                await call.wait()
+            if state == _EMITTING and call.decision is not None and _cancelled_by_anyio():
+                # Counted: return it; the cancel scope cancels us again at the next checkpoint.
+                return call.decision
+            raise
+        # Only a cancellation (handled above) makes run() return None.
+        assert decision is not None
         return decision
 
     # -- the three steps -----------------------------------------------------------------------
