@@ -1,11 +1,12 @@
 """Run the benchmark figures and regenerate ``benchmarks/RESULTS.md`` and ``results.json``.
 
-    python -m benchmarks                 # every figure (a few minutes on 2 cores)
+    python -m benchmarks                 # every figure (about 6 minutes on 2 cores)
     python -m benchmarks --only 1,3      # some figures; the others keep their last results
     python -m benchmarks --quick         # small sizes, few runs, written to a temp directory
 
 Needs the ``bench`` and ``server`` extras (prometheus-client, gunicorn, uvicorn-worker) and
-``wrk`` on PATH for figure 5 (Debian: ``apt-get install wrk``).
+``wrk`` on PATH for figure 5 (Debian: ``apt-get install wrk``). Figure 5 is most of the run: six
+gunicorn servers, 12 rounds of 3 s each (about 4 minutes).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import Context
-from benchmarks._report import machine, markdown_table, now_utc, render_markdown
+from benchmarks._report import (
+    figure_tables,
+    machine,
+    markdown_table,
+    now_utc,
+    render_markdown,
+    target_met,
+)
 
 FIGURES = {
     1: "hot_path",
@@ -30,6 +38,7 @@ FIGURES = {
     4: "live_shards",
     5: "gunicorn_throughput",
     6: "aggregate_memory",
+    7: "loop_stall",
 }
 HERE = Path(__file__).resolve().parent
 
@@ -88,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 figure.setdefault("notes", []).append("Quick run: small sizes, few runs.")
             results["figures"][name] = figure
-            print(markdown_table(figure["table"]["header"], figure["table"]["rows"]))
+            for table in figure_tables(figure):
+                if table.get("caption"):
+                    print(f"\n{table['caption']}")
+                print(markdown_table(table["header"], table["rows"]))
             for target in figure.get("targets", []):
-                verdict = {True: "met", False: "MISSED"}.get(target["met"], "no target")
+                verdict = {True: "met", False: "MISSED"}.get(target_met(target), "no target")
                 print(f"target {target['text']}: {target['measured']} -> {verdict}")
             # Written after every figure: an interrupted run keeps what it measured.
             results["generated"] = now_utc()

@@ -1,25 +1,42 @@
-"""The backend app with its metrics not persisted: figure 5's "metrics off" variant.
+"""The backend app with one thing changed: figure 5's variants that have no setting in the app.
 
 ``backend.app.main`` always binds its store (write-through by default; periodic and the
 durability are settings, ``GATEMETRICS_PERSISTENCE`` and ``GATEMETRICS_DURABILITY``, which the
-other variants use). To measure what the metrics cost at all, this wrapper changes one thing in
-the process that imports it: ``GateMetricStore.bind_to_dir`` becomes a no-op, so the store counts
-in memory only and nothing of the metrics touches the disk (an unbound store costs about a
-microsecond per check, figure 2). Everything else (HTTP parsing, validation,
-``ReleaseGate.acheck`` with its two worker-thread hops, the durable ``JsonlAuditLog`` with its
-fsync) is the unchanged app.
+other variants use) and always writes its audit log with group commit. ``GATEMETRICS_BENCH_VARIANT``
+picks one change, made in the process that imports this module before the app builds anything:
+
+``off``
+    ``GateMetricStore.bind_to_dir`` becomes a no-op, so the store counts in memory only and
+    nothing of the metrics touches the disk (an unbound store costs well under a microsecond per
+    check, figure 1).
+``prometheus``
+    The same no-op binding, and ``GateMetricStore.record_outcome`` makes the same increments in
+    prometheus_client's multiprocess mode instead (``Counter(...).labels(v).inc()``: the decision,
+    each distinct reason of a DENY, a breach, an audit write failure), into
+    ``PROMETHEUS_MULTIPROC_DIR`` (the figure gives each server a fresh one). Its counters are
+    created with every label value, as ours are exported from the start.
+``no-group-commit``
+    The shipped app, except that its ``JsonlAuditLog`` is built with ``group_commit=False``
+    (one lock, write and fsync per entry: the log before group commit).
+
+Everything else (HTTP parsing, validation, ``ReleaseGate.acheck``, the durable ``JsonlAuditLog``)
+is the unchanged app. ``GATEMETRICS_BENCH_PERSISTENCE=off`` (the earlier name) still selects
+``off``.
 
 gunicorn imports the app module in each worker (or once in the master with ``--preload``, before
-the fork); either way the patch applies to that server's processes only.
+the fork); either way the change applies to that server's processes only.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import backend.app.main as backend_main
 from backend.app.main import create_app
-from backend.app.testing.gate_metrics import GateMetricStore
+from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
 
 
 class _NoBinding:
@@ -36,24 +53,91 @@ def _unbound(self: GateMetricStore, path: object, **_: Any) -> _NoBinding:
     return _NoBinding()
 
 
-_VARIANTS = {"off": _unbound}
+def _off() -> None:
+    GateMetricStore.bind_to_dir = _unbound  # type: ignore[method-assign]
 
 
-def _app_with(bind: Any) -> Any:
-    GateMetricStore.bind_to_dir = bind  # type: ignore[method-assign]
-    return create_app()
+def _prometheus_record_outcome() -> Callable[..., None]:
+    """A ``record_outcome`` making the gate's increments with prometheus_client counters."""
+    from prometheus_client import Counter, values
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or not getattr(
+        values.ValueClass, "_multiprocess", False
+    ):
+        raise SystemExit("the prometheus variant needs PROMETHEUS_MULTIPROC_DIR set before start")
+    counters: dict[str, Any] = {}
+    for fam in GATE_SCHEMA.families:
+        labels = [fam.label] if fam.label else []
+        counter = Counter(fam.name.removesuffix("_total"), fam.documentation, labels)
+        for value in fam.values:
+            counter.labels(value)
+        counters[fam.key] = counter
+    decision = counters["decision_counts"]
+    reason = counters["reason_counts"]
+    breach_counter = counters["breach_counts"]
+    audit_failures = counters["audit_write_failures"]
+
+    def record_outcome(
+        self: GateMetricStore,
+        allowed: bool,
+        reasons: Iterable[Any] | None = (),
+        *,
+        breach: bool = False,
+        audit_write_failure: bool = False,
+    ) -> None:
+        if allowed is True:
+            decision.labels("ALLOW").inc()
+        elif allowed is False:
+            decision.labels("DENY").inc()
+            for value in dict.fromkeys(getattr(r, "value", r) for r in reasons or ()):
+                reason.labels(value).inc()
+        else:
+            raise TypeError(f"allowed must be a bool, not {type(allowed).__name__}")
+        if breach:
+            breach_counter.labels("NO_OVERRIDE").inc()
+        if audit_write_failure:
+            audit_failures.inc()
+
+    return record_outcome
+
+
+def _prometheus() -> None:
+    _off()
+    GateMetricStore.record_outcome = _prometheus_record_outcome()  # type: ignore[method-assign]
+
+
+def _no_group_commit() -> None:
+    jsonl = backend_main.JsonlAuditLog
+    # TODO(audit group commit): the check can go once JsonlAuditLog(group_commit=...) has
+    # landed; a log without the option already fsyncs once per entry.
+    if "group_commit" not in inspect.signature(jsonl).parameters:
+        return
+
+    def per_entry_fsync(*args: Any, **kwargs: Any) -> Any:
+        return jsonl(*args, **{**kwargs, "group_commit": False})
+
+    backend_main.JsonlAuditLog = per_entry_fsync  # type: ignore[assignment,misc]
+
+
+VARIANTS: dict[str, Callable[[], None]] = {
+    "off": _off,
+    "prometheus": _prometheus,
+    "no-group-commit": _no_group_commit,
+}
 
 
 def _select() -> Any:
-    mode = os.environ.get("GATEMETRICS_BENCH_PERSISTENCE", "")
-    if mode not in _VARIANTS:
+    variant = os.environ.get("GATEMETRICS_BENCH_VARIANT", "") or os.environ.get(
+        "GATEMETRICS_BENCH_PERSISTENCE", ""
+    )
+    if variant not in VARIANTS:
         raise SystemExit(
-            f"GATEMETRICS_BENCH_PERSISTENCE must be one of {sorted(_VARIANTS)}: {mode!r}"
+            f"GATEMETRICS_BENCH_VARIANT must be one of {sorted(VARIANTS)}: {variant!r}"
         )
-    return _app_with(_VARIANTS[mode])
+    VARIANTS[variant]()
+    return create_app()
 
 
-#: What gunicorn serves in figure 5's variants: ``benchmarks._apps:app``, persistence chosen
-#: by ``GATEMETRICS_BENCH_PERSISTENCE`` (only ``off``). The other variants serve the real
-#: ``backend.app.main:app`` itself.
+#: What gunicorn serves in figure 5's changed variants: ``benchmarks._apps:app``, the change
+#: chosen by ``GATEMETRICS_BENCH_VARIANT``. The other variants serve ``backend.app.main:app``.
 app = _select()

@@ -1,22 +1,26 @@
 """Directories as each design leaves them after many worker lifetimes, and live owners.
 
-* :func:`our_lifetimes`: one dead shard per lifetime, made by the real shard code: a fresh
-  incarnation (with the pid a new worker would have), its lifetime lock taken, a save, the lock
-  released, exactly as a worker that recorded a few decisions and exited leaves it.
+* :func:`our_lifetimes`: one dead shard per lifetime, made by the real shard code
+  (:class:`gatemetrics.Shard`, in whatever format the engine writes): a fresh incarnation (with
+  the pid a new worker would have), its lifetime lock taken, a save, the lock released, exactly
+  as a worker that recorded a few decisions and exited leaves it. Nothing here knows the shard
+  files' names or format.
 * :func:`prometheus_lifetimes`: the ``counter_<pid>.db`` file each worker leaves behind in
   prometheus_client's multiprocess mode. One real worker process writes the gate's five counter
   families with prometheus_client (every label value initialised, a few increments); every
   simulated lifetime gets a copy of that file under its own pid, written sparsely like the
   original mmap file (only the used bytes, then extended to the file's size).
-* :class:`LiveOwners`: a separate process holding the lifetime locks of ``k`` incarnations, so
-  their shards are live to the aggregator exactly as running workers' are.
+* :class:`LiveOwners`: a separate process holding ``k`` stores bound to the directory
+  (``GateMetricStore.bind_to_dir``, write-through, the engine's default durability), so their
+  shards are live to the aggregator exactly as running workers' are.
 
-Run as a module it is that owner process: ``python -m benchmarks._populate DIR K`` saves ``K``
-shards, prints ``ready``, and holds their locks until its standard input closes.
+Run as a module it is that owner process: ``python -m benchmarks._populate DIR K`` binds ``K``
+stores (each saves its shard), prints ``ready``, and holds them until its standard input closes.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import select
 import subprocess
@@ -24,6 +28,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 # A real worker under prometheus_client: the gate's families as its documentation would write
 # them, every label value initialised (so a rate() sees the first event, as ours do).
@@ -51,9 +56,17 @@ def _identity_factory(pid: int) -> Callable[[], object]:
 
     def make() -> Identity:
         # The real incarnation of this process, with the pid the simulated worker would have.
+        # The aggregator tells live from dead by the lock, never by the pid: should the
+        # incarnation's layout ever change, the real one is used as it is.
         real = new_identity()
-        tag, _, ns, rand = real.incarnation.split("-")
-        return Identity(f"{tag}-{pid}-{ns}-{rand}", pid, real.host, real.started_at)
+        parts = real.incarnation.split("-")
+        if len(parts) != 4 or not parts[1].isdigit():
+            return real
+        tag, _, ns, rand = parts
+        try:
+            return Identity(f"{tag}-{pid}-{ns}-{rand}", pid, real.host, real.started_at)
+        except ValueError:
+            return real
 
     return make
 
@@ -61,26 +74,44 @@ def _identity_factory(pid: int) -> Callable[[], object]:
 def our_lifetimes(directory: Path, n: int, *, first_pid: int = 100_000) -> int:
     """``n`` dead worker lifetimes in ``directory``; returns the decisions they counted."""
     from backend.app.testing.gate_metrics import GateMetricStore
+    from benchmarks._engine import PROCESS_CRASH, durability
     from gatemetrics import Shard
 
     directory.mkdir(parents=True, exist_ok=True)
+    options: dict[str, Any] = {"durability": durability(PROCESS_CRASH)}  # the files are alike
+    fake_pids = "identity_factory" in inspect.signature(Shard).parameters
     decisions = 0
     for i in range(n):
         store = GateMetricStore()
         store.record_outcome(i % 3 != 0, ["TIER_FAIL", "NO_DRIFT_DATA"], breach=i % 50 == 0)
         store.record_outcome(True)
         decisions += 2
-        # durability none: the setup's speed only; the files are the same.
-        shard = Shard(
-            store,
-            directory,
-            durability="none",
-            identity_factory=_identity_factory(first_pid + i),  # type: ignore[arg-type]
-        )
+        if fake_pids:
+            options["identity_factory"] = _identity_factory(first_pid + i)
+        shard = Shard(store, directory, **options)
         if not shard.save():
             raise RuntimeError(f"saving a lifetime's shard in {directory} failed")
         shard.close(save=False)
     return decisions
+
+
+def link_all(src: Path, *destinations: Path) -> int:
+    """Hard-link every regular file of ``src`` into each destination; returns the count.
+
+    Copies a directory of dead shards (and whatever else the engine left with them) without
+    knowing their names: a link shares the file, and compaction in one copy removes only that
+    copy's names.
+    """
+    for d in destinations:
+        d.mkdir(parents=True, exist_ok=True)
+    linked = 0
+    with os.scandir(src) as it:
+        for entry in it:
+            if entry.is_file(follow_symlinks=False):
+                for d in destinations:
+                    os.link(entry.path, d / entry.name)
+                linked += 1
+    return linked
 
 
 def prometheus_template(workdir: Path) -> bytes:
@@ -175,9 +206,11 @@ def _hold(directory: str, k: int) -> None:
     bindings = []
     for i in range(k):
         store = GateMetricStore()
+        # Bound write-through with the engine's defaults: the record call saves the shard.
+        binding = store.bind_to_dir(directory)
+        bindings.append((store, binding))
         store.record_outcome(i % 2 == 0, ["GUARD_VIOLATION"])
-        bindings.append((store, store.bind_to_dir(directory, durability="none")))
-        if not bindings[-1][1].save():
+        if store.metric_write_failures() or not binding.save():
             raise SystemExit(f"cannot save live shard {i} in {directory}")
     print("ready", flush=True)
     sys.stdin.read()  # until the parent closes our stdin

@@ -6,11 +6,16 @@ A figure's result is a plain JSON-able dict::
       "id": "hot_path", "number": 1, "title": "...",
       "method": "how it was measured (one paragraph of Markdown)",
       "table": {"header": ["case", ...], "rows": [["ALLOW", "0.41 µs", ...], ...]},
-      "targets": [{"text": "...", "measured": "...", "met": true}],   # optional
+      "tables": [{"caption": "...", "header": [...], "rows": [...]}],  # instead of "table"
+      "targets": [target(...), ...],                                  # optional
       "notes": ["..."],                                               # optional
       "data": {...},      # every number behind the table, in base units (ns, bytes, req/s)
       "date": "...", "seconds": 12.3,
     }
+
+A target (:func:`target`) carries the measured value, the comparison and the threshold; whether
+it is met is computed from them (:func:`target_met`), again when the report is rendered, so no
+verdict is ever written by hand. A target with no threshold (``"met": None``) is shown as n/a.
 
 ``RESULTS.md`` is rendered from ``results.json`` alone, so re-running one figure
 (``python -m benchmarks --only 5``) keeps the others and regenerates the whole report.
@@ -27,7 +32,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Literal
 
 PACKAGES = (
     "gatemetrics",
@@ -39,6 +44,50 @@ PACKAGES = (
     "uvicorn",
     "uvicorn-worker",
 )
+
+
+Comparison = Literal[">=", "<=", "<", ">"]
+_COMPARE = {
+    ">=": lambda v, t: v >= t,
+    "<=": lambda v, t: v <= t,
+    ">": lambda v, t: v > t,
+    "<": lambda v, t: v < t,
+}
+
+
+def target(
+    text: str, *, measured: str, value: float | None, op: Comparison, threshold: float
+) -> dict[str, Any]:
+    """A target: met when ``value op threshold`` (never when nothing was measured)."""
+    if op not in _COMPARE:
+        raise ValueError(f"op must be one of {sorted(_COMPARE)}, not {op!r}")
+    doc: dict[str, Any] = {
+        "text": text,
+        "measured": measured,
+        "value": value,
+        "op": op,
+        "threshold": threshold,
+    }
+    doc["met"] = target_met(doc)
+    return doc
+
+
+def target_met(t: Mapping[str, Any]) -> bool | None:
+    """Whether a target is met, from its value and threshold; its ``met`` if it has none."""
+    if "op" not in t:
+        met = t.get("met")
+        return met if isinstance(met, bool) else None
+    value = t.get("value")
+    if value is None:
+        return False
+    return bool(_COMPARE[t["op"]](float(value), float(t["threshold"])))
+
+
+def figure_tables(figure: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A figure's tables: its ``tables``, or its one ``table``."""
+    if "tables" in figure:
+        return list(figure["tables"])
+    return [figure["table"]]
 
 
 def now_utc() -> str:
@@ -184,15 +233,17 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "",
     ]
     target_rows = [
-        [f"{f['number']}. {f['title']}", t["text"], t["measured"], _met(t.get("met"))]
+        [f"{f['number']}. {f['title']}", t["text"], t["measured"], _met(target_met(t))]
         for f in figures
         for t in f.get("targets", [])
     ]
     out += [markdown_table(["figure", "target", "measured", ""], target_rows), ""]
     for f in figures:
         out += [f"## {f['number']}. {f['title']}", "", f["method"], ""]
-        table = f["table"]
-        out += [markdown_table(table["header"], table["rows"]), ""]
+        for table in figure_tables(f):
+            if table.get("caption"):
+                out += [f"**{table['caption']}**", ""]
+            out += [markdown_table(table["header"], table["rows"]), ""]
         for note in f.get("notes", []):
             out += [f"- {note}"]
         if f.get("notes"):

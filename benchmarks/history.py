@@ -3,9 +3,10 @@
 Each side gets the directory its design leaves behind after N worker lifetimes (see
 :mod:`benchmarks._populate`), plus 4 live workers:
 
-* gatemetrics: N dead shards, compacted once into ``archive.json`` (as the cron, or gunicorn's
-  ``child_exit``, does), and 4 live shards owned by another process. Timed: a read-only
-  ``aggregate_dir`` and its Prometheus rendering, what ``GET /metrics`` or one cron run does.
+* gatemetrics: N dead shards, compacted every 100 deaths into the archive (as the cron, or
+  gunicorn's ``child_exit``, does), and 4 live shards owned by another process (stores bound to
+  the directory). Timed: a read-only ``aggregate_dir`` and its Prometheus rendering, what
+  ``GET /metrics`` or one cron run does.
 * prometheus_client 0.26: N + 4 ``counter_<pid>.db`` files (its multiprocess mode never removes
   them). Timed: ``MultiProcessCollector`` + ``generate_latest``, what its ``/metrics`` does.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,7 @@ from benchmarks._populate import (
     PROMETHEUS_WORKER_DECISIONS,
     LiveOwners,
     disk_usage,
+    link_all,
     our_lifetimes,
     prometheus_lifetimes,
     prometheus_template,
@@ -54,23 +57,31 @@ def _decision_total(exposition: str, name: str) -> float:
     return total
 
 
-def _link_batches(src: Path, dst: Path, batch: int, compact: Callable[[Path], object]) -> None:
-    """Move ``src``'s dead shards into ``dst`` ``batch`` incarnations at a time (hard links, so
-    ``src`` keeps them), compacting ``dst`` after each batch: workers dying between cron runs."""
-    from gatemetrics.shards import parse_shard_name
+def _lifetimes_in_batches(
+    staging: Path,
+    once: Path,
+    steady: Path,
+    n: int,
+    *,
+    batch: int,
+    compact: Callable[[Path], object],
+) -> int:
+    """``n`` dead lifetimes into both ``once`` and ``steady``, ``batch`` at a time, compacting
+    ``steady`` after each batch: workers dying between cron runs. Returns the decisions counted.
 
-    by_inc: dict[str, list[str]] = {}
-    for name in sorted(os.listdir(src)):
-        parsed = parse_shard_name(name)
-        if parsed is not None:
-            by_inc.setdefault(parsed[0], []).append(name)
-    dst.mkdir()
-    incs = sorted(by_inc)
-    for i in range(0, len(incs), batch):
-        for inc in incs[i : i + batch]:
-            for name in by_inc[inc]:
-                os.link(src / name, dst / name)
-        compact(dst)
+    Each batch is made in a staging directory of its own and hard-linked into both, so the two
+    hold the same files without anything here knowing the engine's file names.
+    """
+    decisions = 0
+    once.mkdir()
+    steady.mkdir()
+    for start in range(0, n, batch):
+        part = staging / str(start)
+        decisions += our_lifetimes(part, min(batch, n - start), first_pid=100_000 + start)
+        link_all(part, once, steady)
+        shutil.rmtree(part)
+        compact(steady)
+    return decisions
 
 
 def run(ctx: Context) -> dict[str, Any]:  # noqa: PLR0915 - one figure, told in order
@@ -97,8 +108,9 @@ def run(ctx: Context) -> dict[str, Any]:  # noqa: PLR0915 - one figure, told in 
         once_dir = ctx.tmp / f"ours-once-{n}"
         steady_dir = ctx.tmp / f"ours-steady-{n}"
         start = time.perf_counter()
-        decisions = our_lifetimes(once_dir, n)
-        _link_batches(once_dir, steady_dir, CRON_BATCH, compact)
+        decisions = _lifetimes_in_batches(
+            ctx.tmp / f"staging-{n}", once_dir, steady_dir, n, batch=CRON_BATCH, compact=compact
+        )
         setup_s = time.perf_counter() - start
         prometheus_lifetimes(theirs_dir, template, range(1000 + theirs_made, 1000 + n))
         theirs_made = n
