@@ -67,7 +67,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "status",
         help="show the shards of a directory, their owners and totals",
         description="A readable table of a shard directory: live and dead shards, the age of "
-        "each shard's last save, the archive, quarantined files and totals. Changes nothing.",
+        "each shard's last save, its format (v2, or v1 of the previous release), the archive, "
+        "quarantined files and totals. Changes nothing.",
     )
     _add_dir_options(status)
 
@@ -355,7 +356,7 @@ def format_status(result: Aggregate, *, now: float) -> str:
         f" ({pending} waiting for compaction), {result.quarantine_entries} kept in quarantine/"
     )
     out("")
-    header = ("STATE", "PID", "HOST", "GEN", "LAST SAVE", "COUNT", "FILE")
+    header = ("STATE", "PID", "HOST", "GEN", "LAST SAVE", "COUNT", "FORMAT", "FILE")
     rows: list[tuple[str, ...]] = []
     for s in result.shards:
         total = "-" if s.counts is None else str(sum(s.counts))
@@ -371,6 +372,7 @@ def format_status(result: Aggregate, *, now: float) -> str:
                 "-" if s.generation is None else str(s.generation),
                 _age(None if s.saved_at is None else now - s.saved_at),
                 total,
+                "-" if s.format is None else f"v{s.format}",
                 s.name if s.problem is None else f"{s.name}  ({s.problem})",
             )
         )

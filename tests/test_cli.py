@@ -17,7 +17,10 @@ import orjson
 import pytest
 from filelock import FileLock
 
-from backend.app.testing.gate_metrics import GateMetricStore
+from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
+from gatemetrics import shard_for
+from gatemetrics._format import parse_name, v1_names
+from gatemetrics.shards import new_identity
 from tests.conftest import require_tool
 from tests.exposition_parser import parse
 from tests.processes import ROOT, Reaper, read_line, wait_until
@@ -40,6 +43,31 @@ def run_cli(
         env={**base, **(env or {})},
         umask=umask,
     )
+
+
+def v1_shard(directory: Path, allows: int = 1) -> str:
+    """A dead shard as the previous release wrote it (``shard-<inc>.json``, no lock file left:
+    its owner is gone); returns its file name."""
+    ident = new_identity()
+    store = GateMetricStore()
+    for _ in range(allows):
+        store.record_decision(True)
+    counts = store.snapshot().to_dict()  # families plus store_generation/store_start_timestamp
+    doc = {
+        "format": "gatemetrics-shard",
+        "version": 1,
+        "incarnation": ident.incarnation,
+        "pid": ident.pid,
+        "host": ident.host,
+        "started_at": ident.started_at,
+        "generation": 1,
+        "saved_at": ident.started_at,
+        "counts": counts,
+    }
+    name = v1_names(ident.incarnation)[0]
+    (directory / name).write_bytes(orjson.dumps(doc))
+    assert GATE_SCHEMA.parse_counts(counts) == list(store.snapshot().counts)
+    return name
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -152,8 +180,10 @@ def test_aggregate_prints_the_merged_exposition_and_compacts(
     assert families["release_gate_shards"].kind == "gauge"
     assert families["release_gate_shards"].samples == {("state", "live"): 1, ("state", "dead"): 2}
     assert families["release_gate_quarantined_shards_total"].samples == {None: 0}
-    shards = [p for p in os.listdir(shard_dir) if p.endswith(".json") and p.startswith("shard-")]
-    assert len(shards) == 1  # only the live one is left
+    live = shard_for(live_store, shard_dir).path
+    assert live is not None
+    shard_files = [p for p in os.listdir(shard_dir) if parse_name(p) is not None]
+    assert shard_files == [os.path.basename(live)]  # only the live one is left
     again = run_cli("aggregate", "--dir", str(shard_dir))
     assert again.stdout.replace('{state="dead"} 0', "") != ""
     assert parse(again.stdout)["release_gate_decision_total"].samples == (
@@ -368,12 +398,34 @@ def test_status_is_a_readable_table_and_changes_nothing(
     assert re.search(r"archive +2 dead incarnations absorbed, last compaction \d+\.\ds ago", out)
     assert "shards      1 live, 1 dead" in out
     assert "1 quarantined in total (1 waiting for compaction)" in out
-    assert re.search(rf"^live +{os.getpid()} +\S+ +1 +\d+\.\ds ago +3 +shard-", out, re.M)
-    assert re.search(r"^dead +\d+ +\S+ +1 +\d+\.\ds ago +4 +shard-", out, re.M)
-    assert "QUARANTINE" in out
-    assert "shard-junk.json  (not a shard file name)" in out
+    header = r"^STATE +PID +HOST +GEN +LAST SAVE +COUNT +FORMAT +FILE$"
+    assert re.search(header, out, re.M)
+    assert re.search(
+        rf"^live +{os.getpid()} +\S+ +1 +\d+\.\ds ago +3 +v2 +v2-\S+\.shard$", out, re.M
+    )
+    assert re.search(r"^dead +\d+ +\S+ +1 +\d+\.\ds ago +4 +v2 +v2-\S+\.shard$", out, re.M)
+    assert re.search(r"^QUARANTINE +- +- +- +- +- +- +shard-junk\.json  \(not a shard", out, re.M)
     assert re.search(r'release_gate_decision_total\{decision="ALLOW"\} +9', out)
     assert {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()} == before
+
+
+def test_status_shows_the_format_of_v1_and_v2_shards(
+    shard_dir: Path, live_store: GateMetricStore
+) -> None:
+    old = v1_shard(shard_dir, allows=6)  # a dead worker of the previous release
+    result = run_cli("status", "--dir", str(shard_dir))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "shards      1 live, 3 dead" in out
+    assert re.search(rf"^dead +\d+ +\S+ +1 +\d+\.\ds ago +6 +v1 +{re.escape(old)}$", out, re.M)
+    assert len(re.findall(r"^dead .* v2 +v2-\S+\.shard$", out, re.M)) == 2
+    assert re.search(rf"^live +{os.getpid()} .* v2 +v2-\S+\.shard$", out, re.M)
+    assert re.search(r'release_gate_decision_total\{decision="ALLOW"\} +11', out)
+    # Compaction absorbs the v1 shard like a v2 one; the counts stay.
+    result = run_cli("aggregate", "--dir", str(shard_dir), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["decision_counts"] == {"ALLOW": 11, "DENY": 2}
+    assert not (shard_dir / old).exists()
 
 
 def test_status_of_an_empty_directory(tmp_path: Path) -> None:

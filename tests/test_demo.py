@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from backend.app.demo import Check, _check, _plan, _series, run_demo
+from backend.app.demo import Check, _check, _plan, _series, _shard_files, run_demo
 from backend.app.testing.audit import InMemoryAuditLog
 from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import ReleaseGate
@@ -74,7 +74,7 @@ def test_run_demo_kills_recycles_and_reports_exact_counts() -> None:
     assert "progress" in text
     assert re.search(r"audit log entries: (\d+) \(one per returned check: yes\)", text)
     # Compaction left no shard files behind: every worker is dead by now.
-    assert "(0 shard files)" in text
+    assert "directory after compaction: aggregate.lock, archive.json (0 shard files)" in text
     exposition = "".join(
         line + "\n" for line in text.splitlines() if line.startswith(("#", "release_"))
     )
@@ -87,3 +87,12 @@ def test_run_demo_kills_recycles_and_reports_exact_counts() -> None:
 def test_run_demo_needs_two_workers() -> None:
     with pytest.raises(ValueError, match="at least 2 workers"):
         run_demo(decisions=10, workers=1, out=io.StringIO())
+
+
+def test_the_summary_counts_shard_files_of_both_formats() -> None:
+    inc = "0a1b2c3d-42-18ebf5946eb0ba90-7a033879b067252c"
+    v2 = [f"v2-{inc}.shard", f"v2-{inc}.creating"]
+    v1 = [f"shard-{inc}.json", f"shard-{inc}.lock", f"shard-{inc}.tmp"]
+    other = ["aggregate.lock", "archive.json", "archive.json.tmp", "quarantine", "v2-junk.shard"]
+    assert _shard_files(v2 + v1 + other) == 5
+    assert _shard_files(other) == 0

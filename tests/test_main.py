@@ -8,6 +8,7 @@ the app under a real gunicorn).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
@@ -24,11 +25,12 @@ from filelock import FileLock
 from backend.app.main import MAX_BODY_BYTES, ReleaseGateApp, Settings, create_app
 from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import ReleaseGate
+from gatemetrics._format import parse_name
 from gatemetrics.aggregate import LOCK_NAME
 from gatemetrics.shards import Durability
 from tests.conftest import GATE_APP_CLOCK_MS, run_python
 from tests.exposition_parser import parse
-from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES
+from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, is_locked
 
 pytestmark = pytest.mark.anyio
 
@@ -217,8 +219,14 @@ async def test_lifespan_startup_binds_a_shard_and_shutdown_releases_it(
 ) -> None:
     assert await lifespan(gate_app, "startup") == [{"type": "lifespan.startup.complete"}]
     assert gate_app.started
-    # The lifetime lock is taken at startup; the audit log exists (probed), empty.
-    assert [name for name in dir_names(gate_app.settings.metrics_dir) if name.endswith(".lock")]
+    # The shard is created at startup and its owner holds an flock on it for life; the audit
+    # log exists (probed), empty.
+    metrics_dir = Path(gate_app.settings.metrics_dir)
+    owned = [(n, p[1]) for n in dir_names(metrics_dir) if (p := parse_name(n)) is not None]
+    assert len(owned) == 1
+    ((shard_name, kind),) = owned
+    assert kind == "v2"
+    assert is_locked(metrics_dir / shard_name)
     assert os.path.basename(gate_app.settings.audit_log) in dir_names(tmp_path)
     assert audit_lines(gate_app) == []
     assert (await Client(gate_app).check({"verdict": "release_ok", "reasons": []})).status == 200
@@ -229,6 +237,7 @@ async def test_lifespan_startup_binds_a_shard_and_shutdown_releases_it(
     assert not gate_app.started
     dead = GateMetricStore.load_from_dir(gate_app.settings.metrics_dir).aggregate
     assert (dead.live, dead.dead) == (0, 1)  # saved and released: the aggregator may absorb it
+    assert not is_locked(metrics_dir / shard_name)
     assert counts(gate_app)["decisions"] == {"ALLOW": 1, "DENY": 0}
 
 
@@ -325,35 +334,84 @@ def test_settings_refuse_to_guess_without_a_home(monkeypatch: pytest.MonkeyPatch
     )
 
 
-def test_settings_default_to_write_through_with_full_durability() -> None:
-    settings = Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"})
+def test_settings_default_to_write_through_with_process_crash_durability(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        settings = Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"})
     assert (settings.persistence, settings.save_interval, settings.durability) == (
         "write-through",
         5.0,
-        Durability.FULL,
+        Durability.PROCESS_CRASH,
     )
+    assert Settings("/a", "/b").durability is Durability.PROCESS_CRASH
     # Empty values count as unset, like the path variables.
     empty = {"GATEMETRICS_PERSISTENCE": "", "GATEMETRICS_DURABILITY": ""}
-    assert Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"} | empty) == (
-        settings
-    )
+    with caplog.at_level(logging.WARNING):
+        assert Settings.from_env(
+            {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"} | empty
+        ) == (settings)
+    assert caplog.records == []  # nothing deprecated was used
 
 
-def test_settings_read_persistence_interval_and_durability() -> None:
-    settings = Settings.from_env(
-        {
-            "GATEMETRICS_DIR": "/a",
-            "RELEASE_GATE_AUDIT_LOG": "/b",
-            "GATEMETRICS_PERSISTENCE": "periodic",
-            "GATEMETRICS_SAVE_INTERVAL": "2.5",
-            "GATEMETRICS_DURABILITY": "none",
-        }
-    )
+def test_settings_read_persistence_interval_and_durability(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        settings = Settings.from_env(
+            {
+                "GATEMETRICS_DIR": "/a",
+                "RELEASE_GATE_AUDIT_LOG": "/b",
+                "GATEMETRICS_PERSISTENCE": "periodic",
+                "GATEMETRICS_SAVE_INTERVAL": "2.5",
+                "GATEMETRICS_DURABILITY": "power-loss",
+            }
+        )
     assert (settings.persistence, settings.save_interval, settings.durability) == (
         "periodic",
         2.5,
-        Durability.NONE,
+        Durability.POWER_LOSS,
     )
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("legacy", "new"),
+    [
+        ("none", Durability.PROCESS_CRASH),
+        ("file", Durability.POWER_LOSS),
+        ("full", Durability.POWER_LOSS),
+    ],
+)
+def test_settings_accept_the_previous_durability_names_with_one_warning_line(
+    legacy: str, new: Durability, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"}
+    # Logged (operators read logs), not a DeprecationWarning: pytest turns warnings into errors
+    # here, so this also checks that none is raised.
+    with caplog.at_level(logging.WARNING):
+        settings = Settings.from_env(env | {"GATEMETRICS_DURABILITY": legacy})
+    assert settings.durability is new
+    assert settings == Settings.from_env(env | {"GATEMETRICS_DURABILITY": new.value})
+    record = caplog.records[0]  # the first from_env call's; the second used the new name
+    assert (record.name, record.levelno) == ("backend.app.main", logging.WARNING)
+    message = record.getMessage()
+    assert "\n" not in message
+    assert "GATEMETRICS_DURABILITY" in message
+    assert f"{legacy!r}" in message
+    assert "deprecated" in message
+    assert f"it now means {new.value!r}" in message
+    assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("value", ["FULL", "fsync", "power_loss", "Process-Crash", "sync"])
+def test_settings_refuse_an_unknown_durability_listing_the_choices(value: str) -> None:
+    env = {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b", "GATEMETRICS_DURABILITY": value}
+    with pytest.raises(ValueError, match="GATEMETRICS_DURABILITY") as info:
+        Settings.from_env(env)
+    assert "process-crash" in str(info.value)
+    assert "power-loss" in str(info.value)
+    assert repr(value) in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -383,7 +441,7 @@ async def test_periodic_persistence_saves_off_the_request_path(tmp_path: Path) -
         str(tmp_path / "audit.jsonl"),
         persistence="periodic",
         save_interval=0.05,
-        durability=Durability.NONE,
+        durability=Durability.PROCESS_CRASH,
     )
     app = create_app(settings)
     assert await lifespan(app, "startup") == [{"type": "lifespan.startup.complete"}]

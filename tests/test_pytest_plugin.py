@@ -39,6 +39,7 @@ import os
 import pytest
 
 from gatemetrics import CounterStore, asave
+from gatemetrics._format import parse_name
 
 SEEN = []
 
@@ -62,18 +63,25 @@ def test_sync_store_is_bound_write_through(gatemetrics_store, gatemetrics_aggreg
     assert 'gatemetrics_shards{state="live"} 1' in result.render_prometheus()
 
 
+def shard_files(directory):
+    return [p for p in os.listdir(directory) if (parse_name(p) or ("", ""))[1] == "v2"]
+
+
 def test_first_of_two_isolated_tests(gatemetrics_store, gatemetrics_dir, gatemetrics_aggregate):
     gatemetrics_store.increment("jobs", "b", 5)
     assert gatemetrics_aggregate().snapshot().family("jobs") == {"a": 0, "b": 5}
+    shards = shard_files(gatemetrics_dir)
+    assert len(shards) == 1
+    assert locked(gatemetrics_dir / shards[0])  # the bound store's owner holds its shard
     SEEN.append(gatemetrics_dir)
 
 
 def test_second_sees_nothing_of_the_first(gatemetrics_dir, gatemetrics_aggregate):
     assert gatemetrics_dir != SEEN[0]
     assert gatemetrics_aggregate().snapshot().family("jobs") == {"a": 0, "b": 0}
-    locks = [p for p in os.listdir(SEEN[0]) if p.endswith(".lock") and p.startswith("shard-")]
-    assert locks
-    assert not any(locked(SEEN[0] / p) for p in locks)  # teardown released the lock
+    shards = shard_files(SEEN[0])
+    assert len(shards) == 1
+    assert not locked(SEEN[0] / shards[0])  # teardown released the shard's lifetime lock
 
 
 @pytest.mark.asyncio

@@ -39,6 +39,7 @@ from backend.app.testing.release_policy import (
     ReleasePolicyResult,
     ReleaseVerdict,
 )
+from gatemetrics._format import parse_name
 from gatemetrics.aggregate import Aggregate, aggregate_dir
 
 __all__ = ["run_demo"]
@@ -312,6 +313,12 @@ def run_demo(*, decisions: int = 2000, workers: int = 4, seed: int = 7, out: Tex
         return _summary(demo, final, files, audited, out)
 
 
+def _shard_files(names: list[str]) -> int:
+    """How many of ``names`` are shard files of either format (shards, v1 lock and temp files,
+    v2 shards being created)."""
+    return sum(1 for name in names if parse_name(name) is not None)
+
+
 def _summary(demo: _Demo, final: Aggregate, files: list[str], audited: int, out: TextIO) -> int:
     expected: Counter[str] = Counter()
     for slot in demo.slots:
@@ -327,7 +334,7 @@ def _summary(demo: _Demo, final: Aggregate, files: list[str], audited: int, out:
         f" {demo.aggregations} aggregations (never decreasing), {demo.compactions} compactions",
         file=out,
     )
-    shards = sum(1 for f in files if f.endswith(".json") and f.startswith("shard-"))
+    shards = _shard_files(files)
     print(f"  directory after compaction: {', '.join(files)} ({shards} shard files)", file=out)
     print(f"  {'series':<28} {'expected':>9} {'counted':>9}", file=out)
     ok = True

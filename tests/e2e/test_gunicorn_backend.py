@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from gatemetrics._format import parse_name
 from tests.e2e.conftest import StartGunicorn
 from tests.e2e.servers import GunicornServer, request
 from tests.exposition_parser import parse
@@ -48,6 +49,7 @@ from tests.monitoring_tools import (
     rules_by_alert,
     wait_until,
 )
+from tests.shard_tools import is_locked
 
 pytestmark = pytest.mark.e2e
 
@@ -260,7 +262,7 @@ class Cron:
 
     def aggregate(self) -> dict[str, int]:
         """One run of the aggregator CLI; the totals it wrote."""
-        self.most_shards = max(self.most_shards, shard_files(self.directory)["json"])
+        self.most_shards = max(self.most_shards, shard_files(self.directory)["v2"])
         proc = subprocess.run(self.command, capture_output=True, text=True, timeout=60, check=False)
         self.runs += 1
         if proc.returncode != 0:
@@ -316,14 +318,22 @@ class Cron:
 
 
 def shard_files(directory: Path) -> Counter[str]:
-    """Files of a shard directory by kind: json (shards), lock, tmp, other."""
+    """Files of a shard directory by kind (``gatemetrics._format.parse_name``: v2 shards,
+    v2-creating, and the previous release's v1, v1-lock, v1-tmp); other files by name."""
     kinds: Counter[str] = Counter()
     for path in directory.iterdir():
-        if path.name.startswith("shard-"):
-            kinds[path.suffix.lstrip(".")] += 1
-        else:
-            kinds[path.name] += 1
+        parsed = parse_name(path.name)
+        kinds[path.name if parsed is None else parsed[1]] += 1
     return kinds
+
+
+def locked_shards(directory: Path) -> int:
+    """How many v2 shards of ``directory`` a live owner holds the flock of."""
+    return sum(
+        1
+        for path in directory.iterdir()
+        if (parsed := parse_name(path.name)) is not None and parsed[1] == "v2" and is_locked(path)
+    )
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:
@@ -553,16 +563,16 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         # What compaction left are live workers' shards only (the gauge counts before it).
         incarnations = len({e["pid"] for e in entries})  # workers that decided something
         assert incarnations >= 3 * WORKERS
-        assert after["json"] <= WORKERS, after
-        assert after["lock"] <= WORKERS, after  # dead workers' lock files are gone too
-        assert after["tmp"] == 0, after
+        assert after["v2"] <= WORKERS, after
+        assert after["v2-creating"] == 0, after  # no creator's orphan is left either
+        assert after["v1"] + after["v1-lock"] + after["v1-tmp"] == 0, after  # never written
         # The gauge counts what the last aggregation found before it compacted. A worker that
         # a health check pushed past its limit may exit after that scan: files only go away
         # then (no request makes a new shard), so what is left is at most what was found.
         gauge = prometheus_totals(stack, ["release_gate_shards"])
         found_live = gauge['release_gate_shards{state="live"}']
         assert found_live <= WORKERS
-        assert after["json"] <= found_live + gauge['release_gate_shards{state="dead"}']
+        assert after["v2"] <= found_live + gauge['release_gate_shards{state="dead"}']
         # The backend's own /metrics reads the same directory: the same counts. (A GET is safe
         # to retry, should it land on a worker that a health check just pushed to recycle.)
         resp = wait_until(
@@ -590,7 +600,8 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         assert server.stop() == 0
         stopped = cron.aggregate()
         assert only_gate(stopped) == only_gate(final)
-        assert shard_files(shards)["json"] == 0
+        assert shard_files(shards)["v2"] == 0
+        assert shard_files(shards)["v2-creating"] == 0
         assert (shards / "archive.json").exists()
         assert list(home.iterdir()) == []  # no ~/.gunicorn control socket
 
@@ -641,8 +652,9 @@ def test_without_preload_every_worker_builds_its_own_state(
         {"GATEMETRICS_DIR": str(shards), "RELEASE_GATE_AUDIT_LOG": str(audit), "HOME": str(home)},
     )
     server.wait_ready(2)
-    # Both workers bound a shard of their own at startup (one lifetime lock each).
-    wait_until(lambda: shard_files(shards)["lock"] == 2, timeout=30, what="a shard lock per worker")
+    # Both workers bound a shard of their own at startup, each holding its shard's flock.
+    wait_until(lambda: locked_shards(shards) == 2, timeout=30, what="a locked shard per worker")
+    assert shard_files(shards)["v2"] == 2
     body = b'{"verdict": "release_hold", "reasons": ["TIER_FAIL"]}'
     replies = [
         request(
@@ -664,7 +676,7 @@ def test_without_preload_every_worker_builds_its_own_state(
     assert server.stop() == 0
     stopped = aggregate_json(shards)
     assert stopped["decision_counts"] == live["decision_counts"]
-    assert shard_files(shards)["json"] == 0  # every worker's shard folded into the archive
+    assert shard_files(shards)["v2"] == 0  # every worker's shard folded into the archive
     # No control socket: gunicorn 27 would otherwise create ~/.gunicorn.
     assert list(home.iterdir()) == []
 
