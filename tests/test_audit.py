@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import signal
 import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from filelock import FileLock
 from backend.app.testing.audit import InMemoryAuditLog, JsonlAuditLog
 from gatemetrics.errors import LockTimeoutError
 from tests.conftest import run_python
+from tests.processes import Reaper, read_line, wait_until
+from tests.shard_tools import in_forked_child
 
 
 def entry(**fields: Any) -> Any:
@@ -124,6 +129,8 @@ def test_in_memory_log_is_thread_safe() -> None:
         (("/tmp/a.jsonl",), {"lock_timeout": float("nan")}, ValueError),
         (("/tmp/a.jsonl",), {"lock_timeout": "5"}, TypeError),
         (("/tmp/a.jsonl",), {"lock_timeout": True}, TypeError),
+        (("/tmp/a.jsonl",), {"group_commit": 1}, TypeError),
+        (("/tmp/a.jsonl",), {"group_commit": "yes"}, TypeError),
     ],
 )
 def test_jsonl_log_rejects_bad_configuration(
@@ -209,7 +216,7 @@ WRITER = r"""
 import os, sys
 from backend.app.testing.audit import JsonlAuditLog
 path, name, count, pad = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-log = JsonlAuditLog(path, lock_timeout=60)
+log = JsonlAuditLog(path, lock_timeout=60, group_commit=sys.argv[5] == "group")
 def entry(writer, seq):
     return {"writer": writer, "seq": seq, "pid": os.getpid(), "pad": "x" * (pad + seq % 7)}
 log.record(entry(name + "/pre-fork", 0))
@@ -231,12 +238,13 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def test_processes_writing_at_once_lose_and_interleave_no_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["group", "alone"])
+def test_processes_writing_at_once_lose_and_interleave_no_line(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "audit.jsonl"
     count, pad, writers = 120, 5000, 3
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(path), f"w{i}", str(count), str(pad)],
+            [sys.executable, "-c", WRITER, str(path), f"w{i}", str(count), str(pad), mode],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -418,3 +426,612 @@ def test_threads_queued_behind_a_stuck_lock_time_out_too(tmp_path: Path) -> None
     assert len(errors) == 3
     assert all(isinstance(e, LockTimeoutError) for e in errors)
     assert path.read_bytes() == b""
+
+
+def test_the_log_is_locked_through_its_own_descriptor_too(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=0.2)
+    log.record(entry(ts_ms=1))
+    os.unlink(f"{path}.lock")  # lost to a cleanup: exclusion still rests on the log itself
+    holder = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another writer, on the log's own flock
+        with pytest.raises(LockTimeoutError) as info:
+            log.record(entry(ts_ms=2))
+        assert info.value.path == str(path)
+    finally:
+        os.close(holder)
+    log.record(entry(ts_ms=3))
+    assert [orjson.loads(line)["ts_ms"] for line in read_lines(path)] == [1, 3]
+    assert (tmp_path / "audit.jsonl.lock").exists()  # recreated: earlier versions still use it
+
+
+# -- JsonlAuditLog: group commit -------------------------------------------------------------
+#
+# Some tests below wrap os.fsync (and os.write) with monkeypatch. The wrappers still call the
+# real function unless a test says otherwise; they exist to count calls, to hold a sync open
+# until other callers have queued behind it, or to make one fail: a real fsync cannot be made
+# to block or fail on demand on this machine's file systems.
+
+
+def queued(log: JsonlAuditLog) -> int:
+    """How many callers wait for the next batch of ``log`` in this process (private state)."""
+    return len(log._state.pending)
+
+
+def start_record(
+    log: JsonlAuditLog, e: Any, outcomes: dict[int, BaseException | None], key: int
+) -> threading.Thread:
+    """Record ``e`` on a new thread; ``outcomes[key]`` becomes None or the exception raised."""
+
+    def run() -> None:
+        try:
+            log.record(e)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            outcomes[key] = exc
+        else:
+            outcomes[key] = None
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def first_sync_waits_for(
+    log: JsonlAuditLog, followers: int, then: Callable[[int, int], None] | None = None
+) -> tuple[Callable[[int], None], threading.Event, list[int]]:
+    """An os.fsync wrapper whose first call waits until ``followers`` callers queued behind it.
+
+    Later calls run ``then(call_number, fd)`` if given (which may block or raise), else the
+    real fsync. Returns the wrapper, an event set when the first call starts, and the list of
+    fds synced so far.
+    """
+    real_fsync = os.fsync
+    entered = threading.Event()
+    calls: list[int] = []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            entered.set()
+            wait_until(lambda: queued(log) == followers, timeout=30, interval=0.001)
+        elif then is not None:
+            then(len(calls), fd)
+            return
+        real_fsync(fd)
+
+    return fsync, entered, calls
+
+
+def line_offsets(path: Path) -> dict[int, dict[str, Any]]:
+    """Every line of the log by the byte offset where it starts."""
+    data = path.read_bytes()
+    offsets: dict[int, dict[str, Any]] = {}
+    position = 0
+    for line in data.splitlines(keepends=True):
+        offsets[position] = orjson.loads(line)
+        position += len(line)
+    return offsets
+
+
+def test_callers_queued_behind_a_sync_share_one_write_and_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=30)
+    followers = 6
+    fsync, in_first_sync, syncs = first_sync_waits_for(log, followers)
+    real_write = os.write
+    writes: list[bytes] = []
+
+    def write(fd: int, data: Any) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "write", write)
+    outcomes: dict[int, BaseException | None] = {}
+    threads = [start_record(log, entry(writer=0), outcomes, 0)]
+    assert in_first_sync.wait(30)
+    threads += [start_record(log, entry(writer=w), outcomes, w) for w in range(1, followers + 1)]
+    for t in threads:
+        t.join(timeout=60)
+    assert outcomes == dict.fromkeys(range(followers + 1))  # every record returned
+    assert len(syncs) == 2  # the first caller's, then one for the six queued behind it
+    assert len(writes) == 2
+    assert writes[0] == orjson.dumps(entry(writer=0)) + b"\n"
+    assert writes[1].count(b"\n") == followers  # their lines in one write
+    got = sorted(orjson.loads(line)["writer"] for line in read_lines(path))
+    assert got == list(range(followers + 1))
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_many_threads_share_fsyncs_and_every_line_parses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group_commit: bool
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=60, group_commit=group_commit)
+    real_fsync = os.fsync
+    syncs: list[int] = []
+
+    def counting_fsync(fd: int) -> None:
+        syncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    writers, count = 8, 40
+    barrier = threading.Barrier(writers)
+    returned: list[int] = []
+
+    def work(writer: int) -> None:
+        barrier.wait()
+        for seq in range(count):
+            log.record(entry(writer=writer, seq=seq, pad="g" * 500))
+        returned.append(writer)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert sorted(returned) == list(range(writers))
+    got = sorted((e["writer"], e["seq"]) for e in map(orjson.loads, read_lines(path)))
+    assert got == [(w, s) for w in range(writers) for s in range(count)]
+    if group_commit:
+        assert len(syncs) <= writers * count // 2, len(syncs)  # shared: far fewer than records
+    else:
+        assert len(syncs) == writers * count  # one per record
+
+
+THREADED_WRITER = r"""
+import os, sys, threading
+from backend.app.testing.audit import JsonlAuditLog
+path, name, threads, count, pad = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+log = JsonlAuditLog(path, lock_timeout=60)
+print("ready", flush=True)
+sys.stdin.readline()
+failed = []
+def work(thread):
+    try:
+        for seq in range(count):
+            log.record({"writer": f"{name}/{thread}", "seq": seq, "pad": "z" * (pad + seq % 5)})
+    except BaseException as exc:
+        failed.append(repr(exc))
+workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+print(failed or "done", flush=True)
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_processes_with_many_threads_group_commit_every_line(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    procs, threads, count, pad = 3, 4, 60, 5000  # lines bigger than PIPE_BUF
+    children = [
+        reaper.python(
+            THREADED_WRITER, str(path), f"p{i}", str(threads), str(count), str(pad), stdin=True
+        )
+        for i in range(procs)
+    ]
+    for child in children:
+        assert read_line(child) == "ready"
+    for child in children:  # all start appending at once
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    for child in children:
+        assert read_line(child, timeout=90) == "done"
+        assert child.wait(timeout=30) == 0
+    entries = [orjson.loads(line) for line in read_lines(path)]
+    assert len(entries) == procs * threads * count
+    seen: dict[str, list[int]] = {}
+    for e in entries:
+        assert e["pad"] == "z" * (pad + e["seq"] % 5)
+        seen.setdefault(e["writer"], []).append(e["seq"])
+    expected = {f"p{p}/{t}" for p in range(procs) for t in range(threads)}
+    assert set(seen) == expected
+    assert all(seqs == list(range(count)) for seqs in seen.values())  # each thread's order kept
+
+
+ENDLESS_WRITER = r"""
+import threading
+from backend.app.testing.audit import JsonlAuditLog
+log = JsonlAuditLog(sys.argv[1], lock_timeout=60)
+log.record({"writer": "first", "pad": ""})
+print("writing", flush=True)
+def work(thread):
+    seq = 0
+    while True:
+        log.record({"writer": thread, "seq": seq, "pad": "k" * 300_000})
+        seq += 1
+workers = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(3)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+"""
+
+
+def test_a_writer_killed_mid_run_leaves_at_most_one_torn_line(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    writer = reaper.python(ENDLESS_WRITER, str(path))
+    assert read_line(writer) == "writing"
+    wait_until(lambda: path.stat().st_size > 8_000_000, timeout=60)
+    os.kill(writer.pid, signal.SIGKILL)
+    assert writer.wait(timeout=30) == -signal.SIGKILL
+    *complete, tail = path.read_bytes().split(b"\n")
+    assert len(complete) > 1
+    assert all(orjson.loads(line) for line in complete)  # every finished line parses
+    JsonlAuditLog(path).record(entry(ts_ms=99))
+    # At most one torn line, the one the kill cut (if it cut one), and the next append on a
+    # fresh line of its own.
+    torn = [tail] if tail else []
+    assert read_lines(path) == [*complete, *torn, orjson.dumps(entry(ts_ms=99))]
+
+
+PARTIAL_BATCH = r"""
+import errno, json, os, resource, signal, sys, threading, time
+from backend.app.testing.audit import JsonlAuditLog
+path, queued = sys.argv[1], int(sys.argv[2])
+log = JsonlAuditLog(path, lock_timeout=30)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death past RLIMIT_FSIZE
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+real_fsync = os.fsync
+in_first_sync = threading.Event()
+syncs = []
+def fsync(fd):
+    # Wrapped to hold the first caller's sync until the others queued behind it, then to leave
+    # room for 100 bytes only: the queued batch is written in part, then refused with EFBIG,
+    # as a disk filling up mid-write would with ENOSPC.
+    syncs.append(fd)
+    if len(syncs) == 1:
+        in_first_sync.set()
+        deadline = time.monotonic() + 30
+        while len(log._state.pending) < queued:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the batch never formed")
+            time.sleep(0.001)
+        real_fsync(fd)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.fstat(fd).st_size + 100, hard))
+        return
+    real_fsync(fd)
+os.fsync = fsync
+outcomes = {}
+def record(writer):
+    try:
+        log.record({"writer": writer, "pad": "y" * 1000})
+    except OSError as exc:
+        outcomes[writer] = errno.errorcode[exc.errno]
+    else:
+        outcomes[writer] = "written"
+threads = [threading.Thread(target=record, args=(0,))]
+threads[0].start()
+in_first_sync.wait(30)
+threads += [threading.Thread(target=record, args=(w,)) for w in range(1, queued + 1)]
+for t in threads[1:]:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"outcomes": outcomes, "syncs": len(syncs)}, sort_keys=True))
+"""
+
+
+def test_a_partly_written_batch_rolls_back_only_itself_and_fails_every_caller(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    JsonlAuditLog(path).record(entry())  # another process's line, before the batch
+    before = path.read_bytes()
+    done = run_python(PARTIAL_BATCH, str(path), "4")
+    assert done.returncode == 0, done.stderr
+    result = orjson.loads(done.stdout)
+    # The first caller's line went alone and was synced; the four queued behind it shared a
+    # batch that the file size limit cut part-way: each of them got the error.
+    assert result == {
+        "outcomes": {"0": "written", "1": "EFBIG", "2": "EFBIG", "3": "EFBIG", "4": "EFBIG"},
+        "syncs": 1,
+    }
+    first = orjson.dumps({"writer": 0, "pad": "y" * 1000}) + b"\n"
+    assert path.read_bytes() == before + first  # truncated to where the batch started
+    JsonlAuditLog(path).record(entry(ts_ms=2))
+    assert [orjson.loads(line).get("writer") for line in read_lines(path)] == [None, 0, None]
+
+
+def test_a_failed_fsync_fails_every_caller_of_the_batch_and_marks_its_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=30)
+    log.record(entry(writer="before"))
+    followers = 4
+    real_fsync = os.fsync
+
+    def second_sync_fails(call: int, fd: int) -> None:
+        if call == 2:  # the batch of the four queued callers
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)  # the marker's own sync
+
+    fsync, in_first_sync, _ = first_sync_waits_for(log, followers, then=second_sync_fails)
+    monkeypatch.setattr(os, "fsync", fsync)
+    outcomes: dict[int, BaseException | None] = {}
+    threads = [start_record(log, entry(writer=0), outcomes, 0)]
+    assert in_first_sync.wait(30)
+    threads += [start_record(log, entry(writer=w), outcomes, w) for w in range(1, followers + 1)]
+    for t in threads:
+        t.join(timeout=60)
+    assert outcomes[0] is None
+    failures = [outcomes[w] for w in range(1, followers + 1)]
+    assert all(isinstance(e, OSError) and e.errno == errno.EIO for e in failures), failures
+    assert len({id(e) for e in failures}) == followers  # each thread raised its own exception
+
+    # The rule: the lines stay (others may have appended after them), followed by a marker
+    # that lists where each of them starts.
+    by_offset = line_offsets(path)
+    *_, (_, marker) = by_offset.items()
+    assert set(marker) == {"event", "audit_error", "entries", "offsets", "pid", "host", "logged_at"}
+    assert marker["event"] == "AUDIT_SYNC_FAILED"
+    assert marker["audit_error"] == "EIO"  # the token the gate reports for these decisions
+    assert marker["entries"] == followers
+    assert marker["pid"] == os.getpid()
+    assert "decision" not in marker  # readers selecting on decision skip it
+    unconfirmed = {by_offset[offset]["writer"] for offset in marker["offsets"]}
+    assert unconfirmed == set(range(1, followers + 1))
+    *confirmed, _ = (e for at, e in by_offset.items() if at not in marker["offsets"])
+    assert [e["writer"] for e in confirmed] == ["before", 0]
+    log.record(entry(writer="after"))  # the log goes on
+    assert list(line_offsets(path).values())[-1]["writer"] == "after"
+
+
+def test_without_group_commit_a_failed_fsync_still_takes_its_line_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One record at a time holds the lock across its fsync, so nobody appended after its line.
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, group_commit=False)
+    log.record(entry(ts_ms=1))
+    before = path.read_bytes()
+
+    def failing_fsync(fd: int) -> None:  # a real fsync cannot be made to fail here
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output") as info:
+        log.record(entry(ts_ms=2))
+    assert info.value.errno == errno.EIO
+    assert path.read_bytes() == before  # no line, no marker
+
+
+def test_followers_that_give_up_after_their_line_was_written_are_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=1.0)
+    followers = 4
+    outcomes: dict[int, BaseException | None] = {}
+    real_fsync = os.fsync
+
+    def slow_second_sync(call: int, fd: int) -> None:
+        if call == 2:
+            # A disk that takes longer than lock_timeout to sync the batch: the leader of the
+            # batch waits (a sync cannot be bounded), its three followers give up meanwhile.
+            wait_until(
+                lambda: sum(e is not None for e in outcomes.values()) == followers - 1,
+                timeout=30,
+                interval=0.005,
+            )
+        real_fsync(fd)
+
+    fsync, in_first_sync, _ = first_sync_waits_for(log, followers, then=slow_second_sync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    threads = [start_record(log, entry(writer=0), outcomes, 0)]
+    assert in_first_sync.wait(30)
+    threads += [start_record(log, entry(writer=w), outcomes, w) for w in range(1, followers + 1)]
+    for t in threads:
+        t.join(timeout=60)
+    gave_up = {w for w, e in outcomes.items() if e is not None}
+    assert all(isinstance(outcomes[w], LockTimeoutError) for w in gave_up)
+    assert len(gave_up) == followers - 1
+    assert outcomes[0] is None  # the first caller, and the leader of the batch, returned
+    *entries, marker = line_offsets(path).items()
+    assert len(entries) == 1 + followers  # every line of the batch was written
+    _, fields = marker
+    assert fields["event"] == "AUDIT_SYNC_FAILED"
+    assert fields["audit_error"] == "LockTimeoutError"
+    assert fields["entries"] == followers - 1
+    by_offset = dict(entries)
+    assert {by_offset[offset]["writer"] for offset in fields["offsets"]} == gave_up
+
+
+def test_a_caller_still_queued_at_its_deadline_leaves_no_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=0.3)
+    real_fsync = os.fsync
+    in_sync = threading.Event()
+    outcomes: dict[int, BaseException | None] = {}
+
+    def sync_until_the_follower_gave_up(fd: int) -> None:
+        if not in_sync.is_set():
+            in_sync.set()
+            wait_until(lambda: 1 in outcomes, timeout=30, interval=0.005)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", sync_until_the_follower_gave_up)
+    first = start_record(log, entry(writer=0), outcomes, 0)
+    assert in_sync.wait(30)
+    follower = start_record(log, entry(writer=1), outcomes, 1)
+    follower.join(timeout=30)
+    first.join(timeout=30)
+    assert isinstance(outcomes[1], LockTimeoutError)
+    assert outcomes[0] is None
+    assert [orjson.loads(line) for line in read_lines(path)] == [entry(writer=0)]  # no marker
+    log.record(entry(writer=2))  # the queue is not left stuck
+    assert len(read_lines(path)) == 2
+
+
+class Interrupted(Exception):
+    """Raised by a signal handler in the main thread, as KeyboardInterrupt would be."""
+
+
+def test_a_caller_interrupted_while_queued_leaves_the_queue_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Were the interrupted caller left in the queue, it would be handed the turn to lead the
+    # next batch and, being gone, stall every later record of the process.
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=5)
+    real_fsync = os.fsync
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+    interrupted = threading.Event()
+
+    def fsync(fd: int) -> None:  # holds the first caller's sync while the main thread queues
+        if not interrupted.is_set():
+            wait_until(lambda: queued(log) == 1, timeout=30, interval=0.001)
+            assert main is not None
+            signal.pthread_kill(main, signal.SIGUSR1)
+            wait_until(interrupted.is_set, timeout=30, interval=0.001)
+        real_fsync(fd)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    outcomes: dict[int, BaseException | None] = {}
+    try:
+        first = start_record(log, entry(writer=0), outcomes, 0)
+        with pytest.raises(Interrupted):
+            log.record(entry(writer=1))
+        interrupted.set()
+        first.join(timeout=30)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert outcomes == {0: None}
+    log.record(entry(writer=2))  # at once: nobody stale holds the turn
+    assert [orjson.loads(line)["writer"] for line in read_lines(path)] == [0, 2]
+
+
+def test_a_forked_child_records_with_fresh_state(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=5)
+    log.record(entry(ts_ms=1))
+
+    def child() -> bool:
+        log.record(entry(ts_ms=2))
+        return True
+
+    assert in_forked_child(child)
+    log.record(entry(ts_ms=3))
+    assert [orjson.loads(line)["ts_ms"] for line in read_lines(path)] == [1, 2, 3]
+
+
+def test_state_left_by_a_fork_the_hook_did_not_see_is_replaced(tmp_path: Path) -> None:
+    # A fork outside Python's os.fork (no at-fork hook ran): the child finds its parent's state,
+    # here a batch "in progress" whose leader does not exist in this process.
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=0.5)
+    inherited = log._state
+    inherited.busy = True
+    inherited.pid = -1
+    log.record(entry())  # would queue behind the absent leader and time out
+    assert log._state is not inherited
+    assert [orjson.loads(line) for line in read_lines(path)] == [entry()]
+
+
+FORK_DURING_BATCH = r"""
+import os, sys, threading
+from backend.app.testing.audit import JsonlAuditLog
+log = JsonlAuditLog(sys.argv[1], lock_timeout=5)
+real_fsync = os.fsync
+syncing, release = threading.Event(), threading.Event()
+def fsync(fd):
+    # Wrapped to hold the parent's batch in its sync while the main thread forks.
+    if not syncing.is_set():
+        syncing.set()
+        release.wait(30)
+    real_fsync(fd)
+os.fsync = fsync
+leader = threading.Thread(target=log.record, args=({"who": "parent"},))
+leader.start()
+syncing.wait(30)
+pid = os.fork()
+if pid == 0:
+    # The parent's leader does not exist here: queueing behind it would time out.
+    try:
+        log.record({"who": "child"})
+    except BaseException as exc:
+        print("child failed:", repr(exc), flush=True)
+        os._exit(1)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+release.set()
+leader.join()
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_its_parent_leads_a_batch_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    done = run_python(FORK_DURING_BATCH, str(path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "0\n", done.stdout
+    assert sorted(orjson.loads(line)["who"] for line in read_lines(path)) == ["child", "parent"]
+
+
+FORK_WHILE_LOCKED = r"""
+import threading
+from backend.app.testing.audit import JsonlAuditLog
+log = JsonlAuditLog(sys.argv[1], lock_timeout=60)
+real_write = os.write
+writing, never = threading.Event(), threading.Event()
+def write(fd, data):
+    # Wrapped to stop the parent's append inside the lock, where the main thread forks.
+    writing.set()
+    never.wait()
+    return real_write(fd, data)
+os.write = write
+threading.Thread(target=log.record, args=({"who": "parent"},), daemon=True).start()
+writing.wait(30)
+child = os.fork()
+if child == 0:
+    open(sys.argv[2], "x").close()  # past the fork and its at-fork hooks
+    sys.stdin.readline()  # lives until the test closes its stdin
+    os._exit(0)
+print(f"forked {child}", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_child_forked_during_an_append_does_not_keep_the_lock_of_a_killed_parent(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    # Without closing its copies of the parent's locked descriptors, the child would hold the
+    # lock for its whole life once the parent died holding it.
+    path = tmp_path / "audit.jsonl"
+    child_ready = tmp_path / "child-ready"
+    parent = reaper.python(FORK_WHILE_LOCKED, str(path), str(child_ready), stdin=True)
+    forked, child = read_line(parent).split()
+    assert forked == "forked"
+    child_pid = int(child)
+    try:
+        wait_until(child_ready.exists, timeout=30)
+        os.kill(parent.pid, signal.SIGKILL)  # dies holding the lock
+        assert parent.wait(timeout=30) == -signal.SIGKILL
+        JsonlAuditLog(path, lock_timeout=2).record(entry())  # the child does not hold it
+        assert [orjson.loads(line) for line in read_lines(path)] == [entry()]
+    finally:
+        assert parent.stdin is not None
+        parent.stdin.close()  # the child reads EOF and exits
+        with suppress(ProcessLookupError):
+            os.kill(child_pid, signal.SIGKILL)

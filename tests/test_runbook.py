@@ -42,6 +42,7 @@ GENERAL_SECTIONS = ("Overview", "Where things are on a host")
 # The parts of every alert section, in order.
 ALERT_PARTS = ("What it means", "Diagnostic PromQL", "Likely root causes", "Response steps")
 BREACH = "ReleaseGateContractBreach"
+AUDIT_FAILURE = "ReleaseGateAuditWriteFailure"
 
 
 def runbook() -> str:
@@ -261,6 +262,45 @@ def test_audit_log_commands_find_only_the_offending_request(tmp_path: Path) -> N
     assert table.stdout.splitlines() == ["\t".join(row)]
 
 
+def sync_failed_marker(logged_at: float, offsets: list[int]) -> dict[str, Any]:
+    """The marker JsonlAuditLog appends after lines it could not confirm (audit.py)."""
+    return {
+        "event": "AUDIT_SYNC_FAILED",
+        "audit_error": "EIO",
+        "entries": len(offsets),
+        "offsets": offsets,
+        "pid": 4242,
+        "host": "gate-1",
+        "logged_at": logged_at,
+    }
+
+
+def test_audit_log_commands_find_the_denied_checks_a_marker_lists(tmp_path: Path) -> None:
+    now = time.time()
+    lines = [
+        orjson.dumps(audit_entry(now - 7300, release_scope="svc-old")),
+        orjson.dumps(audit_entry(now - 100, decision="ALLOW", allowed=True, release_scope="ok")),
+        orjson.dumps(
+            audit_entry(now - 90, decision="ALLOW", allowed=True, release_scope="x\u00e9")
+        ),
+        orjson.dumps(audit_entry(now - 90, decision="ALLOW", allowed=True, release_scope="y")),
+    ]
+    offsets = [sum(len(line) + 1 for line in lines[:i]) for i in range(len(lines))]
+    old_marker = sync_failed_marker(now - 7200, [offsets[0]])  # outside the window
+    marker = sync_failed_marker(now - 80, [offsets[2], offsets[3]])
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(
+        b"".join(line + b"\n" for line in [*lines, orjson.dumps(old_marker), orjson.dumps(marker)])
+    )
+    markers_block, lines_block = fenced_blocks(sections()[AUDIT_FAILURE], "sh")
+    found = run_commands(window_block() + markers_block, log)
+    assert found.returncode == 0, found.stderr
+    assert [orjson.loads(line) for line in found.stdout.splitlines()] == [marker]
+    denied = run_commands(window_block() + lines_block, log)
+    assert denied.returncode == 0, denied.stderr
+    assert denied.stdout.encode().splitlines() == lines[2:]  # byte offsets, not characters
+
+
 def test_every_audit_log_command_of_the_runbook_runs(tmp_path: Path) -> None:
     now = time.time()
     log = tmp_path / "audit.jsonl"
@@ -268,6 +308,7 @@ def test_every_audit_log_command_of_the_runbook_runs(tmp_path: Path) -> None:
         audit_entry(now - 60, release_scope="svc-a"),
         audit_entry(now - 50, release_scope="svc-b"),
         audit_entry(now - 40, release_scope="svc-a"),
+        sync_failed_marker(now - 30, [0]),  # the other commands must skip markers
     ]
     log.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in entries))
     blocks = [b for b in fenced_blocks(runbook(), "sh") if "RELEASE_GATE_AUDIT_LOG" in b]

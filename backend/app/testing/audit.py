@@ -7,7 +7,27 @@ raise once it has.
 
 :class:`JsonlAuditLog` is the durable log: one orjson object per line, appended with
 ``O_APPEND`` under an exclusive file lock, then fsynced. Any number of threads and worker
-processes may share one file: lines never interleave and none is lost.
+processes may share one file: lines never interleave and none is lost. By default it uses
+group commit: threads of one process that arrive while a write or fsync is in progress are
+written together (one ``write``) and synced together (one ``fsync``) by the next of them, and
+the file lock is held for the append only, not across the fsync, so other processes append
+while one syncs (an fsync covers every line written before it, theirs included).
+``group_commit=False`` keeps one lock + write + fsync per record (for benchmarks comparing
+the two).
+
+Lines that stay for denied decisions. A batch's fsync that fails cannot take its lines back
+(other processes may have appended after them), and a caller that gave up waiting may find its
+line written after all. Such a line stays, its caller raises (the decision is denied, whatever
+the line says), and the log gets a marker line, best effort, listing the byte offsets of those
+lines::
+
+    {"event":"AUDIT_SYNC_FAILED","audit_error":"EIO","entries":2,"offsets":[4096,4391],
+     "pid":1234,"host":"gate-1","logged_at":1700000000.5}
+
+``audit_error`` is the token the gate puts in ``audit_detail`` (an errno name, or
+``LockTimeoutError`` for a caller that timed out). A marker has ``event`` and no ``decision``,
+so readers that select on ``decision`` skip it; the entry at a listed offset is a decision the
+caller was told was denied (``AUDIT_WRITE_FAILED``).
 
 Hazards, stated plainly:
 
@@ -15,28 +35,49 @@ Hazards, stated plainly:
   removed path) must surface as a write failure, not as a fresh log somewhere unexpected.
 - The process needs read and write access to the log (it reads the last byte to repair a torn
   line) and write access to the directory of its lock file (``<path>.lock``).
+- Exclusion takes two ``flock`` locks, in this order: ``<path>.lock`` (what earlier versions
+  lock, so a rolling upgrade never has two versions appending at once) and then the log file's
+  own descriptor, which deleting a file beside the log cannot lose. A deleted ``<path>.lock``
+  only loses exclusion against processes of earlier versions.
 - The lock is ``flock``: a filesystem without it (some network filesystems) makes every write
-  fail instead of silently dropping mutual exclusion (``fallback_to_soft=False``).
-- A record waits at most ``lock_timeout`` seconds for the lock (a stopped or stuck writer
-  holding it makes later decisions fail closed after that time, never hang forever).
+  fail instead of silently dropping mutual exclusion.
+- A record waits at most ``lock_timeout`` seconds in all, for its batch and for the lock (a
+  stopped or stuck writer holding it makes later decisions fail closed after that time, never
+  hang forever). The fsync itself cannot be bounded: a hung disk hangs the one thread syncing,
+  and the threads waiting on it time out. After a failure, writing the marker may take up to
+  0.1 s more.
+- A line for a denied decision can stay in the log (see above), and so can the line of a
+  caller that never returned (its process killed between the write and the fsync's end): lines
+  are evidence of attempts; the markers and ``release_gate_audit_write_failures_total`` say
+  which attempts failed. After a failed fsync the kernel may have dropped the pages: those
+  lines (and the marker) may not survive a crash of the machine.
+- A fork while a thread of the process is inside ``record`` gives the child fresh state and
+  closes the child's copies of that thread's descriptors (an at-fork hook). A fork that skips
+  Python's at-fork hooks only gets the fresh state, on the child's first record.
 - Point the path at a regular file. A device such as ``/dev/null`` accepts writes and keeps
-  nothing; torn-line repair and rollback only apply to regular files.
+  nothing; torn-line repair, rollback and marker offsets only apply to regular files. The path
+  may be a symlink (followed).
+- Log rotation by rename is safe: every batch opens the path afresh, a batch in flight finishes
+  (marker included) in the file it started in.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
+import fcntl
 import os
+import socket
 import stat
 import threading
 import time
-from collections.abc import Mapping
-from contextlib import suppress
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any, Literal, Protocol, TypedDict, cast
 
 import orjson
 
-from gatemetrics._flock import exclusive_flock
 from gatemetrics.errors import LockTimeoutError
 
 __all__ = ["AuditEntry", "AuditLog", "InMemoryAuditLog", "JsonlAuditLog", "OverrideRecord"]
@@ -116,27 +157,111 @@ class InMemoryAuditLog:
             return list(self._entries)
 
 
+# The marker line's event name (see the module docstring).
+_SYNC_FAILED_EVENT = "AUDIT_SYNC_FAILED"
+
+# Polling for the flock (the kernel's blocking flock cannot time out). Group commit holds the
+# lock for one write, tens of microseconds, so the first retry comes soon; the cap keeps a
+# stuck holder from costing more than 200 attempts a second per waiting process.
+_FIRST_WAIT_S = 0.0001
+_MAX_WAIT_S = 0.005
+# The extra time a marker may take after a failure (see the hazards).
+_MARKER_WAIT_S = 0.1
+
+# Where a caller stands in the group commit of its process (_Waiter.status).
+_PENDING = 0  # queued; no leader has taken the line yet: giving up leaves no trace
+_LEADING = 1  # this caller writes and syncs the next batch
+_IN_FLIGHT = 2  # a leader took the line: it may be written whatever happens next
+_DONE = 3  # the leader published the outcome (error is None: written and synced)
+_ABANDONED = 4  # timed out while in flight: the leader marks the line if it was written
+
+
+class _Waiter:
+    """One record call waiting for its batch; changed only under its process's mutex."""
+
+    __slots__ = ("data", "error", "offset", "status", "wake")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.status = _PENDING
+        self.error: BaseException | None = None
+        self.offset = -1  # where the line starts in the file, once written (not rolled back)
+        # Set once, when the status becomes _DONE or _LEADING: each caller sleeps on its own
+        # event, so finishing a batch wakes only that batch and the next leader.
+        self.wake = threading.Event()
+
+
+class _ProcessState:
+    """What one process uses to share writes; a forked child gets a fresh one.
+
+    A child must never wait on a mutex some parent thread held at the fork, nor for waiters
+    that exist only in the parent.
+    """
+
+    __slots__ = ("busy", "fds", "mutex", "pending", "pid", "serial")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.mutex = threading.Lock()
+        self.busy = False  # a leader is writing or syncing; new callers queue in pending
+        self.pending: list[_Waiter] = []
+        self.serial = threading.Lock()  # group_commit=False: one record at a time per process
+        # Descriptors record calls hold open right now, for the child after a fork (see
+        # _after_fork_in_child). Added right after open, removed right before close.
+        self.fds: set[int] = set()
+
+
 class JsonlAuditLog:
     """A durable audit log: JSON lines appended under a file lock and fsynced.
 
     ``path`` is the log file (created on first write, mode 0640 before umask; its directory
-    must exist). The lock file is ``<path>.lock``. ``lock_timeout`` bounds the wait for the
-    lock, in seconds.
+    must exist). It is locked through its own descriptor and through ``<path>.lock``.
+    ``lock_timeout`` bounds, in seconds, the wait of a record for its batch and for the lock.
 
     A record either returns with its line complete and fsynced, or raises (``OSError``,
     :class:`gatemetrics.LockTimeoutError`, or ``TypeError`` for an entry JSON cannot hold).
-    On a failed append of a regular file the bytes already written are truncated away (best
-    effort), so a failed write does not leave half a line or an entry for a decision that was
-    then denied. A line torn by a crash (no trailing newline) is left as it is, and the next
-    append starts on a fresh line so every later line stays valid.
 
-    Safe to share between threads and processes, and across ``fork`` (the lock file is opened
-    per append, so no process ever holds a lock through a descriptor it inherited).
+    ``group_commit=True`` (the default): callers of one process share writes and fsyncs. The
+    first caller to find nobody writing leads: it takes the lock, appends its line and those of
+    every caller queued behind it in one ``write``, releases the lock, fsyncs, and tells each
+    caller the outcome; meanwhile newcomers queue for the next batch, led by the oldest of them.
+    No background thread: leading is done by callers, so the object is fork-safe. Every caller
+    of a failed batch raises. A batch waits for the lock until the deadline of its leader (its
+    oldest caller); a follower waits for its batch's outcome until its own deadline, then
+    raises ``LockTimeoutError``: its line is then either never written (still queued) or left
+    for the leader to mark (see below).
+
+    ``group_commit=False``: one lock, write and fsync per record, the lock held across the
+    fsync (so a failed fsync can still truncate its line away).
+
+    A write that fails part-way (ENOSPC, EFBIG) is truncated back to where its batch started,
+    under the lock, so it can never remove a line it did not write (best effort: a failed
+    truncate leaves what was written, its last line torn). A line torn by a crash (no trailing
+    newline) is left as it is, and the next append starts on a fresh line so every later line
+    stays valid.
+
+    A failed fsync (and a follower that gave up after its line was written) leaves lines for
+    denied decisions: they stay, followed by a best-effort ``{"event": "AUDIT_SYNC_FAILED",
+    ...}`` marker listing their byte offsets (the format is in the module docstring). A line
+    no marker lists was confirmed to its caller, unless that caller's process died before the
+    confirmation or the marker itself could not be written.
+
+    Safe to share between threads and processes, and across ``fork``: a forked child starts
+    with fresh in-process state and closes its copies of the descriptors its parent's record
+    calls held (a parent killed while holding the lock would otherwise leave it held through
+    the child's copy). A ``<path>.lock`` left by earlier versions keeps being used; nothing
+    else about it is required.
     """
 
-    __slots__ = ("_lock_path", "_lock_timeout", "_path", "_thread_lock")
+    __slots__ = ("__weakref__", "_group_commit", "_lock_path", "_lock_timeout", "_path", "_state")
 
-    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 5.0,
+        group_commit: bool = True,
+    ) -> None:
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         fspath = os.fspath(path)
@@ -148,14 +273,23 @@ class JsonlAuditLog:
             raise TypeError(f"lock_timeout must be a number, not {type(lock_timeout).__name__}")
         if not 0 < lock_timeout < float("inf"):
             raise ValueError(f"lock_timeout must be positive and finite, got {lock_timeout!r}")
+        if not isinstance(group_commit, bool):
+            raise TypeError(f"group_commit must be a bool, not {type(group_commit).__name__}")
         self._path = fspath
         self._lock_path = fspath + ".lock"
         self._lock_timeout = float(lock_timeout)
-        self._thread_lock = threading.Lock()
+        self._group_commit = group_commit
+        self._state = _ProcessState()
+        _LIVE_LOGS.add(self)
 
     @property
     def path(self) -> str:
         return self._path
+
+    @property
+    def group_commit(self) -> bool:
+        """Whether callers of this process share writes and fsyncs (the constructor's flag)."""
+        return self._group_commit
 
     def __repr__(self) -> str:
         return f"JsonlAuditLog({self._path!r})"
@@ -164,40 +298,268 @@ class JsonlAuditLog:
         """Append ``entry`` as one fsynced line; raise if that cannot be guaranteed."""
         data = _encode(entry)
         deadline = time.monotonic() + self._lock_timeout
+        state = self._state
+        if state.pid != os.getpid():
+            # A fork the at-fork hook did not see (a fork outside Python's os.fork): at least
+            # never share the parent's mutex or waiters.
+            state = self._state = _ProcessState()
+        if not self._group_commit:
+            self._record_alone(state, data, deadline)
+            return
+        me = _Waiter(data)
+        with state.mutex:
+            lead = not state.busy
+            if lead:
+                state.busy = True
+                me.status = _LEADING
+            else:
+                state.pending.append(me)
+        if lead or self._follow(state, me, deadline):
+            self._lead(state, me, deadline)
+
+    # -- group commit --------------------------------------------------------------------
+
+    def _follow(self, state: _ProcessState, me: _Waiter, deadline: float) -> bool:
+        """Wait for the batch; True when this caller must lead the next one.
+
+        Returns False once a leader wrote and synced the line; raises its batch's failure, or
+        ``LockTimeoutError`` at the deadline.
+        """
+        while True:
+            try:
+                me.wake.wait(max(deadline - time.monotonic(), 0.0))
+            except BaseException:
+                # Interrupted (KeyboardInterrupt in the main thread): leave like a timeout, or
+                # a turn to lead handed to this caller would stall the whole process.
+                with state.mutex:
+                    if me.status != _DONE:
+                        _give_up(state, me)
+                raise
+            with state.mutex:
+                if me.status == _DONE:
+                    if me.error is not None:
+                        raise _own_copy(me.error) from None
+                    return False
+                if time.monotonic() < deadline:
+                    if me.status == _LEADING:
+                        return True
+                    continue  # an early wake-up of Event.wait; nothing happened yet
+                _give_up(state, me)
+                raise LockTimeoutError(self._lock_path, self._lock_timeout)
+
+    def _lead(self, state: _ProcessState, me: _Waiter, deadline: float) -> None:
+        batch = [me]
+        error: BaseException | None = None
+        fd = -1
+        try:
+            try:
+                with state.mutex:
+                    batch += state.pending
+                    state.pending.clear()
+                    for waiter in batch[1:]:
+                        waiter.status = _IN_FLIGHT
+                fd = self._open(state)
+                with self._locked(state, fd, deadline):
+                    offsets = _append(fd, [waiter.data for waiter in batch])
+                # Written and the lock released: other processes append while this one syncs.
+                for waiter, offset in zip(batch, offsets, strict=True):
+                    waiter.offset = offset
+                os.fsync(fd)
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+                error = exc
+            finally:
+                # Whatever happened, publish the outcome and pass the turn on; first, so the
+                # followers return without waiting for a marker.
+                abandoned = _settle(state, batch, error)
+            unconfirmed = batch if error is not None and me.offset >= 0 else abandoned
+            if unconfirmed and fd >= 0:
+                token = _error_token(error) if error is not None else LockTimeoutError.__name__
+                self._mark_unconfirmed(state, fd, unconfirmed, token, deadline)
+        finally:
+            if fd >= 0:
+                _close(state, fd)
+        if error is not None:
+            raise error
+
+    def _mark_unconfirmed(
+        self, state: _ProcessState, fd: int, waiters: Sequence[_Waiter], token: str, deadline: float
+    ) -> None:
+        """Append the AUDIT_SYNC_FAILED marker for ``waiters``' lines; best effort, never raises.
+
+        Through the batch's own descriptor, so the marker lands in the file holding the lines
+        even if the log was rotated meanwhile.
+        """
+        marker = {
+            "event": _SYNC_FAILED_EVENT,
+            "audit_error": token,
+            "entries": len(waiters),
+            "offsets": [waiter.offset for waiter in waiters],
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "logged_at": time.time(),
+        }
+        with suppress(Exception):
+            with self._locked(state, fd, max(deadline, time.monotonic() + _MARKER_WAIT_S)):
+                _append(fd, [_encode(marker)])
+            os.fsync(fd)
+
+    # -- one record at a time ------------------------------------------------------------
+
+    def _record_alone(self, state: _ProcessState, data: bytes, deadline: float) -> None:
         # Threads of this process queue here, so they do not all poll the file lock.
-        if not self._thread_lock.acquire(timeout=self._lock_timeout):
+        if not state.serial.acquire(timeout=self._lock_timeout):
             raise LockTimeoutError(self._lock_path, self._lock_timeout)
         try:
-            # Open the log first: a vanished log directory must fail here, never be recreated.
-            fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = self._open(state)
             try:
-                # A bare flock per append (opened per call, so a forked child never shares it):
-                # filelock's acquire+release cost about 0.17 ms of every check here.
-                with exclusive_flock(
-                    self._lock_path, timeout=max(deadline - time.monotonic(), 0.0)
-                ):
-                    _append_line(fd, data)
-            except LockTimeoutError:
-                raise LockTimeoutError(self._lock_path, self._lock_timeout) from None
+                with self._locked(state, fd, deadline):
+                    _append(fd, [data], sync=True)
             finally:
-                os.close(fd)
+                _close(state, fd)
         finally:
-            self._thread_lock.release()
+            state.serial.release()
+
+    # -- files and locks -----------------------------------------------------------------
+
+    def _open(self, state: _ProcessState) -> int:
+        # Opened per batch, and the log before the lock file: a vanished log directory fails
+        # here, never gets recreated, and a rotated log is followed at the next batch.
+        fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        state.fds.add(fd)
+        return fd
+
+    @contextmanager
+    def _locked(self, state: _ProcessState, fd: int, deadline: float) -> Iterator[None]:
+        """Hold ``<path>.lock`` and then the log's own ``flock`` (on ``fd``) until ``deadline``.
+
+        Each call opens its own lock file description, so two calls in one process exclude
+        each other like two processes do; each lock is released explicitly (``LOCK_UN``),
+        which also frees it for a forked child's copy of the descriptor.
+        """
+        try:
+            lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:
+            # Another user's lock file that we may read but not write: flock works on any fd.
+            lock_fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        state.fds.add(lock_fd)
+        try:
+            _flock_until(lock_fd, deadline, self._lock_path, self._lock_timeout)
+            try:
+                _flock_until(fd, deadline, self._path, self._lock_timeout)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        finally:
+            _close(state, lock_fd)
 
 
-def _append_line(fd: int, data: bytes) -> None:
-    """Append ``data`` at the end of ``fd`` and fsync; on failure undo what was written.
+def _hand_off(state: _ProcessState) -> None:
+    """Make the oldest queued caller the next leader, or mark nobody leading (mutex held)."""
+    if state.pending:
+        nxt = state.pending.pop(0)
+        nxt.status = _LEADING
+        nxt.wake.set()
+    else:
+        state.busy = False
 
-    The caller holds the file lock, so nobody else appends between the size read here and the
-    writes: the line lands whole at ``start`` and truncating back to ``start`` removes exactly
-    our bytes.
+
+def _give_up(state: _ProcessState, me: _Waiter) -> None:
+    """Take ``me`` out of the group commit before it returns unconfirmed (mutex held)."""
+    if me.status == _PENDING:
+        state.pending.remove(me)  # never taken: no line, no trace
+    elif me.status == _LEADING:
+        _hand_off(state)  # out of time before leading: pass the turn on
+    else:
+        # In flight: the line may be written already. The leader marks it if so.
+        me.status = _ABANDONED
+
+
+def _settle(
+    state: _ProcessState, batch: Sequence[_Waiter], error: BaseException | None
+) -> list[_Waiter]:
+    """Give every follower of ``batch`` its outcome, pass the lead on; the abandoned ones."""
+    abandoned: list[_Waiter] = []
+    with state.mutex:
+        for waiter in batch[1:]:
+            if waiter.status == _ABANDONED:
+                if waiter.offset >= 0:
+                    abandoned.append(waiter)
+                continue
+            waiter.error = error
+            waiter.status = _DONE
+            waiter.wake.set()
+        _hand_off(state)
+    return abandoned
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A follower's own exception for its batch's failure.
+
+    Each thread raises its own object (one shared object would collect every thread's
+    traceback); the type and errno stay, so the gate reports the same ``audit_error``. What is
+    not an ``Exception`` (a ``KeyboardInterrupt`` in the leader) is the leader's own business:
+    a follower only learns that its write was not confirmed.
+    """
+    if isinstance(error, Exception):
+        with suppress(Exception):
+            twin = copy.copy(error)
+            if type(twin) is type(error):
+                return twin
+    return OSError(errno.EIO, f"audit batch failed in its leader: {type(error).__name__}")
+
+
+def _error_token(error: BaseException) -> str:
+    # The same token the gate puts in audit_detail (release_gate._error_token).
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return errno.errorcode[code]
+    return type(error).__name__
+
+
+def _close(state: _ProcessState, fd: int) -> None:
+    # Forget before closing: a fork in between leaves the child an unlocked copy to leak, never
+    # a number that a later open in the parent reuses for something else.
+    state.fds.discard(fd)
+    os.close(fd)
+
+
+def _flock_until(fd: int, deadline: float, path: str, timeout: float) -> None:
+    """Take an exclusive ``flock`` on ``fd``, polling until ``deadline`` (at least one try)."""
+    wait = _FIRST_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeoutError(path, timeout) from None
+            time.sleep(min(wait, remaining))
+            wait = min(wait * 2, _MAX_WAIT_S)
+        else:
+            return
+
+
+def _append(fd: int, lines: Sequence[bytes], *, sync: bool = False) -> list[int]:
+    """Append ``lines`` at the end of ``fd`` in one write; the offset of each line.
+
+    With ``sync``, also fsync before returning. On failure, undo what was written. The caller
+    holds the lock, so nobody else appends between the size read here and the write: the lines
+    land whole at ``start`` and truncating back to ``start`` removes exactly ours.
     """
     info = os.fstat(fd)
     regular = stat.S_ISREG(info.st_mode)
     start = info.st_size if regular else 0
-    if start and os.pread(fd, 1, start - 1) != b"\n":
-        # A writer died mid-line: start on a fresh line so ours parses.
-        data = b"\n" + data
+    # A writer died mid-line: start on a fresh line so ours parse.
+    prefix = b"\n" if start and os.pread(fd, 1, start - 1) != b"\n" else b""
+    offsets: list[int] = []
+    position = start + len(prefix)
+    for line in lines:
+        offsets.append(position)
+        position += len(line)
+    data = prefix + b"".join(lines)
     view = memoryview(data)
     written = 0
     try:
@@ -206,10 +568,30 @@ def _append_line(fd: int, data: bytes) -> None:
             if n <= 0:  # pragma: no cover - write(2) reports errors by raising
                 raise OSError(errno.EIO, "write made no progress")
             written += n
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         if regular and written:
-            # Best effort: the caller reports the entry as not written, so it must not stay.
+            # Best effort: the callers report their entries as not written, so they must not
+            # stay.
             with suppress(OSError):
                 os.ftruncate(fd, start)
         raise
+    return offsets
+
+
+# Every live log, so a forked child can reset them all before any of its code runs.
+_LIVE_LOGS: weakref.WeakSet[JsonlAuditLog] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for log in list(_LIVE_LOGS):
+        # Only close: LOCK_UN here would free a lock the parent still holds through the same
+        # open file description.
+        for fd in list(log._state.fds):
+            with suppress(OSError):
+                os.close(fd)
+        log._state = _ProcessState()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
