@@ -15,19 +15,23 @@ aggregator (:mod:`gatemetrics.aggregate`) can never disagree about a byte:
 Shard format v2, all integers little-endian::
 
     offset 0            prefix (Layout.PREFIX): magic b"GMSHARD\\0", version 2, flags 0,
-                        header length, slot offset, slot stride, slot size, meta length,
-                        schema fingerprint (16 bytes)
-    48                  meta: JSON (orjson) with the owner's identity (incarnation, pid, host,
-                        started_at), the schema's record (families, keys, labels, values, kinds)
-                        and the slot layout it implies
-    48 + meta length    crc32 of everything above (4 bytes)
-    slot offset         slot A (generations with even seq)
+                        header length, slot offset, slot stride, slot size, identity length,
+                        schema record length, schema fingerprint (16 bytes)
+    52                  identity: JSON (orjson) with the owner's incarnation, pid, host,
+                        started_at, and the slot's cells (``{"int": n, "float": m}``)
+    52 + identity len   schema record: JSON, the schema the slots are laid out for (families,
+                        keys, labels, values, kinds); its hash is the fingerprint
+    ...                 crc32 of everything above (4 bytes)
+    slot offset         slot A (generations with even seq), on a 4 KiB boundary
     + slot stride       slot B (odd seq)
 
+A reader whose schema has the same fingerprint never parses the schema record; one with another
+schema maps the cells through it, when the file's schema is a subset of its own.
+
 A slot is ``seq (u64), store_generation (u64), saved_at (f64), store start (f64), one i64 per
-integer cell, one f64 per float cell`` followed by the crc32 of those bytes. The header describes
-the cells (``"cells": {"int": n, "float": m}``), so families with several labels or histograms
-(bucket counts and a float sum) fit without a new version; today every schema has ``m == 0``.
+integer cell, one f64 per float cell`` followed by the crc32 of those bytes. The identity
+describes the cells, so families with several labels or histograms (bucket counts and a float
+sum) fit without a new version; today every schema has ``m == 0``.
 Slots start on 4 KiB boundaries, so writing one never touches the page of the other.
 
 Why a save can never be seen half done: the owner writes the slot that does *not* hold the
@@ -47,14 +51,14 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import orjson
 
 from gatemetrics.errors import SchemaError
-from gatemetrics.schema import MAX_COUNT, Schema, check_generation, check_timestamp
+from gatemetrics.schema import Schema, check_generation, check_timestamp
 
 __all__ = [
     "ARCHIVE_NAME",
@@ -205,9 +209,11 @@ PAGE = 4096
 MAX_SHARD_BYTES = 1 << 20
 #: How often a reader re-reads a live shard's torn slot before falling back to the other one.
 REREADS = 3
-_PREFIX = struct.Struct("<8sHHIIIII16s")
+_PREFIX = struct.Struct("<8sHHIIIIII16s")
 _CRC = struct.Struct("<I")
+_SEQ = struct.Struct("<Q")
 _SLOT_HEAD = "<QQdd"  # seq, store_generation, saved_at, store start timestamp
+_SLOT_HEAD_FIELDS = 4
 
 
 def _round_up(n: int, to: int) -> int:
@@ -215,9 +221,10 @@ def _round_up(n: int, to: int) -> int:
 
 
 class Layout:
-    """The v2 byte layout for one schema: header encoding, slot packing and offsets. Immutable.
+    """The v2 byte layout for one schema: header encoding, slot packing and decoding. Immutable.
 
-    Obtain it with :func:`layout_for` (cached per schema).
+    Obtain it with :func:`layout_for` (cached per schema); a reader that decodes many shards
+    keeps it, since hashing a schema for the cache costs more than decoding a slot.
     """
 
     PREFIX = _PREFIX
@@ -226,24 +233,25 @@ class Layout:
         self.schema = schema
         self.int_cells = schema.size
         self.float_cells = 0
-        self._slot = struct.Struct(f"{_SLOT_HEAD}{self.int_cells}q{self.float_cells}d")
-        self.slot_size = self._slot.size + _CRC.size
+        self.slot = _slot_struct(self.int_cells)
+        self.slot_size = self.slot.size + _CRC.size
         self.slot_stride = _round_up(self.slot_size, PAGE)
         self.fingerprint = schema_fingerprint(schema)
+        self.cells_record = {"int": self.int_cells, "float": self.float_cells}
 
     def header(self, *, incarnation: str, pid: int, host: str, started_at: float) -> bytes:
-        """The header of a new shard (prefix, meta, crc), before the slots."""
-        meta = orjson.dumps(
+        """The header of a new shard (prefix, identity, schema record, crc), before the slots."""
+        ident = orjson.dumps(
             {
                 "incarnation": incarnation,
                 "pid": pid,
                 "host": host,
                 "started_at": started_at,
-                "schema": schema_record(self.schema),
-                "cells": {"int": self.int_cells, "float": self.float_cells},
+                "cells": self.cells_record,
             }
         )
-        header_len = _PREFIX.size + len(meta) + _CRC.size
+        schema = orjson.dumps(schema_record(self.schema))
+        header_len = _PREFIX.size + len(ident) + len(schema) + _CRC.size
         slot_offset = _round_up(header_len, PAGE)
         prefix = _PREFIX.pack(
             MAGIC,
@@ -253,10 +261,11 @@ class Layout:
             slot_offset,
             self.slot_stride,
             self.slot_size,
-            len(meta),
+            len(ident),
+            len(schema),
             self.fingerprint,
         )
-        body = prefix + meta
+        body = prefix + ident + schema
         return body + _CRC.pack(zlib.crc32(body))
 
     def new_file(self, header: bytes, start: float) -> bytes:
@@ -270,7 +279,7 @@ class Layout:
         self, seq: int, generation: int, saved_at: float, start: float, counts: Iterable[int]
     ) -> bytes:
         """One slot's bytes (with its checksum). ``struct.error`` for a count out of range."""
-        body = self._slot.pack(seq, generation, saved_at, start, *counts)
+        body = self.slot.pack(seq, generation, saved_at, start, *counts)
         return body + _CRC.pack(zlib.crc32(body))
 
     def slot_offset(self, header_len: int, seq: int) -> int:
@@ -281,13 +290,21 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=64)
+def _slot_struct(int_cells: int) -> struct.Struct:
+    return struct.Struct(f"{_SLOT_HEAD}{int_cells}q")
+
+
+@functools.lru_cache(maxsize=64)
 def layout_for(schema: Schema) -> Layout:
     return Layout(schema)
 
 
-@dataclass(frozen=True, slots=True)
-class ShardRecord:
-    """What a reader found in one shard file (either format)."""
+class ShardRecord(NamedTuple):
+    """What a reader found in one shard file (either format).
+
+    A named tuple, not a dataclass: one is built per shard per scrape, and a frozen
+    dataclass's ``__init__`` costs several times as much.
+    """
 
     format: Literal[1, 2]
     incarnation: str
@@ -299,30 +316,31 @@ class ShardRecord:
     start: float  # the store's start timestamp
     counts: tuple[int, ...]  # over the reader's schema
     seq: int = 0  # v2: the slot sequence the counts come from
-    torn_slots: int = 0  # v2: slots that failed their checksum
+    torn_slots: int = 0  # v2: slots read that failed their checksum
 
 
 @dataclass(frozen=True, slots=True)
 class _Header:
-    header_len: int
     slot_offset: int
     slot_stride: int
-    slot_size: int
-    meta: dict[str, Any]
+    slot: struct.Struct  # the slot's body (without its checksum)
+    ident: dict[str, Any]
     cells: tuple[int, ...] | None  # None: same schema, cells map one to one
 
 
-def _decode_header(data: bytes, schema: Schema, incarnation: str) -> _Header:
+def _decode_prefix(data: bytes) -> tuple[int, int, int, int, int, int, bytes]:
+    """The checked prefix: header length, slot offset, stride, slot size, ident and schema
+    lengths, fingerprint."""
     if len(data) < _PREFIX.size:
         raise BadFile(f"too short for a v2 shard ({len(data)} bytes)")
-    magic, version, flags, header_len, slot_offset, stride, slot_size, meta_len, fp = (
+    magic, version, flags, header_len, slot_offset, stride, slot_size, ident_len, schema_len, fp = (
         _PREFIX.unpack_from(data)
     )
     if magic != MAGIC:
         raise BadFile("not a v2 shard (bad magic)")
     if version != VERSION or flags != 0:
         raise BadFile(f"unknown v2 shard version {version} (flags {flags})")
-    if header_len != _PREFIX.size + meta_len + _CRC.size or header_len > len(data):
+    if header_len != _PREFIX.size + ident_len + schema_len + _CRC.size or header_len > len(data):
         raise BadFile("bad header length")
     if slot_offset != _round_up(header_len, PAGE) or stride != _round_up(slot_size, PAGE):
         raise BadFile("bad slot layout")
@@ -331,97 +349,153 @@ def _decode_header(data: bytes, schema: Schema, incarnation: str) -> _Header:
     (crc,) = _CRC.unpack_from(data, header_len - _CRC.size)
     if zlib.crc32(memoryview(data)[: header_len - _CRC.size]) != crc:
         raise BadFile("bad header checksum")
+    return header_len, slot_offset, stride, slot_size, ident_len, schema_len, fp
+
+
+def _json_object(data: bytes | memoryview, what: str) -> dict[str, Any]:
     try:
-        meta = orjson.loads(memoryview(data)[_PREFIX.size : _PREFIX.size + meta_len])
+        value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise BadFile(f"header meta is not JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise BadFile("header meta is not an object")
-    if meta.get("incarnation") != incarnation:
+        raise BadFile(f"its {what} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise BadFile(f"its {what} is not an object")
+    return value
+
+
+def _decode_header(data: bytes, layout: Layout, incarnation: str) -> _Header:
+    _, slot_offset, stride, slot_size, ident_len, schema_len, fp = _decode_prefix(data)
+    view = memoryview(data)
+    ident = _json_object(view[_PREFIX.size : _PREFIX.size + ident_len], "identity")
+    if ident.get("incarnation") != incarnation:
         raise BadFile("incarnation inside does not match the file name (a copied shard?)")
-    layout = layout_for(schema)
     if fp == layout.fingerprint:
+        # The fingerprint is the reader's own schema's: the cells are ours one to one, and the
+        # schema record (which only a hostile writer could make disagree) is not needed.
         cells = None
         expected_ints = layout.int_cells
     else:
-        cells = _cell_map(meta.get("schema"), schema)
+        start = _PREFIX.size + ident_len
+        record = _json_object(view[start : start + schema_len], "schema record")
+        cells = _cell_map(record, layout.schema)
         expected_ints = len(cells)
-    if meta.get("cells") != {"int": expected_ints, "float": 0}:
+    if ident.get("cells") != {"int": expected_ints, "float": 0}:
         raise BadFile("its slot layout does not match its schema")
-    if slot_size != struct.calcsize(f"{_SLOT_HEAD}{expected_ints}q") + _CRC.size:
+    slot = layout.slot if cells is None else _slot_struct(expected_ints)
+    if slot_size != slot.size + _CRC.size:
         raise BadFile("its slot size does not match its schema")
-    return _Header(header_len, slot_offset, stride, slot_size, meta, cells)
+    return _Header(slot_offset, stride, slot, ident, cells)
 
 
-def _decode_slot(
-    data: bytes | memoryview, slot_size: int, n: int
-) -> tuple[int, int, float, float, tuple[int, ...]] | None:
-    """``(seq, generation, saved_at, start, counts)`` of a valid slot, ``None`` if torn."""
-    body = memoryview(data)[: slot_size - _CRC.size]
-    (crc,) = _CRC.unpack_from(data, slot_size - _CRC.size)
-    if zlib.crc32(body) != crc:
-        return None
-    values = struct.unpack(f"{_SLOT_HEAD}{n}q", body)
-    return values[0], values[1], values[2], values[3], values[4:]
-
-
-def decode_v2(
-    data: bytes,
-    schema: Schema,
-    incarnation: str,
-    *,
-    reread: Any = None,
-) -> ShardRecord:
-    """Decode a v2 shard file's bytes over ``schema``; :class:`BadFile` if it cannot count.
-
-    ``reread(offset, size) -> bytes``, when given (a live shard), is called to read a torn slot
-    again, up to :data:`REREADS` times, before the other slot is used.
-    """
-    head = _decode_header(data, schema, incarnation)
-    meta = head.meta
-    pid, host = meta.get("pid"), meta.get("host")
+def _identity(ident: dict[str, Any]) -> tuple[int, str, float]:
+    pid, host = ident.get("pid"), ident.get("host")
     if type(pid) is not int or not 0 < pid < 2**32:
         raise BadFile(f"pid must be a positive int, got {pid!r}"[:200])
     if not isinstance(host, str) or len(host) > 255:
         raise BadFile("host must be a string of at most 255 characters")
     try:
-        started_at = check_timestamp(meta.get("started_at"))
+        started_at = check_timestamp(ident.get("started_at"))
     except SchemaError as exc:
         raise BadFile(f"invalid: started_at: {exc.problem}") from None
-    n = len(head.cells) if head.cells is not None else schema.size
-    best: tuple[int, int, float, float, tuple[int, ...]] | None = None
-    torn = 0
-    for index in (0, 1):
-        offset = head.slot_offset + index * head.slot_stride
-        slot = _decode_slot(data[offset : offset + head.slot_size], head.slot_size, n)
+    return pid, host, started_at
+
+
+#: Decoded headers by their exact bytes (and the reader's layout). A header never changes once
+#: its shard is in place, and a process that serves scrapes reads the same live shards again
+#: and again: this skips the checksum, the JSON and the checks for every header seen before.
+#: Bounded: cleared whole when full (a cron aggregator's one run never fills it).
+_HEADERS: dict[tuple[Layout, bytes], tuple[_Header, int, str, float]] = {}
+_HEADERS_MAX = 4096
+
+
+def _cached_header(
+    data: bytes, layout: Layout, incarnation: str
+) -> tuple[_Header, int, str, float]:
+    key: tuple[Layout, bytes] | None = None
+    if len(data) >= _PREFIX.size:
+        header_len = _PREFIX.unpack_from(data)[3]
+        if _PREFIX.size < header_len <= len(data):
+            key = (layout, data[:header_len])
+            hit = _HEADERS.get(key)
+            if hit is not None:
+                head = hit[0]
+                expected = head.slot_offset + 2 * head.slot_stride
+                if hit[0].ident["incarnation"] == incarnation and len(data) == expected:
+                    return hit
+    head = _decode_header(data, layout, incarnation)
+    found = (head, *_identity(head.ident))
+    if key is not None:
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        _HEADERS[key] = found
+    return found
+
+
+_Slot: TypeAlias = tuple[Any, ...]  # seq, generation, saved_at, start, *counts
+
+
+def _decode_slot(data: bytes | memoryview, offset: int, slot: struct.Struct) -> _Slot | None:
+    """The fields of the slot at ``offset`` if its checksum holds, else ``None`` (torn)."""
+    end = offset + slot.size
+    (crc,) = _CRC.unpack_from(data, end)
+    if zlib.crc32(memoryview(data)[offset:end]) != crc:
+        return None
+    return slot.unpack_from(data, offset)
+
+
+def _newest_slot(
+    data: bytes, head: _Header, reread: Callable[[int, int], bytes] | None
+) -> tuple[_Slot, int]:
+    """The valid slot with the highest sequence, and how many slots were found torn."""
+    first = head.slot_offset
+    second = first + head.slot_stride
+    if _SEQ.unpack_from(data, second)[0] > _SEQ.unpack_from(data, first)[0]:
+        first, second = second, first
+    # The slot that claims the higher sequence first: if it is valid, it is the newest (the
+    # other one holds an older save), and the other slot need not be checked at all.
+    size = head.slot.size + _CRC.size
+    for torn, offset in enumerate((first, second)):
+        found = _decode_slot(data, offset, head.slot)
         attempts = REREADS if reread is not None else 0
-        while slot is None and attempts:
+        while found is None and attempts:
             attempts -= 1
-            again = reread(offset, head.slot_size)
-            if len(again) == head.slot_size:
-                slot = _decode_slot(again, head.slot_size, n)
-        if slot is None:
-            torn += 1
-            continue
-        if best is None or slot[0] > best[0]:
-            best = slot
-    if best is None:
-        raise BadFile("both slots fail their checksum")
-    seq, generation, saved_at, start, raw = best
-    if any(c < 0 for c in raw):
+            again = reread(offset, size) if reread is not None else b""
+            if len(again) == size:
+                found = _decode_slot(again, 0, head.slot)
+        if found is not None:
+            return found, torn
+    raise BadFile("both slots fail their checksum")
+
+
+def decode_v2(
+    data: bytes,
+    source: Schema | Layout,
+    incarnation: str,
+    *,
+    reread: Callable[[int, int], bytes] | None = None,
+) -> ShardRecord:
+    """Decode a v2 shard file's bytes over a schema (or its layout); :class:`BadFile` if it
+    cannot count.
+
+    ``reread(offset, size) -> bytes``, when given (a live shard), is called to read a torn slot
+    again, up to :data:`REREADS` times, before the other slot is used.
+    """
+    layout = source if isinstance(source, Layout) else layout_for(source)
+    head, pid, host, started_at = _cached_header(data, layout, incarnation)
+    best, torn = _newest_slot(data, head, reread)
+    seq, generation, saved_at, start = best[:_SLOT_HEAD_FIELDS]
+    raw: tuple[int, ...] = best[_SLOT_HEAD_FIELDS:]
+    if raw and min(raw) < 0:
         raise BadFile("a count is negative")
-    for name, value in (("saved_at", saved_at), ("store start", start)):
-        if not math.isfinite(value) or value < 0:
-            raise BadFile(f"invalid: {name} must be finite and non-negative")
-    if head.cells is None:
-        counts = raw
-    else:
-        mapped = [0] * schema.size
+    # Chained comparisons are False for NaN, so this refuses NaN, infinities and negatives.
+    if not (0.0 <= saved_at < math.inf and 0.0 <= start < math.inf):
+        raise BadFile("invalid: saved_at and the store start must be finite and non-negative")
+    if head.cells is not None:
+        mapped = [0] * layout.int_cells
         for cell, value in zip(head.cells, raw, strict=True):
             mapped[cell] = value
-        counts = tuple(mapped)
+        raw = tuple(mapped)
     return ShardRecord(
-        2, incarnation, pid, host, started_at, generation, saved_at, start, counts, seq, torn
+        2, incarnation, pid, host, started_at, generation, saved_at, start, raw, seq, torn
     )
 
 
@@ -508,6 +582,10 @@ _ARCHIVE_KEYS = frozenset(
 )
 
 
+_ARCHIVE_CACHE_BYTES = 64 << 10
+_ARCHIVE_CACHE_ENTRIES = 8
+
+
 @dataclass
 class Archive:
     """The totals of absorbed (dead) incarnations, and the bookkeeping of compaction."""
@@ -536,6 +614,19 @@ class Archive:
         }
         return orjson.dumps(doc)
 
+    def copy(self) -> Archive:
+        return Archive(
+            list(self.counts),
+            set(self.absorbed),
+            self.absorbed_total,
+            self.quarantined_total,
+            set(self.quarantining),
+            self.updated_at,
+            self.first_start,
+            self.exists,
+            self.problem,
+        )
+
     @classmethod
     def decode(cls, data: bytes, schema: Schema) -> Archive:
         """Decode an archive's bytes.
@@ -544,6 +635,22 @@ class Archive:
         lost); :class:`SchemaError` when it is a well-formed archive that does not fit
         ``schema`` (most likely the wrong schema was given: stop rather than drop history).
         """
+        # The archive changes only when a compaction writes it, and a process that serves
+        # scrapes reads the same one every time: decode each version once (a small one: the
+        # bytes are the key).
+        if len(data) > _ARCHIVE_CACHE_BYTES:
+            return cls._decode(data, schema)
+        key = (schema, data)
+        hit = _ARCHIVES.get(key)
+        if hit is None:
+            hit = cls._decode(data, schema)
+            if len(_ARCHIVES) >= _ARCHIVE_CACHE_ENTRIES:
+                _ARCHIVES.clear()
+            _ARCHIVES[key] = hit
+        return hit.copy()
+
+    @classmethod
+    def _decode(cls, data: bytes, schema: Schema) -> Archive:
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -587,6 +694,4 @@ class Archive:
         )
 
 
-def check_counts(counts: Mapping[int, int] | Iterable[int]) -> bool:
-    """Whether every count is an int in ``[0, MAX_COUNT]``."""
-    return all(type(c) is int and 0 <= c <= MAX_COUNT for c in counts)
+_ARCHIVES: dict[tuple[Schema, bytes], Archive] = {}

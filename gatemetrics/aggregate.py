@@ -56,6 +56,7 @@ import errno
 import fcntl
 import logging
 import math
+import operator
 import os
 import re
 import shutil
@@ -80,6 +81,7 @@ from gatemetrics._format import (
     ShardRecord,
     decode_v1,
     decode_v2,
+    layout_for,
     parse_name,
     v1_names,
     v2_names,
@@ -318,6 +320,11 @@ class _Run:
     ) -> None:
         self.dir = directory
         self.schema = schema
+        self.layout = layout_for(schema)  # once per run: hashing a schema is not free
+        # The size of a v2 shard of this schema whose header fits its first page (all real
+        # ones: the header is the identity and the schema record, well under 4 KiB).
+        self.v2_size = self.layout.file_size(1)
+        self.dir_fd = -1  # the directory, opened by run(): shard names resolve against it
         self.namespace = namespace
         self.compact = compact
         self.clock = clock
@@ -333,6 +340,8 @@ class _Run:
         self.starts: list[float] = []
         self.reports: list[ShardReport] = []
         self.absorb: dict[str, tuple[int, ...]] = {}
+        # Shards read and valid, not yet summed: (report index, name, incarnation, state, record).
+        self.counted: list[tuple[int, str, str, State, ShardRecord]] = []
         self.problems: dict[str, str] = {}  # file name -> why it is to be quarantined
         self.live = self.dead = 0
 
@@ -344,19 +353,15 @@ class _Run:
             with contextlib.suppress(OSError):
                 os.close(fd)  # releases the flock we took on a dead shard
         self.held.clear()
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
     def run(self) -> Aggregate:
         if self.compact:
             _faults.point("compact.locked")
-        self.names = sorted(os.listdir(self.dir))
-        for name in self.names:
-            parsed = parse_name(name)
-            if parsed is None:
-                if name.startswith(OWNED_PREFIXES):
-                    self.problems[name] = _NOT_A_NAME
-                continue
-            inc, kind = parsed
-            setattr(self.entries.setdefault(inc, _Entry()), _ENTRY_FIELD[kind], True)
+        self.dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._list()
         self.archive = self._read_archive()
         self.totals = list(self.archive.counts)
         if self.archive.first_start is not None:
@@ -368,6 +373,7 @@ class _Run:
                 self.states.setdefault(inc, self._probe_v1(inc))
             if entry.v1:
                 self._count_v1(inc)
+        self._settle()
         for name in self.names:
             if self.problems.get(name) == _NOT_A_NAME:
                 self.reports.append(
@@ -412,6 +418,18 @@ class _Run:
             quarantine_entries=self._quarantine_entries(),
             compaction=compaction,
         )
+
+    def _list(self) -> None:
+        """Sort the directory's names into incarnations; a bad name under ours is a problem."""
+        self.names = sorted(os.listdir(self.dir_fd))
+        for name in self.names:
+            parsed = parse_name(name)
+            if parsed is None:
+                if name.startswith(OWNED_PREFIXES):
+                    self.problems[name] = _NOT_A_NAME
+                continue
+            inc, kind = parsed
+            setattr(self.entries.setdefault(inc, _Entry()), _ENTRY_FIELD[kind], True)
 
     # -- counting ------------------------------------------------------------------------------
 
@@ -468,15 +486,9 @@ class _Run:
         self._add(name, inc, state, record)
 
     def _add(self, name: str, inc: str, state: State, record: ShardRecord) -> None:
-        counts = record.counts
-        summed = [t + c for t, c in zip(self.totals, counts, strict=True)]
-        if max(summed, default=0) > MAX_COUNT:
-            self._bad(name, inc, state, "its counts would push the aggregate past 2**63-1", 0)
-            return
-        self.totals = summed
-        self.starts.append(record.start)
-        if state == "dead" and self.compact:
-            self.absorb[inc] = counts
+        # Summed once all shards are read (see _settle): one pass over columns in C instead of
+        # one Python addition per cell per shard.
+        self.counted.append((len(self.reports), name, inc, state, record))
         self.reports.append(
             ShardReport(
                 name,
@@ -487,23 +499,51 @@ class _Run:
                 host=record.host,
                 saved_at=record.saved_at,
                 generation=record.generation,
-                counts=counts,
+                counts=record.counts,
                 format=record.format,
             )
         )
 
+    def _settle(self) -> None:
+        """Sum the counted shards into the totals; blame the shards that would overflow.
+
+        The common case sums every column at once. Only when some total would pass
+        ``MAX_COUNT`` are the shards added again one by one, in the order they were read, and
+        each one whose counts would push a total past the limit is not counted (quarantined
+        if dead, skipped if live), exactly as if it had been checked on its own.
+        """
+        counted, self.counted = self.counted, []
+        rows = [row[4].counts for row in counted]
+        totals = list(map(sum, zip(self.totals, *rows, strict=True)))
+        if max(totals, default=0) > MAX_COUNT:
+            totals = list(self.totals)
+            kept = []
+            for row in counted:
+                index, name, inc, state, record = row
+                summed = list(map(operator.add, totals, record.counts))
+                if max(summed) > MAX_COUNT:
+                    problem = "its counts would push the aggregate past 2**63-1"
+                    self.reports[index] = self._bad_report(name, inc, state, problem, 0)
+                    continue
+                totals = summed
+                kept.append(row)
+            counted = kept
+        self.totals = totals
+        for _, _, inc, state, record in counted:
+            self.starts.append(record.start)
+            if state == "dead" and self.compact:
+                self.absorb[inc] = record.counts
+
     def _bad(self, name: str, inc: str, state: State, problem: str, fmt: int) -> None:
+        self.reports.append(self._bad_report(name, inc, state, problem, fmt))
+
+    def _bad_report(self, name: str, inc: str, state: State, problem: str, fmt: int) -> ShardReport:
         form = fmt or (2 if name.startswith("v2-") else 1)
         if state == "live":
             _log.warning("skipped %s (its owner is alive): %s", name, problem)
-            self.reports.append(
-                ShardReport(name, inc, state, "skipped", problem=problem, format=form)
-            )
-        else:
-            self.problems[name] = problem
-            self.reports.append(
-                ShardReport(name, inc, state, "quarantined", problem=problem, format=form)
-            )
+            return ShardReport(name, inc, state, "skipped", problem=problem, format=form)
+        self.problems[name] = problem
+        return ShardReport(name, inc, state, "quarantined", problem=problem, format=form)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -512,11 +552,14 @@ class _Run:
     ) -> tuple[Literal["live", "dead"], ShardRecord | BadFile]:
         """Probe and read one v2 shard through one descriptor: ``(state, record or problem)``.
 
-        Raises :class:`_Unreadable` for an entry that cannot be a shard at all (a symlink, a
-        directory, a FIFO): no owner can hold its lock, so it is dead.
+        One open (relative to the directory), one non-blocking lock probe and one read of the
+        size a shard of our schema has: this runs once per live shard on every scrape, so the
+        common case makes no other system call. Raises :class:`_Unreadable` for an entry that
+        cannot be a shard at all (a symlink, a directory, a FIFO): no owner can hold its lock,
+        so it is dead.
         """
         try:
-            fd = os.open(self._p(name), _OPEN_RO)
+            fd = os.open(name, _OPEN_RO, dir_fd=self.dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise _Unreadable("a symlink, not a regular file") from None
@@ -526,23 +569,14 @@ class _Run:
             return "live", BadFile(f"cannot be read: {exc.strerror}")
         keep = False
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                raise _Unreadable(f"{kind}, not a shard")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in _CONTENTION:
-                    _log.warning("cannot probe %s (treated as live): %s", name, exc.strerror)
-                state: Literal["live", "dead"] = "live"
-            else:
-                state = "dead"
+            state = self._probe(fd, name)
+            if state == "dead":  # the flock is ours until the run ends
                 keep = True
                 self.held[inc] = fd
-            if st.st_size > MAX_SHARD_BYTES:
-                return state, BadFile(f"too large ({st.st_size} bytes, limit {MAX_SHARD_BYTES})")
-            data = os.pread(fd, st.st_size, 0)
+            try:
+                data = self._read_whole(fd)
+            except BadFile as bad:
+                return state, bad
             self.files_read += 1
 
             def reread(offset: int, size: int) -> bytes:
@@ -550,16 +584,48 @@ class _Run:
 
             try:
                 record = decode_v2(
-                    data, self.schema, inc, reread=reread if state == "live" else None
+                    data, self.layout, inc, reread=reread if state == "live" else None
                 )
             except BadFile as bad:
                 return state, bad
             return state, record
         except OSError as exc:
+            if exc.errno == errno.EISDIR:
+                raise _Unreadable("a directory, not a shard") from None
+            if exc.errno in (errno.ESPIPE, errno.EINVAL, errno.ENXIO):
+                raise _Unreadable("not a regular file, not a shard") from None
             return "live", BadFile(f"cannot be read: {exc.strerror}")
         finally:
             if not keep:
                 os.close(fd)
+
+    @staticmethod
+    def _probe(fd: int, name: str) -> Literal["live", "dead"]:
+        """Dead if we can take the lifetime lock (then it stays ours), else live."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in _CONTENTION:
+                _log.warning("cannot probe %s (treated as live): %s", name, exc.strerror)
+            return "live"
+        return "dead"
+
+    def _read_whole(self, fd: int) -> bytes:
+        """The bytes of a v2 shard's descriptor; :class:`BadFile` when it is too large.
+
+        Reads one byte more than a shard of our schema has, so a file of that size (the common
+        case) needs no ``fstat``; any other size is measured before it is read.
+        """
+        expected = self.v2_size
+        data = os.pread(fd, expected + 1, 0)
+        if len(data) == expected:
+            return data
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ESPIPE, "not a regular file")
+        if st.st_size > MAX_SHARD_BYTES:
+            raise BadFile(f"too large ({st.st_size} bytes, limit {MAX_SHARD_BYTES})")
+        return os.pread(fd, st.st_size, 0) if st.st_size != len(data) else data
 
     def _read_bounded(self, name: str, limit: int) -> bytes:
         try:

@@ -104,6 +104,7 @@ class Schema:
     _by_key: dict[str, Family] = field(init=False, repr=False, compare=False)
     # Derived data other modules compute once per schema (the exposition's line templates).
     _cache: dict[str, Any] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __init__(self, families: Iterable[Family]) -> None:
         fams = tuple(families)
@@ -135,6 +136,12 @@ class Schema:
         object.__setattr__(self, "_slots", slots)
         object.__setattr__(self, "_by_key", {f.key: f for f in fams})
         object.__setattr__(self, "_cache", {})
+        object.__setattr__(self, "_hash", hash(fams))
+
+    def __hash__(self) -> int:
+        # Computed once: schemas key the caches of every reader, and hashing the nested
+        # families again on each lookup cost more than decoding a shard.
+        return self._hash
 
     @property
     def size(self) -> int:

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import enum
 import errno
 import fcntl
 import hashlib
@@ -64,13 +65,13 @@ import math
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Literal
 
 from gatemetrics import _faults
@@ -123,7 +124,15 @@ _CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 _LEGACY_DURABILITY = {"none": "process-crash", "file": "power-loss", "full": "power-loss"}
 
 
-class Durability(StrEnum):
+class _Retry(Exception):
+    """Creating a shard should be tried again with a fresh incarnation."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class Durability(enum.StrEnum):
     """What a save that returned survives.
 
     ``process-crash`` (the default): any process death (SIGKILL, OOM kill, a crash); no fsync on
@@ -156,8 +165,25 @@ class Durability(StrEnum):
         if not isinstance(value, str) or value not in _LEGACY_DURABILITY:
             return None
         member, message = cls.from_setting(value)
-        warnings.warn(message or "", DeprecationWarning, stacklevel=2)
+        warnings.warn(message or "", DeprecationWarning, stacklevel=_outside_stacklevel())
         return member
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` that names the first caller outside gatemetrics and :mod:`enum`.
+
+    ``Durability("full")`` reaches ``_missing_`` through the enum machinery and maybe through
+    our own constructors; a warning attributed to either would be hidden by Python's default
+    filters (which show a DeprecationWarning only when ``__main__`` triggers it) and would not
+    tell the user which line to change. (``skip_file_prefixes`` needs Python 3.12.)
+    """
+    skip = (os.path.dirname(__file__) + os.sep, enum.__file__)
+    frame = sys._getframe(1)  # the caller of this function: stacklevel 1 of warnings.warn
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def check_writable(store: CounterStore) -> None:
@@ -366,6 +392,9 @@ class Shard:
 
         Returns the result of the final save (True when none was asked for).
         """
+        # The final save checks that the shard is still at its path whatever the throttle says:
+        # counts written into a removed file would be lost with the process.
+        self._next_check = 0.0
         ok = self.save() if save else True
         with self._save_lock:
             self._guard_pid()
@@ -470,60 +499,17 @@ class Shard:
         last: Exception | None = None
         for _ in range(_CREATE_ATTEMPTS):
             ident = self._identity_factory()
-            name, tmp_name = v2_names(ident.incarnation)
-            path = os.path.join(self._directory, name)
-            tmp = os.path.join(self._directory, tmp_name)
             header = self._layout.header(
                 incarnation=ident.incarnation,
                 pid=ident.pid,
                 host=ident.host,
                 started_at=ident.started_at,
             )
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                fd = os.open(tmp, flags, 0o644)
-            except FileExistsError as exc:  # an id collision or a planted file: a new id
-                last = exc
+                fd, st = self._create_file(ident, header, start)
+            except _Retry as retry:
+                last = retry.cause
                 continue
-            except OSError as exc:
-                raise ShardWriteError(tmp, f"cannot create the shard: {exc}") from exc
-            done = False
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    if exc.errno not in _CONTENTION:
-                        raise ShardWriteError(tmp, f"cannot take the lifetime lock: {exc}") from exc
-                    # An aggregator is probing this brand-new temp file (it may remove it as
-                    # an orphan): never wait for it, a fresh incarnation has a fresh file.
-                    last = exc
-                    continue
-                _faults.point("create.locked")
-                os.fchmod(fd, 0o644)  # whatever the umask: aggregators of other users read it
-                view = memoryview(self._layout.new_file(header, start))
-                while view:
-                    view = view[os.write(fd, view) :]
-                _faults.point("create.written")
-                if self._sync:
-                    os.fsync(fd)
-                try:
-                    os.rename(tmp, path)
-                except FileNotFoundError as exc:  # an aggregator removed it before our flock
-                    last = exc
-                    continue
-                _faults.point("create.renamed")
-                if self._sync:
-                    fsync_directory(self._directory)
-                _faults.point("create.done")
-                st = os.fstat(fd)
-                done = True
-            except OSError as exc:
-                raise ShardWriteError(tmp, f"cannot create the shard: {exc}") from exc
-            finally:
-                if not done:
-                    os.close(fd)
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
             self._fd, self._identity = fd, ident
             self._inode = (st.st_dev, st.st_ino)
             self._header_len = len(header)
@@ -532,6 +518,61 @@ class Shard:
             self._next_check = time.monotonic() + VANISHED_CHECK_S
             return ident
         raise ShardWriteError(self._directory, f"no new shard after retries: {last}")
+
+    def _create_file(
+        self, ident: Identity, header: bytes, start: float
+    ) -> tuple[int, os.stat_result]:
+        """One attempt at ``ident``'s shard: its locked descriptor and its stat.
+
+        Raises :class:`_Retry` when a fresh incarnation should try again, and
+        :class:`ShardWriteError` when no attempt can succeed.
+        """
+        name, tmp_name = v2_names(ident.incarnation)
+        path = os.path.join(self._directory, name)
+        tmp = os.path.join(self._directory, tmp_name)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileExistsError as exc:  # an id collision or a planted file: a new id
+            raise _Retry(exc) from None
+        except OSError as exc:
+            raise ShardWriteError(tmp, f"cannot create the shard: {exc}") from exc
+        done = False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in _CONTENTION:
+                    raise ShardWriteError(tmp, f"cannot take the lifetime lock: {exc}") from exc
+                # An aggregator is probing this brand-new temp file (it may remove it as an
+                # orphan): never wait for it, a fresh incarnation has a fresh file.
+                raise _Retry(exc) from None
+            _faults.point("create.locked")
+            os.fchmod(fd, 0o644)  # whatever the umask: aggregators of other users read it
+            view = memoryview(self._layout.new_file(header, start))
+            while view:
+                view = view[os.write(fd, view) :]
+            _faults.point("create.written")
+            if self._sync:
+                os.fsync(fd)
+            try:
+                os.rename(tmp, path)
+            except FileNotFoundError as exc:  # an aggregator removed it before our flock
+                raise _Retry(exc) from None
+            _faults.point("create.renamed")
+            if self._sync:
+                fsync_directory(self._directory)
+            _faults.point("create.done")
+            st = os.fstat(fd)
+            done = True
+        except OSError as exc:
+            raise ShardWriteError(tmp, f"cannot create the shard: {exc}") from exc
+        finally:
+            if not done:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return fd, st
 
     def _check_monotonic(self, counts: tuple[int, ...]) -> None:
         # Only after a restore(): a restored store with smaller counts than it saved would make

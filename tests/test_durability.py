@@ -37,11 +37,6 @@ def test_a_legacy_name_maps_to_its_new_member_with_a_deprecation_warning(
     assert len(w) == 1
 
 
-@pytest.mark.xfail(
-    reason="engine: Durability._missing_ warns with stacklevel=2, which names enum.py; Python's "
-    "default filters then hide the DeprecationWarning outside test runners",
-    strict=True,
-)
 def test_the_deprecation_warning_names_the_caller() -> None:
     with pytest.warns(DeprecationWarning, match="'full' is deprecated") as w:
         Durability("full")

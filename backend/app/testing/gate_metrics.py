@@ -244,7 +244,10 @@ class GateMetricStore(CounterStore):
     # -- persistence -------------------------------------------------------------------------
 
     def save_to_dir(
-        self, path: str | os.PathLike[str], *, durability: Durability | str = Durability.PROCESS_CRASH
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability | str = Durability.PROCESS_CRASH,
     ) -> bool:
         """Write this process's cumulative counts as its own shard in ``path``.
 
