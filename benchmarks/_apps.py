@@ -29,7 +29,6 @@ the fork); either way the change applies to that server's processes only.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -108,10 +107,6 @@ def _prometheus() -> None:
 
 def _no_group_commit() -> None:
     jsonl = backend_main.JsonlAuditLog
-    # TODO(audit group commit): the check can go once JsonlAuditLog(group_commit=...) has
-    # landed; a log without the option already fsyncs once per entry.
-    if "group_commit" not in inspect.signature(jsonl).parameters:
-        return
 
     def per_entry_fsync(*args: Any, **kwargs: Any) -> Any:
         return jsonl(*args, **{**kwargs, "group_commit": False})

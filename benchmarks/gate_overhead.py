@@ -132,7 +132,7 @@ def _checks(ctx: Context, runs: int, sample_ns: float, bindings: list[Any]) -> d
 
     def label(name: str) -> str:
         suffix = " (default)" if name == default else ""
-        return f"write-through, {_engine.durability_label(name)}{suffix}"
+        return f"write-through, {name}{suffix}"
 
     # Variants that never fsync are interleaved among themselves: sampled between fsyncs they
     # would measure the disturbance, not the gate.
@@ -147,7 +147,7 @@ def _checks(ctx: Context, runs: int, sample_ns: float, bindings: list[Any]) -> d
     syncing["JsonlAuditLog, no store"] = ReleaseGate(
         JsonlAuditLog(ctx.tmp / "audit-a.jsonl"), _NoMetrics()
     )
-    production = f"JsonlAuditLog, write-through {_engine.durability_label(default)} (production)"
+    production = f"JsonlAuditLog, write-through {default} (production)"
     syncing[production] = ReleaseGate(JsonlAuditLog(ctx.tmp / "audit-b.jsonl"), bound(None))
     figs: dict[str, Figure] = {}
     loops: dict[str, int] = {}
@@ -176,8 +176,7 @@ def run(ctx: Context) -> dict[str, Any]:
     r_record = ratio(rf["theirs"], rf["ours"])
     record_rows = [
         [
-            f"gatemetrics `record_outcome`, write-through "
-            f"{_engine.durability_label(default_name)} (default)",
+            f"gatemetrics `record_outcome`, write-through {default_name} (default)",
             fmt_figure(rf["ours"]),
             fmt_ratio(r_record, digits=2),
         ],
@@ -193,10 +192,7 @@ def run(ctx: Context) -> dict[str, Any]:
         ],
     ]
     sf = saves["figs"]
-    save_rows = [
-        [_engine.durability_label(name), fmt_figure(sf[name]), f"{saves['loops'][name]:,}"]
-        for name in DURABILITIES
-    ]
+    save_rows = [[name, fmt_figure(sf[name]), f"{saves['loops'][name]:,}"] for name in DURABILITIES]
     cf = checks["figs"]
     base = cf["no store"]
     jsonl_base = cf["JsonlAuditLog, no store"]
@@ -289,7 +285,6 @@ def run(ctx: Context) -> dict[str, Any]:
             "An unbound store costs about as much as figure 1's hot path (well under a "
             "microsecond), less than the noise of a 20 µs check: its difference from no store "
             "can come out negative.",
-            *_engine.transition_notes(),
         ],
         "data": {
             "record_call": {

@@ -370,14 +370,13 @@ def _servers(tmp: Path) -> dict[str, _Server]:
     main = "backend.app.main:app"
     changed = "benchmarks._apps:app"
     default_name = (
-        f"gatemetrics default ({defaults['persistence']}, "
-        f"{_engine.durability_label(_engine.default_durability_name())})"
+        f"gatemetrics default ({defaults['persistence']}, {_engine.default_durability_name()})"
     )
     return {
         "off": _Server("metrics off (store not bound)", changed, "off", tmp / "off"),
         "default": _Server(default_name, main, None, tmp / "default"),
         "power-loss": _Server(
-            f"gatemetrics write-through, {_engine.durability_label(_engine.POWER_LOSS)}",
+            f"gatemetrics write-through, {_engine.POWER_LOSS}",
             main,
             None,
             tmp / "power-loss",
@@ -545,7 +544,6 @@ def run(ctx: Context) -> dict[str, Any]:
                 for key, c in counts.items()
             )
             + ". Counted may exceed answered by the requests in flight when wrk stopped.",
-            *_engine.transition_notes(audit=True),
         ],
         "data": {
             "workers": WORKERS,
@@ -563,6 +561,5 @@ def run(ctx: Context) -> dict[str, Any]:
             "counts": counts,
             "shard_saves": saves,
             "backend_defaults": _engine.backend_defaults(),
-            "audit_group_commit_available": _engine.audit_group_commit(),
         },
     }

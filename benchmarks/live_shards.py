@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks import _engine
 from benchmarks._harness import Context, fmt_figure, fmt_ratio, interleaved, ratio
 from benchmarks._populate import (
     LiveOwners,
@@ -113,7 +112,6 @@ def run(ctx: Context) -> dict[str, Any]:
             f"grow linearly in k; ours costs about {per_shard / 1e3:.0f} µs per live shard "
             "(open, flock probe, read, validate, sum) at the largest k. A host runs one live "
             "shard per worker process, so k stays small in practice.",
-            *_engine.transition_notes(),
         ],
         "data": data,
     }

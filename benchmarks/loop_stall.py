@@ -84,12 +84,12 @@ def run(ctx: Context) -> dict[str, Any]:
         reason.labels("DRIFT_ALERT").inc()
 
     unbound = GateMetricStore()
-    labels = {"default": f"write-through, {_engine.durability_label(default_name)} (default)"}
+    labels = {"default": f"write-through, {default_name} (default)"}
     try:
         sides: dict[str, Callable[[], object]] = {"default": bound("default", None)}
         for name in (_engine.PROCESS_CRASH, _engine.POWER_LOSS):
             if name != default_name:
-                labels[name] = f"write-through, {_engine.durability_label(name)}"
+                labels[name] = f"write-through, {name}"
                 sides[name] = bound(name, name)
         labels["unbound"] = "unbound store (in memory only)"
         labels["prometheus"] = "prometheus_client multiprocess, three `labels(v).inc()`"
@@ -149,7 +149,6 @@ def run(ctx: Context) -> dict[str, Any]:
             "`ReleaseGate.acheck` does not make this call on the loop (its audit write and "
             "emission run on a worker thread); the figure is what a coroutine that counts "
             "directly pays.",
-            *_engine.transition_notes(),
         ],
         "data": data,
     }

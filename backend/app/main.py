@@ -661,7 +661,7 @@ class ReleaseGateApp:
         now_ms = self._clock_ms() if request.now_ms is None else request.now_ms
         try:
             # acheck: the decision is pure; the audit write and the (write-through) count run
-            # in worker threads, so the loop keeps serving while they fsync.
+            # in one worker-thread hop, so the loop keeps serving while the audit log fsyncs.
             decision = await worker.gate.acheck(
                 request.result, request.override, request.release_scope, now_ms
             )
