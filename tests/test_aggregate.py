@@ -336,17 +336,18 @@ def test_liveness_beats_the_archive_for_a_v2_shard(
 def test_a_live_v2_shard_listed_as_absorbed_is_counted_once_after_its_owner_exits(
     tmp_path: Path,
 ) -> None:
+    dead_shard(tmp_path, allows=1)
     store = GateMetricStore()
     binding = store.bind_to_dir(tmp_path)
     for _ in range(3):
         store.record_decision(True)
     name = live_v2_name(store, tmp_path)
     _list_as_absorbed(tmp_path, incarnation_of(name))
-    assert agg(tmp_path, compact=True).snapshot().get("decision_counts", "ALLOW") == 3
+    assert agg(tmp_path, compact=True).snapshot().get("decision_counts", "ALLOW") == 4
     binding.close()
     result = agg(tmp_path, compact=True)  # invariant 3: never decreasing
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 3, "DENY": 0}
-    assert decisions(tmp_path) == {"ALLOW": 3, "DENY": 0}
+    assert result.snapshot().family("decision_counts") == {"ALLOW": 4, "DENY": 0}
+    assert decisions(tmp_path) == {"ALLOW": 4, "DENY": 0}
 
 
 def test_a_thousand_dead_incarnations_of_both_formats_compact_to_one_archive(
@@ -780,6 +781,25 @@ def test_a_hostile_v2_shard_costs_only_itself(
     caplog.clear()
     expected = {"ALLOW": 5 + int(case == "symlink"), "DENY": 1}
     _assert_costs_only_itself(tmp_path, caplog, bad, expected)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine: decode_v1 (_format.py) validates saved_at/started_at with check_timestamp, "
+    "whose SchemaError always names store_start_timestamp: the log line blames the wrong field",
+)
+@pytest.mark.parametrize("field", ["saved_at", "started_at"])
+def test_a_v1_shards_bad_timestamp_is_reported_under_its_own_name(
+    tmp_path: Path, field: str
+) -> None:
+    source, data = _v1_source(tmp_path)
+    bad = tmp_path / v1_names(new_identity().incarnation)[0]
+    _v1_doc(lambda d: d.update({field: "NaN"}))(bad, source, data)
+    (report,) = agg(tmp_path).shards
+    assert report.action == "quarantined"
+    assert report.problem is not None
+    assert field in report.problem
+    assert "store_start_timestamp" not in report.problem
 
 
 def test_the_v2_forgery_helpers_alone_break_nothing(tmp_path: Path) -> None:
