@@ -71,8 +71,11 @@ __all__ = [
     "Kind",
     "Layout",
     "ShardRecord",
+    "V2Header",
     "decode_v1",
     "decode_v2",
+    "decode_v2_header",
+    "decode_v2_slots",
     "layout_for",
     "parse_name",
     "schema_fingerprint",
@@ -320,12 +323,25 @@ class ShardRecord(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class _Header:
+class V2Header:
+    """A checked v2 header: whose shard it is and where its slots are. Immutable.
+
+    A header never changes once its shard is in place, so a reader that keeps a shard open
+    may decode it once and then read only the slots (:func:`decode_v2_slots`).
+    """
+
+    incarnation: str
+    pid: int
+    host: str
+    started_at: float
     slot_offset: int
     slot_stride: int
     slot: struct.Struct  # the slot's body (without its checksum)
-    ident: dict[str, Any]
-    cells: tuple[int, ...] | None  # None: same schema, cells map one to one
+    cells: tuple[int, ...] | None  # None: the reader's schema, cells map one to one
+
+    @property
+    def file_size(self) -> int:
+        return self.slot_offset + 2 * self.slot_stride
 
 
 def _decode_prefix(data: bytes) -> tuple[int, int, int, int, int, int, bytes]:
@@ -362,7 +378,7 @@ def _json_object(data: bytes | memoryview, what: str) -> dict[str, Any]:
     return value
 
 
-def _decode_header(data: bytes, layout: Layout, incarnation: str) -> _Header:
+def _decode_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
     _, slot_offset, stride, slot_size, ident_len, schema_len, fp = _decode_prefix(data)
     view = memoryview(data)
     ident = _json_object(view[_PREFIX.size : _PREFIX.size + ident_len], "identity")
@@ -383,10 +399,6 @@ def _decode_header(data: bytes, layout: Layout, incarnation: str) -> _Header:
     slot = layout.slot if cells is None else _slot_struct(expected_ints)
     if slot_size != slot.size + _CRC.size:
         raise BadFile("its slot size does not match its schema")
-    return _Header(slot_offset, stride, slot, ident, cells)
-
-
-def _identity(ident: dict[str, Any]) -> tuple[int, str, float]:
     pid, host = ident.get("pid"), ident.get("host")
     if type(pid) is not int or not 0 < pid < 2**32:
         raise BadFile(f"pid must be a positive int, got {pid!r}"[:200])
@@ -396,38 +408,37 @@ def _identity(ident: dict[str, Any]) -> tuple[int, str, float]:
         started_at = check_timestamp(ident.get("started_at"))
     except SchemaError as exc:
         raise BadFile(f"invalid: started_at: {exc.problem}") from None
-    return pid, host, started_at
+    return V2Header(incarnation, pid, host, started_at, slot_offset, stride, slot, cells)
 
 
 #: Decoded headers by their exact bytes (and the reader's layout). A header never changes once
 #: its shard is in place, and a process that serves scrapes reads the same live shards again
 #: and again: this skips the checksum, the JSON and the checks for every header seen before.
 #: Bounded: cleared whole when full (a cron aggregator's one run never fills it).
-_HEADERS: dict[tuple[Layout, bytes], tuple[_Header, int, str, float]] = {}
+_HEADERS: dict[tuple[Layout, bytes], V2Header] = {}
 _HEADERS_MAX = 4096
 
 
-def _cached_header(
-    data: bytes, layout: Layout, incarnation: str
-) -> tuple[_Header, int, str, float]:
+def decode_v2_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
+    """The checked header of a whole v2 shard file's bytes; :class:`BadFile` if it is bad."""
     key: tuple[Layout, bytes] | None = None
     if len(data) >= _PREFIX.size:
         header_len = _PREFIX.unpack_from(data)[3]
         if _PREFIX.size < header_len <= len(data):
             key = (layout, data[:header_len])
             hit = _HEADERS.get(key)
-            if hit is not None:
-                head = hit[0]
-                expected = head.slot_offset + 2 * head.slot_stride
-                if hit[0].ident["incarnation"] == incarnation and len(data) == expected:
-                    return hit
+            if hit is not None and hit.incarnation == incarnation:
+                if len(data) != hit.file_size:
+                    raise BadFile(
+                        f"wrong size ({len(data)} bytes, its header says {hit.file_size})"
+                    )
+                return hit
     head = _decode_header(data, layout, incarnation)
-    found = (head, *_identity(head.ident))
     if key is not None:
         if len(_HEADERS) >= _HEADERS_MAX:
             _HEADERS.clear()
-        _HEADERS[key] = found
-    return found
+        _HEADERS[key] = head
+    return head
 
 
 _Slot: TypeAlias = tuple[Any, ...]  # seq, generation, saved_at, start, *counts
@@ -443,10 +454,13 @@ def _decode_slot(data: bytes | memoryview, offset: int, slot: struct.Struct) -> 
 
 
 def _newest_slot(
-    data: bytes, head: _Header, reread: Callable[[int, int], bytes] | None
+    data: bytes, base: int, head: V2Header, reread: Callable[[int, int], bytes] | None
 ) -> tuple[_Slot, int]:
-    """The valid slot with the highest sequence, and how many slots were found torn."""
-    first = head.slot_offset
+    """The valid slot with the highest sequence, and how many slots were found torn.
+
+    ``data`` holds the file's bytes from offset ``base`` on (0: the whole file).
+    """
+    first = head.slot_offset - base
     second = first + head.slot_stride
     if _SEQ.unpack_from(data, second)[0] > _SEQ.unpack_from(data, first)[0]:
         first, second = second, first
@@ -458,7 +472,7 @@ def _newest_slot(
         attempts = REREADS if reread is not None else 0
         while found is None and attempts:
             attempts -= 1
-            again = reread(offset, size) if reread is not None else b""
+            again = reread(base + offset, size) if reread is not None else b""
             if len(again) == size:
                 found = _decode_slot(again, 0, head.slot)
         if found is not None:
@@ -466,22 +480,24 @@ def _newest_slot(
     raise BadFile("both slots fail their checksum")
 
 
-def decode_v2(
+def decode_v2_slots(
     data: bytes,
-    source: Schema | Layout,
-    incarnation: str,
+    base: int,
+    head: V2Header,
+    layout: Layout,
     *,
     reread: Callable[[int, int], bytes] | None = None,
 ) -> ShardRecord:
-    """Decode a v2 shard file's bytes over a schema (or its layout); :class:`BadFile` if it
-    cannot count.
+    """The record in a v2 shard's slots: ``data`` holds the file from offset ``base`` on, at
+    least both slots (``base`` is 0 for the whole file, ``head.slot_offset`` for the slots
+    alone). :class:`BadFile` if it cannot count.
 
     ``reread(offset, size) -> bytes``, when given (a live shard), is called to read a torn slot
     again, up to :data:`REREADS` times, before the other slot is used.
     """
-    layout = source if isinstance(source, Layout) else layout_for(source)
-    head, pid, host, started_at = _cached_header(data, layout, incarnation)
-    best, torn = _newest_slot(data, head, reread)
+    if len(data) < head.file_size - base:
+        raise BadFile(f"wrong size (its header says {head.file_size} bytes)")
+    best, torn = _newest_slot(data, base, head, reread)
     seq, generation, saved_at, start = best[:_SLOT_HEAD_FIELDS]
     raw: tuple[int, ...] = best[_SLOT_HEAD_FIELDS:]
     if raw and min(raw) < 0:
@@ -495,8 +511,32 @@ def decode_v2(
             mapped[cell] = value
         raw = tuple(mapped)
     return ShardRecord(
-        2, incarnation, pid, host, started_at, generation, saved_at, start, raw, seq, torn
+        2,
+        head.incarnation,
+        head.pid,
+        head.host,
+        head.started_at,
+        generation,
+        saved_at,
+        start,
+        raw,
+        seq,
+        torn,
     )
+
+
+def decode_v2(
+    data: bytes,
+    source: Schema | Layout,
+    incarnation: str,
+    *,
+    reread: Callable[[int, int], bytes] | None = None,
+) -> ShardRecord:
+    """Decode a whole v2 shard file's bytes over a schema (or its layout); :class:`BadFile` if
+    it cannot count. ``reread`` as for :func:`decode_v2_slots`."""
+    layout = source if isinstance(source, Layout) else layout_for(source)
+    head = decode_v2_header(data, layout, incarnation)
+    return decode_v2_slots(data, 0, head, layout, reread=reread)
 
 
 # -- shard format v1 (previous release; read only) ------------------------------------------------

@@ -61,6 +61,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,9 +79,12 @@ from gatemetrics._format import (
     OWNED_PREFIXES,
     Archive,
     BadFile,
+    Layout,
     ShardRecord,
+    V2Header,
     decode_v1,
-    decode_v2,
+    decode_v2_header,
+    decode_v2_slots,
     layout_for,
     parse_name,
     v1_names,
@@ -325,6 +329,11 @@ class _Run:
         # ones: the header is the identity and the schema record, well under 4 KiB).
         self.v2_size = self.layout.file_size(1)
         self.dir_fd = -1  # the directory, opened by run(): shard names resolve against it
+        # Live v2 shards kept open between runs of this process (see _KeptShards): those the
+        # last run left (taken out for this run), and those this run leaves for the next one.
+        self.kept_key: tuple[int, int, Layout] | None = None
+        self.kept_before: dict[str, tuple[int, V2Header]] = {}
+        self.kept_after: dict[str, tuple[int, V2Header]] | None = None
         self.namespace = namespace
         self.compact = compact
         self.clock = clock
@@ -353,6 +362,13 @@ class _Run:
             with contextlib.suppress(OSError):
                 os.close(fd)  # releases the flock we took on a dead shard
         self.held.clear()
+        for fd, _ in self.kept_before.values():  # no longer listed, or not read this time
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.kept_before = {}
+        if self.kept_key is not None and self.kept_after is not None:
+            _KEPT.check_in(self.kept_key, self.kept_after)
+        self.kept_after = None
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
@@ -361,6 +377,10 @@ class _Run:
         if self.compact:
             _faults.point("compact.locked")
         self.dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(self.dir_fd)
+        self.kept_key = (st.st_dev, st.st_ino, self.layout)
+        self.kept_before = _KEPT.check_out(self.kept_key)
+        self.kept_after = {}
         self._list()
         self.archive = self._read_archive()
         self.totals = list(self.archive.counts)
@@ -490,17 +510,18 @@ class _Run:
         # one Python addition per cell per shard.
         self.counted.append((len(self.reports), name, inc, state, record))
         self.reports.append(
-            ShardReport(
+            ShardReport(  # positional: one is built per shard per scrape
                 name,
                 inc,
                 state,
                 "counted",
-                pid=record.pid,
-                host=record.host,
-                saved_at=record.saved_at,
-                generation=record.generation,
-                counts=record.counts,
-                format=record.format,
+                record.pid,
+                record.host,
+                record.saved_at,
+                record.generation,
+                record.counts,
+                None,
+                record.format,
             )
         )
 
@@ -550,14 +571,21 @@ class _Run:
     def _read_v2(
         self, name: str, inc: str
     ) -> tuple[Literal["live", "dead"], ShardRecord | BadFile]:
-        """Probe and read one v2 shard through one descriptor: ``(state, record or problem)``.
+        """Probe and read one v2 shard: ``(state, record or problem)``.
 
         One open (relative to the directory), one non-blocking lock probe and one read of the
         size a shard of our schema has: this runs once per live shard on every scrape, so the
-        common case makes no other system call. Raises :class:`_Unreadable` for an entry that
-        cannot be a shard at all (a symlink, a directory, a FIFO): no owner can hold its lock,
-        so it is dead.
+        common case makes no other system call. A live shard's descriptor and checked header
+        are kept for the next run of this process (:class:`_KeptShards`), which then probes
+        and reads only the slots. Raises :class:`_Unreadable` for an entry that cannot be a
+        shard at all (a symlink, a directory, a FIFO): no owner can hold its lock, so it is
+        dead.
         """
+        kept = self.kept_before.pop(name, None)
+        if kept is not None:
+            found = self._read_kept(name, inc, *kept)
+            if found is not None:
+                return found
         try:
             fd = os.open(name, _OPEN_RO, dir_fd=self.dir_fd)
         except OSError as exc:
@@ -567,12 +595,17 @@ class _Run:
                 raise _Unreadable("vanished while being read") from None
             # Cannot tell: treat as live (only dead shards are ever changed).
             return "live", BadFile(f"cannot be read: {exc.strerror}")
+        return self._read_open(fd, name, inc, self._probe(fd, name))
+
+    def _read_open(
+        self, fd: int, name: str, inc: str, state: Literal["live", "dead"]
+    ) -> tuple[Literal["live", "dead"], ShardRecord | BadFile]:
+        """Read a whole v2 shard through ``fd`` (probed: ``state``), which this takes over."""
         keep = False
+        if state == "dead":  # the flock is ours until the run ends
+            keep = True
+            self.held[inc] = fd
         try:
-            state = self._probe(fd, name)
-            if state == "dead":  # the flock is ours until the run ends
-                keep = True
-                self.held[inc] = fd
             try:
                 data = self._read_whole(fd)
             except BadFile as bad:
@@ -583,11 +616,15 @@ class _Run:
                 return os.pread(fd, size, offset)
 
             try:
-                record = decode_v2(
-                    data, self.layout, inc, reread=reread if state == "live" else None
+                head = decode_v2_header(data, self.layout, inc)
+                record = decode_v2_slots(
+                    data, 0, head, self.layout, reread=reread if state == "live" else None
                 )
             except BadFile as bad:
                 return state, bad
+            if state == "live" and self.kept_after is not None:
+                self.kept_after[name] = (fd, head)
+                keep = True
             return state, record
         except OSError as exc:
             if exc.errno == errno.EISDIR:
@@ -598,6 +635,39 @@ class _Run:
         finally:
             if not keep:
                 os.close(fd)
+
+    def _read_kept(
+        self, name: str, inc: str, fd: int, head: V2Header
+    ) -> tuple[Literal["live", "dead"], ShardRecord | BadFile] | None:
+        """Read a shard kept open since an earlier run: probe, then its slots only.
+
+        ``None`` (the descriptor closed) when anything is unusual: the caller then opens the
+        name afresh and reads the whole file, as for a shard never seen.
+        """
+        state = self._probe(fd, name)
+        if state == "dead":
+            # Its owner is gone since the last run, and the lock is now ours through this
+            # descriptor: read all of it, as every dead shard is, before it is absorbed.
+            return self._read_open(fd, name, inc, state)
+        size = 2 * head.slot_stride
+
+        def reread(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        try:
+            data = os.pread(fd, size + 1, head.slot_offset)
+            if len(data) != size:
+                raise BadFile("changed size")
+            record = decode_v2_slots(data, head.slot_offset, head, self.layout, reread=reread)
+        except (OSError, BadFile):
+            os.close(fd)
+            return None
+        self.files_read += 1
+        if self.kept_after is not None:
+            self.kept_after[name] = (fd, head)
+        else:
+            os.close(fd)
+        return state, record
 
     @staticmethod
     def _probe(fd: int, name: str) -> Literal["live", "dead"]:
@@ -708,6 +778,8 @@ class _Run:
         return "dead"
 
     def _quarantine_entries(self) -> int:
+        if not self.compact and QUARANTINE_DIR not in self.names:
+            return 0  # a read-only run saw no quarantine/ (and cannot have made one)
         try:
             return len(os.listdir(self._p(QUARANTINE_DIR)))
         except OSError:
@@ -912,6 +984,70 @@ class _Run:
                     os.unlink(victim)
             except OSError as exc:
                 _log.warning("cannot trim quarantine entry %s: %s", old, exc.strerror)
+
+
+class _KeptShards:
+    """Descriptors of live v2 shards that a process keeps open between its runs.
+
+    A process that serves scrapes aggregates the same directory again and again, and most of
+    what it reads are the same live shards. Keeping each one's descriptor and checked header
+    saves an open, a close and the header on every later run: only the lock probe and the
+    slots remain. Why this is safe:
+
+    * only *live* shards are kept, and a kept descriptor never holds a lock: the owner's flock
+      is untouched, and when the owner dies the next probe takes the lock through it and the
+      shard is read whole and handled like any dead shard (its descriptor then closes at the
+      end of that run);
+    * a name no longer listed (absorbed, removed) closes its descriptor at the end of the run;
+      a v2 name is never reused by another incarnation, so a kept descriptor is the file the
+      owner writes through (a file renamed over it by hand is not seen until the owner dies);
+    * entries are per directory inode and schema layout, taken out for the length of a run
+      (runs of one directory are serialised by its lock anyway), at most :attr:`LIMIT`
+      descriptors in all, and a forked child closes its copies.
+
+    The cost: up to ``LIMIT`` descriptors held by a long-lived reader, and the disk space of a
+    removed shard stays in use until the next run of the process that kept it.
+    """
+
+    LIMIT = 512
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[int, int, Layout], dict[str, tuple[int, V2Header]]] = {}
+
+    def check_out(self, key: tuple[int, int, Layout]) -> dict[str, tuple[int, V2Header]]:
+        with self._lock:
+            return self._entries.pop(key, {})
+
+    def check_in(self, key: tuple[int, int, Layout], kept: dict[str, tuple[int, V2Header]]) -> None:
+        with self._lock:
+            others = sum(len(v) for k, v in self._entries.items() if k != key)
+            extra: list[int] = []
+            if key in self._entries:  # a concurrent run of the same directory: keep one set
+                extra.extend(fd for fd, _ in self._entries.pop(key).values())
+            room = self.LIMIT - others
+            if len(kept) > room:
+                names = sorted(kept)[max(room, 0) :]
+                extra.extend(kept.pop(n)[0] for n in names)
+            if kept:
+                self._entries[key] = kept
+        for fd in extra:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def reset_in_child(self) -> None:
+        # The child's copies share the parent's open file descriptions; none holds a lock, so
+        # closing them changes nothing for the parent.
+        self._lock = threading.Lock()
+        entries, self._entries = self._entries, {}
+        for kept in entries.values():
+            for fd, _ in kept.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+_KEPT = _KeptShards()
+os.register_at_fork(after_in_child=_KEPT.reset_in_child)
 
 
 class _Unreadable(Exception):
