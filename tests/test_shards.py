@@ -203,16 +203,20 @@ def test_save_writes_one_fixed_size_v2_shard_with_its_identity_and_cumulative_co
     shard.close(save=False)
 
 
-def test_successive_saves_are_in_place_and_the_aggregate_never_goes_down(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    shard = shard_for(store, tmp_path)
+def test_each_save_writes_the_other_slot_in_place_and_the_aggregate_never_goes_down(
+    tmp_path: Path,
+) -> None:
+    store = GateMetricStore(clock=lambda: 77.0)
+    shard = Shard(store, tmp_path, clock=lambda: 1000.0)
     calls: list[Callable[[], None]] = [
         lambda: store.record_decision(True),
         lambda: store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True),
         store.record_audit_write_failure,
         lambda: store.increment("reason_counts", "NO_CANARY_DATA", 3),
     ]
+    layout = layout_for(GATE_SCHEMA)
     previous = tuple(GATE_SCHEMA.zeros())
+    previous_slot = layout.pack(0, 0, 0.0, 77.0, previous)  # both slots of a new file
     inode = None
     for seq, call in enumerate(calls * 3, 1):
         call()
@@ -224,9 +228,19 @@ def test_successive_saves_are_in_place_and_the_aggregate_never_goes_down(tmp_pat
         assert all(c >= p for c, p in zip(record.counts, previous, strict=True))
         assert record.counts != previous
         assert agg(tmp_path).counts == record.counts == store.snapshot().counts
+        # This save is in slot seq & 1, exactly; the other slot still holds the previous save
+        # whole (what a reader falls back to while the next save writes over it).
+        data = Path(path).read_bytes()
+        header = header_length(data)
+        slot = layout.pack(seq, seq, 1000.0, 77.0, record.counts)
+        at = layout.slot_offset(header, seq)
+        other = layout.slot_offset(header, seq - 1)
+        assert at != other
+        assert data[at : at + len(slot)] == slot
+        assert data[other : other + len(previous_slot)] == previous_slot
         ino = os.stat(path).st_ino
         assert inode in (None, ino)
-        inode, previous = ino, record.counts
+        inode, previous, previous_slot = ino, record.counts, slot
     shard.close(save=False)
 
 
@@ -688,9 +702,10 @@ def test_a_brand_new_file_removed_before_our_flock_is_never_trusted(
     shard.close(save=False)
 
 
+@pytest.mark.parametrize("compact_first", [True, False])
 @pytest.mark.parametrize("how", ["shard-removed", "directory-recreated", "replaced-by-a-copy"])
 def test_an_owner_whose_shard_vanished_goes_on_as_a_new_incarnation_never_counting_twice(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, compact_first: bool
 ) -> None:
     monkeypatch.setattr(shards_module, "VANISHED_CHECK_S", 0.0)  # check at every save
     directory = tmp_path / "shards"
@@ -712,10 +727,13 @@ def test_an_owner_whose_shard_vanished_goes_on_as_a_new_incarnation_never_counti
     else:
         copy = directory / "copy"
         shutil.copyfile(path, copy)
-        os.replace(copy, path)  # now an unlocked file: dead, absorbed below, counted once
+        os.replace(copy, path)  # an unlocked file now: dead, so counted (or absorbed) once
         expected = 5
-    # Whatever an aggregator does now, the owner must not write its 3 again.
-    agg(directory, compact=True)
+    # Whatever an aggregator does now, the owner must not write its 3 again. Without a
+    # compaction first, a replaced file is still at the path when the owner next saves: only
+    # its inode tells the owner that it is not its own any more.
+    if compact_first:
+        agg(directory, compact=True)
     store.record_decision(True)
     store.record_decision(True)
     assert binding.shard.identity not in (None, first)
