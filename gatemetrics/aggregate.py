@@ -63,6 +63,7 @@ import shutil
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -358,6 +359,7 @@ class _Run:
         return os.path.join(self.dir, name)
 
     def release(self) -> None:
+        _ACTIVE.discard(self)
         for fd in self.held.values():
             with contextlib.suppress(OSError):
                 os.close(fd)  # releases the flock we took on a dead shard
@@ -376,6 +378,7 @@ class _Run:
     def run(self) -> Aggregate:
         if self.compact:
             _faults.point("compact.locked")
+        _ACTIVE.add(self)
         self.dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(self.dir_fd)
         self.kept_key = (st.st_dev, st.st_ino, self.layout)
@@ -1047,7 +1050,29 @@ class _KeptShards:
 
 
 _KEPT = _KeptShards()
-os.register_at_fork(after_in_child=_KEPT.reset_in_child)
+# Runs in progress in this process (in other threads at a fork).
+_ACTIVE: weakref.WeakSet[_Run] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A fork while another thread aggregates copies that run's descriptors, among them the
+    # flocks it holds on dead shards: the child's copies would keep those locks (and the shards
+    # "live" for every other aggregator) until the child exits. The run does not go on in the
+    # child, so drop its copies; closing a copy never releases the parent's lock.
+    for run in list(_ACTIVE):
+        fds = [*run.held.values(), *(fd for fd, _ in run.kept_before.values())]
+        fds.extend(fd for fd, _ in (run.kept_after or {}).values())
+        if run.dir_fd >= 0:
+            fds.append(run.dir_fd)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        run.held, run.kept_before, run.kept_after, run.dir_fd = {}, {}, None, -1
+    _ACTIVE.clear()
+    _KEPT.reset_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Unreadable(Exception):

@@ -703,9 +703,21 @@ def save_to_dir(
     except Exception as exc:  # noqa: BLE001 - a path that cannot even be resolved
         if failure_key is not None:
             store._count_quietly(store.schema.slot(failure_key))
-        _log.warning("saving to %s failed (counted): %s", directory, exc)
+        # Like a shard's own failures: one line per directory at most every _LOG_EVERY_S.
+        key = repr(directory)[:300]
+        now = time.monotonic()
+        last = _UNUSABLE_LOGGED.get(key)
+        if last is None or now - last >= _LOG_EVERY_S:
+            if len(_UNUSABLE_LOGGED) >= 64:
+                _UNUSABLE_LOGGED.clear()
+            _UNUSABLE_LOGGED[key] = now
+            _log.warning("saving to %s failed (counted): %s", directory, exc)
         return False
     return shard.save()
+
+
+# When each unusable directory path was last logged by save_to_dir (bounded).
+_UNUSABLE_LOGGED: dict[str, float] = {}
 
 
 # -- binding ----------------------------------------------------------------------------------

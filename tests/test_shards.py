@@ -525,14 +525,7 @@ def test_save_never_raises_for_an_unusable_directory(tmp_path: Path, kind: str) 
     [
         "file-in-the-way",
         "under-a-file",
-        pytest.param(
-            "nul-byte",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="engine: save_to_dir logs every failure for a path that cannot even be "
-                "resolved (its own except branch, outside the shard's once-per-interval log)",
-            ),
-        ),
+        "nul-byte",
     ],
 )
 def test_repeated_failures_for_an_unusable_directory_are_logged_once(
