@@ -566,7 +566,7 @@ def _forge(
     return _v2_reheader(data, sections=sections, **changes)
 
 
-def _v2_with_meta_bytes(data: bytes, path: Path) -> bytes:
+def _v2_as_written_for(data: bytes, path: Path) -> bytes:
     """A valid v2 shard's bytes as if ``path``'s incarnation had written them."""
     return _forge(data, path)
 
@@ -599,7 +599,7 @@ def _v2_slot(
     """A forged newest slot with a valid checksum but a bad value."""
 
     def make(path: Path, _name: str, data: bytes) -> None:
-        data = _v2_with_meta_bytes(data, path)
+        data = _v2_as_written_for(data, path)
         values = [0] * GATE_SCHEMA.size
         values[GATE_SCHEMA.slot("decision_counts", "ALLOW")] = 1
         if counts is not None:
@@ -646,30 +646,30 @@ def _inject(record: Any) -> Any:
 
 HOSTILE_V2: dict[str, HostileMaker] = {
     **_COMMON,
-    "truncated": lambda path, _name, data: path.write_bytes(_v2_with_meta_bytes(data, path)[:-1]),
+    "truncated": lambda path, _name, data: path.write_bytes(_v2_as_written_for(data, path)[:-1]),
     "truncated-in-the-prefix": lambda path, _name, data: path.write_bytes(data[:40]),
     "truncated-in-the-header": lambda path, _name, data: path.write_bytes(data[:100]),
     "extended": lambda path, _name, data: path.write_bytes(
-        _v2_with_meta_bytes(data, path) + b"\0" * 4096
+        _v2_as_written_for(data, path) + b"\0" * 4096
     ),
     "v1-json-under-a-v2-name": _raw(b'{"format": "gatemetrics-shard", "version": 1}'),
     "bad-magic": lambda path, _name, data: path.write_bytes(
-        _v2_reheader(_v2_with_meta_bytes(data, path), magic=b"PROMMMAP")
+        _v2_reheader(_v2_as_written_for(data, path), magic=b"PROMMMAP")
     ),
     "unknown-version": lambda path, _name, data: path.write_bytes(
-        _v2_reheader(_v2_with_meta_bytes(data, path), version=3)
+        _v2_reheader(_v2_as_written_for(data, path), version=3)
     ),
     "unknown-flags": lambda path, _name, data: path.write_bytes(
-        _v2_reheader(_v2_with_meta_bytes(data, path), flags=1)
+        _v2_reheader(_v2_as_written_for(data, path), flags=1)
     ),
     "bad-header-length": lambda path, _name, data: path.write_bytes(
-        _v2_reheader(_v2_with_meta_bytes(data, path), header_len=4000)
+        _v2_reheader(_v2_as_written_for(data, path), header_len=4000)
     ),
     "bad-slot-layout": lambda path, _name, data: path.write_bytes(
-        _v2_reheader(_v2_with_meta_bytes(data, path), stride=8192)
+        _v2_reheader(_v2_as_written_for(data, path), stride=8192)
     ),
     "bad-header-checksum": lambda path, _name, data: path.write_bytes(
-        _v2_reheader(_v2_with_meta_bytes(data, path), crc=False)
+        _v2_reheader(_v2_as_written_for(data, path), crc=False)
     ),
     "identity-not-json": _raw_ident(b"{not json"),
     "identity-not-an-object": _raw_ident(b"[1, 2]"),
@@ -682,7 +682,7 @@ HOSTILE_V2: dict[str, HostileMaker] = {
         record=lambda r: {"families": "all of them"}, fingerprint=b"\1" * 16
     ),
     "both-slots-torn": lambda path, _name, data: path.write_bytes(
-        _tear(_tear(_v2_with_meta_bytes(data, path), _v2_slots(data)[0][0]), _v2_slots(data)[1][0])
+        _tear(_tear(_v2_as_written_for(data, path), _v2_slots(data)[0][0]), _v2_slots(data)[1][0])
     ),
     "negative-count": _v2_slot(counts=lambda c: c.__setitem__(0, -5)),
     "nan-saved-at": _v2_slot(saved_at=float("nan")),
@@ -806,8 +806,8 @@ def test_the_v2_forgery_helpers_alone_break_nothing(tmp_path: Path) -> None:
     """Each forged v2 case breaks one thing only: the same helpers with no change still count."""
     source, data = _v2_source(tmp_path)
     for make in (
-        lambda path: path.write_bytes(_v2_with_meta_bytes(data, path)),
-        lambda path: path.write_bytes(_v2_reheader(_v2_with_meta_bytes(data, path))),
+        lambda path: path.write_bytes(_v2_as_written_for(data, path)),
+        lambda path: path.write_bytes(_v2_reheader(_v2_as_written_for(data, path))),
         lambda path: _v2_with_ident()(path, source, data),
         lambda path: _v2_with_ident(record=lambda r: r, fingerprint=b"\0" * 16)(path, source, data),
         lambda path: _v2_slot()(path, source, data),
@@ -956,7 +956,7 @@ def test_an_unreadable_shard_costs_only_itself(tmp_path: Path, reaper: Reaper, f
         else:
             source, data = _v2_source(directory)
             bad = directory / v2_names(new_identity().incarnation)[0]
-            bad.write_bytes(_v2_with_meta_bytes(data, bad))
+            bad.write_bytes(_v2_as_written_for(data, bad))
         bad.chmod(0)
         for path in (Path(top), directory, *directory.iterdir()):
             if path != bad:
