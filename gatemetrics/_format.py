@@ -53,7 +53,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
 import orjson
 
@@ -557,6 +557,18 @@ _V1_KEYS = frozenset(
 )
 
 
+_T = TypeVar("_T")
+
+
+def _as_field(name: str, check: Callable[[object], _T], value: object) -> _T:
+    """``check(value)``, its :class:`SchemaError` naming ``name`` (the checks name the store's
+    own keys, ``store_start_timestamp`` and ``store_generation``)."""
+    try:
+        return check(value)
+    except SchemaError as exc:
+        raise SchemaError(name, exc.problem) from None
+
+
 def decode_v1(data: bytes, schema: Schema, incarnation: str) -> ShardRecord:
     """Decode a v1 JSON shard (written by the previous release); :class:`BadFile` if bad."""
     if not data:
@@ -581,9 +593,9 @@ def decode_v1(data: bytes, schema: Schema, incarnation: str) -> ShardRecord:
     if not isinstance(host, str) or len(host) > 255:
         raise BadFile("host must be a string of at most 255 characters")
     try:
-        started_at = check_timestamp(doc["started_at"])
-        saved_at = check_timestamp(doc["saved_at"])
-        generation = check_generation(doc["generation"])
+        started_at = _as_field("started_at", check_timestamp, doc["started_at"])
+        saved_at = _as_field("saved_at", check_timestamp, doc["saved_at"])
+        generation = _as_field("generation", check_generation, doc["generation"])
         raw = doc["counts"]
         counts = schema.parse_counts(raw)
         if not isinstance(raw, dict) or "store_generation" not in raw:

@@ -35,10 +35,13 @@ Compaction (crash-safe; a kill at any step leaves a directory whose next aggrega
 
 Broken or hostile files (truncated, not JSON or UTF-8, a v2 file with a bad header, the wrong
 size, bad checksums in both slots or another schema's fingerprint, too large, wrongly typed,
-negative, NaN, out of schema, label injection, a symlink, a directory or FIFO named like a shard,
-unreadable) cost only themselves: when no live owner can write them any more they are
+negative, NaN, out of schema, label injection, a symlink, a directory or FIFO named like a shard)
+cost only themselves: when no live owner can write them any more they are
 quarantined (moved aside) and counted in ``<namespace>_quarantined_shards_total``; a live
-owner's broken file is skipped. Each costs one log line per run. Nothing outside the schema ever
+owner's broken file is skipped. A v2 shard the aggregator cannot even open (permissions) cannot
+be probed either, so it is treated as live and skipped on every run (never deleted); an
+unreadable v1 shard is quarantined once its lock file shows no owner. Each costs one log line
+per run. Nothing outside the schema ever
 reaches the result. A well-formed archive that does not fit the schema is *not* quarantined: that
 means the aggregator was given the wrong schema, and dropping the history would be worse than
 stopping (:class:`~gatemetrics.SchemaError`).
@@ -797,9 +800,24 @@ class _Run:
         broken_archive = old.problem is not None
         if broken_archive:
             self._move_to_quarantine(ARCHIVE_NAME)
+        # Liveness beats the archive: absorbing a v2 shard takes its owner's lock, so an id
+        # listed as absorbed whose shard is locked by its owner right now never was (a hostile
+        # or corrupted archive). Drop the claim now, so that the shard is counted and absorbed
+        # for real once its owner exits, instead of vanishing from the aggregate then.
+        disproved = {
+            inc
+            for inc in old.absorbed
+            if self.states.get(inc) == "live" and inc in self.entries and self.entries[inc].v2
+        }
+        if disproved:
+            _log.warning(
+                "%s lists %d live shard(s) as absorbed (impossible); dropped from it",
+                ARCHIVE_NAME,
+                len(disproved),
+            )
         new = Archive(
             counts=list(old.counts),
-            absorbed=old.absorbed | set(self.absorb),
+            absorbed=(old.absorbed - disproved) | set(self.absorb),
             absorbed_total=old.absorbed_total + len(self.absorb),
             quarantined_total=old.quarantined_total + len(pending) + int(broken_archive),
             quarantining=old.quarantining | set(to_quarantine),
@@ -810,7 +828,7 @@ class _Run:
         for counts in self.absorb.values():
             for i, c in enumerate(counts):
                 new.counts[i] += c
-        changed = bool(self.absorb or pending or broken_archive)
+        changed = bool(self.absorb or pending or broken_archive or disproved)
         changed = changed or new.quarantining != old.quarantining
         if changed:
             self._write_archive(new)  # step 1: totals and ids first, deletions after

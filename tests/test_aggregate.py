@@ -328,11 +328,6 @@ def test_liveness_beats_the_archive_for_a_v2_shard(
     assert decisions(tmp_path) == {"ALLOW": 5, "DENY": 0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a live v2 shard wrongly listed as absorbed stays listed; once its owner "
-    "exits, its counts vanish from the aggregate (aggregate.py _count_v2 / _compact)",
-)
 def test_a_live_v2_shard_listed_as_absorbed_is_counted_once_after_its_owner_exits(
     tmp_path: Path,
 ) -> None:
@@ -783,11 +778,6 @@ def test_a_hostile_v2_shard_costs_only_itself(
     _assert_costs_only_itself(tmp_path, caplog, bad, expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: decode_v1 (_format.py) validates saved_at/started_at with check_timestamp, "
-    "whose SchemaError always names store_start_timestamp: the log line blames the wrong field",
-)
 @pytest.mark.parametrize("field", ["saved_at", "started_at"])
 def test_a_v1_shards_bad_timestamp_is_reported_under_its_own_name(
     tmp_path: Path, field: str
