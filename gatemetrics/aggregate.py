@@ -67,6 +67,7 @@ import stat
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -1024,7 +1025,8 @@ class _KeptShards:
       owner writes through (a file renamed over it by hand is not seen until the owner dies);
     * entries are per directory inode and schema layout, taken out for the length of a run
       (runs of one directory are serialised by its lock anyway), at most :attr:`LIMIT`
-      descriptors in all, and a forked child closes its copies.
+      descriptors in all (the directories aggregated least recently give theirs up first),
+      and a forked child closes its copies.
 
     The cost: up to ``LIMIT`` descriptors held by a long-lived reader, and the disk space of a
     removed shard stays in use until the next run of the process that kept it.
@@ -1034,24 +1036,31 @@ class _KeptShards:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[tuple[int, int, Layout], dict[str, tuple[int, V2Header]]] = {}
+        # By directory, least recently checked in first.
+        self._entries: OrderedDict[tuple[int, int, Layout], dict[str, tuple[int, V2Header]]]
+        self._entries = OrderedDict()
 
     def check_out(self, key: tuple[int, int, Layout]) -> dict[str, tuple[int, V2Header]]:
         with self._lock:
             return self._entries.pop(key, {})
 
     def check_in(self, key: tuple[int, int, Layout], kept: dict[str, tuple[int, V2Header]]) -> None:
+        """Keep ``kept`` for the next run of ``key``; beyond :attr:`LIMIT`, the directories
+        aggregated least recently lose theirs first."""
+        extra: list[int] = []
         with self._lock:
-            others = sum(len(v) for k, v in self._entries.items() if k != key)
-            extra: list[int] = []
             if key in self._entries:  # a concurrent run of the same directory: keep one set
                 extra.extend(fd for fd, _ in self._entries.pop(key).values())
-            room = self.LIMIT - others
-            if len(kept) > room:
-                names = sorted(kept)[max(room, 0) :]
-                extra.extend(kept.pop(n)[0] for n in names)
+            if len(kept) > self.LIMIT:
+                for name in sorted(kept)[self.LIMIT :]:
+                    extra.append(kept.pop(name)[0])
+            total = len(kept) + sum(len(v) for v in self._entries.values())
+            while total > self.LIMIT:
+                _, oldest = self._entries.popitem(last=False)
+                total -= len(oldest)
+                extra.extend(fd for fd, _ in oldest.values())
             if kept:
-                self._entries[key] = kept
+                self._entries[key] = kept  # the most recent, last
         for fd in extra:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -1060,7 +1069,7 @@ class _KeptShards:
         # The child's copies share the parent's open file descriptions; none holds a lock, so
         # closing them changes nothing for the parent.
         self._lock = threading.Lock()
-        entries, self._entries = self._entries, {}
+        entries, self._entries = self._entries, OrderedDict()
         for kept in entries.values():
             for fd, _ in kept.values():
                 with contextlib.suppress(OSError):
