@@ -462,6 +462,9 @@ class _Run:
 
     def _count_v2(self, inc: str) -> None:
         name = v2_names(inc)[0]
+        kept = self.kept_before.pop(name, None)
+        if kept is not None and self._count_kept(name, inc, *kept):
+            return
         try:
             state, record = self._read_v2(name, inc)
         except _Unreadable as bad:
@@ -588,11 +591,6 @@ class _Run:
         shard at all (a symlink, a directory, a FIFO): no owner can hold its lock, so it is
         dead.
         """
-        kept = self.kept_before.pop(name, None)
-        if kept is not None:
-            found = self._read_kept(name, inc, *kept)
-            if found is not None:
-                return found
         try:
             fd = os.open(name, _OPEN_RO, dir_fd=self.dir_fd)
         except OSError as exc:
@@ -643,19 +641,36 @@ class _Run:
             if not keep:
                 os.close(fd)
 
-    def _read_kept(
-        self, name: str, inc: str, fd: int, head: V2Header
-    ) -> tuple[Literal["live", "dead"], ShardRecord | BadFile] | None:
-        """Read a shard kept open since an earlier run: probe, then its slots only.
+    def _count_kept(self, name: str, inc: str, fd: int, head: V2Header) -> bool:
+        """Count a shard kept open since an earlier run (see :class:`_KeptShards`); False when
+        the caller must read it as a shard never seen.
 
-        ``None`` (the descriptor closed) when anything is unusual: the caller then opens the
-        name afresh and reads the whole file, as for a shard never seen.
+        The common case of every scrape, so it is written out: probe the lock, read the two
+        slots, count. A dead owner's shard (the probe took its lock) is read whole like any
+        dead shard; anything else unusual closes the descriptor and returns False.
         """
-        state = self._probe(fd, name)
-        if state == "dead":
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in _CONTENTION:
+                os.close(fd)
+                return False  # the fresh read probes again, and logs why
+        else:
             # Its owner is gone since the last run, and the lock is now ours through this
             # descriptor: read all of it, as every dead shard is, before it is absorbed.
-            return self._read_open(fd, name, inc, state)
+            try:
+                state, record = self._read_open(fd, name, inc, "dead")
+            except _Unreadable:
+                return False
+            self.states[inc] = state
+            self.dead += 1
+            if inc in self.archive.absorbed:
+                self.reports.append(ShardReport(name, inc, "absorbed", "absorbed", format=2))
+            elif isinstance(record, BadFile):
+                self._bad(name, inc, state, str(record), 2)
+            else:
+                self._add(name, inc, state, record)
+            return True
         size = 2 * head.slot_stride
 
         def reread(offset: int, length: int) -> bytes:
@@ -668,13 +683,16 @@ class _Run:
             record = decode_v2_slots(data, head.slot_offset, head, self.layout, reread=reread)
         except (OSError, BadFile):
             os.close(fd)
-            return None
+            return False
         self.files_read += 1
         if self.kept_after is not None:
             self.kept_after[name] = (fd, head)
         else:
             os.close(fd)
-        return state, record
+        self.states[inc] = "live"
+        self.live += 1
+        self._add(name, inc, "live", record)
+        return True
 
     @staticmethod
     def _probe(fd: int, name: str) -> Literal["live", "dead"]:
