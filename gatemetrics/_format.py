@@ -66,6 +66,7 @@ __all__ = [
     "MAX_ARCHIVE_BYTES",
     "MAX_SHARD_BYTES",
     "REREADS",
+    "STABLE_READS",
     "Archive",
     "BadFile",
     "Kind",
@@ -212,6 +213,8 @@ PAGE = 4096
 MAX_SHARD_BYTES = 1 << 20
 #: How often a reader re-reads a live shard's torn slot before falling back to the other one.
 REREADS = 3
+#: How often a reader re-reads both slots of a live shard that it found both torn.
+STABLE_READS = 20
 _PREFIX = struct.Struct("<8sHHIIIIII16s")
 _CRC = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
@@ -480,6 +483,33 @@ def _newest_slot(
     raise BadFile("both slots fail their checksum")
 
 
+def _stable_slot(
+    data: bytes, base: int, head: V2Header, reread: Callable[[int, int], bytes] | None
+) -> tuple[_Slot, int]:
+    """:func:`_newest_slot`, and for a live shard whose two slots were both caught mid-write,
+    both read again (up to :data:`STABLE_READS` times) instead of giving up.
+
+    A live owner saving in a tight loop can be writing one slot while the other is re-read:
+    skipping its shard for this run would make the aggregate go down, and a writer cannot keep
+    both slots torn for long (a save completes before the other slot is touched).
+    """
+    try:
+        return _newest_slot(data, base, head, reread)
+    except BadFile:
+        if reread is None:
+            raise
+    size = 2 * head.slot_stride
+    for _ in range(STABLE_READS):
+        again = reread(head.slot_offset, size)
+        if len(again) != size:
+            break
+        try:
+            return _newest_slot(again, head.slot_offset, head, None)
+        except BadFile:
+            continue
+    raise BadFile("both slots fail their checksum")
+
+
 def decode_v2_slots(
     data: bytes,
     base: int,
@@ -508,7 +538,7 @@ def decode_v2_slots(
     if zlib.crc32(memoryview(data)[first:end]) == _CRC.unpack_from(data, end)[0]:
         best, torn = slot.unpack_from(data, first), 0
     else:
-        best, torn = _newest_slot(data, base, head, reread)
+        best, torn = _stable_slot(data, base, head, reread)
     seq, generation, saved_at, start = best[:_SLOT_HEAD_FIELDS]
     raw: tuple[int, ...] = best[_SLOT_HEAD_FIELDS:]
     if raw and min(raw) < 0:
