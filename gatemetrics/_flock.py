@@ -1,11 +1,11 @@
 """A short-held exclusive ``flock`` with a timeout, for locks taken on every call.
 
-filelock (which holds the shards' lifetime locks) costs about 170 µs per acquire+release on a
-reused lock object and about 300 µs with a new one, here, with filelock 4.3 (fork bookkeeping
-and path handling in Python); a bare ``flock`` costs about 7 µs. The directory lock (taken by
-every aggregation and every ``GET /metrics``) and the audit log's append lock (taken on every
-gate check) are on hot paths, so they use this instead. Semantics match what we relied on in
-filelock with ``fallback_to_soft=False``:
+filelock costs about 170 µs per acquire+release on a reused lock object and about 300 µs with a
+new one, here, with filelock 4.3 (fork bookkeeping and path handling in Python); a bare
+``flock`` costs about 7 µs. The directory lock is taken by every aggregation and every
+``GET /metrics``, so it uses this. (Shards hold their lifetime ``flock`` on their own data file,
+see :mod:`gatemetrics.shards`; the audit log locks its own descriptors.) Semantics match
+filelock's with ``fallback_to_soft=False``:
 
 * the lock is the kernel's ``flock`` on a file that is created if missing (never its directory)
   and never deleted; the kernel frees it when the holder dies, SIGKILL included;

@@ -44,5 +44,17 @@ def test_pytest_is_configured_strictly() -> None:
 def test_runtime_dependencies_are_only_the_engines() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0] for d in config["project"]["dependencies"]}
-    assert names == {"anyio", "filelock", "orjson"}
-    assert any(d.startswith("filelock>=4") for d in config["project"]["dependencies"])
+    assert names == {"anyio", "orjson"}
+    # Each is imported by the shipped code, and nothing else is: filelock, once used for the
+    # shards' locks, is now a test dependency only.
+    sources = "\n".join(
+        p.read_text(encoding="utf-8")
+        for top in ("gatemetrics", "backend")
+        for p in (ROOT / top).rglob("*.py")
+    )
+    imported = set(re.findall(r"^\s*(?:import|from) (\w+)", sources, flags=re.MULTILINE))
+    assert names <= imported
+    assert "filelock" not in imported
+    assert any(
+        d.startswith("filelock>=4") for d in config["project"]["optional-dependencies"]["test"]
+    )
