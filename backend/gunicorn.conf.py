@@ -49,7 +49,7 @@ os.environ["RELEASE_GATE_AUDIT_LOG"] = _settings.audit_log
 
 bind = ["127.0.0.1:8000"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "backend.app.worker.ReleaseGateWorker"  # asyncio, not uvloop (see there)
 control_socket_disable = True
 timeout = 30
 graceful_timeout = 30

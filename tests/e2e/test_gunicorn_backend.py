@@ -485,7 +485,9 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         dropped_by_recycling = sorted(broken.keys() - in_flight)
         assert set(unanswered_decisions) <= in_flight
         assert not set(dropped_by_recycling) & audited.keys()
-        assert len(dropped_by_recycling) <= 0.01 * REQUESTS, [
+        # Never decided (checked above), so safe to retry; a few per recycle. asyncio's loop
+        # (see backend/app/worker.py) drops a few more than uvloop did: 8-27 of 3000 here.
+        assert len(dropped_by_recycling) <= 0.02 * REQUESTS, [
             (s, broken[s].error) for s in dropped_by_recycling
         ]
         for scope, r in answered.items():
@@ -558,21 +560,28 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         # About one shard per live worker after compaction, however many workers came and went.
         log = server.log_text()
         boots = log.count("Booting worker with pid")
+        # A worker that closed its listening socket twice (uvloop did) may have closed the
+        # audit log's descriptor instead: see backend/app/worker.py.
+        assert "Error while closing socket" not in log
         recycles = log.count("Maximum request limit of")
         assert recycles >= 3 * WORKERS, f"only {recycles} recycles: raise REQUESTS"
         # What compaction left are live workers' shards only (the gauge counts before it).
         incarnations = len({e["pid"] for e in entries})  # workers that decided something
         assert incarnations >= 3 * WORKERS
-        assert after["v2"] <= WORKERS, after
         assert after["v2-creating"] == 0, after  # no creator's orphan is left either
         assert after["v1"] + after["v1-lock"] + after["v1-tmp"] == 0, after  # never written
-        # The gauge counts what the last aggregation found before it compacted. A worker that
-        # a health check pushed past its limit may exit after that scan: files only go away
-        # then (no request makes a new shard), so what is left is at most what was found.
-        gauge = prometheus_totals(stack, ["release_gate_shards"])
-        found_live = gauge['release_gate_shards{state="live"}']
-        assert found_live <= WORKERS
-        assert after["v2"] <= found_live + gauge['release_gate_shards{state="dead"}']
+        # The gauge counts what the last aggregation found before it compacted (read from its
+        # own textfile: Prometheus may still hold an earlier one with the same counts).
+        assert final['release_gate_shards{state="live"}'] <= WORKERS
+        # What is left belongs to live workers. A worker that a health check pushed past its
+        # limit may exit after that scan (and its replacement make a new shard): the master's
+        # child_exit compacts the dead one away, so poll until every shard left is locked.
+
+        def only_live_shards_left() -> bool:
+            names = [n for n in os.listdir(shards) if (p := parse_name(n)) and p[1] == "v2"]
+            return len(names) <= WORKERS and all(is_locked(shards / n) for n in names)
+
+        wait_until(only_live_shards_left, timeout=30, what="only live workers' shards left")
         # The backend's own /metrics reads the same directory: the same counts. (A GET is safe
         # to retry, should it land on a worker that a health check just pushed to recycle.)
         resp = wait_until(
@@ -606,7 +615,7 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         assert list(home.iterdir()) == []  # no ~/.gunicorn control socket
 
     statuses = Counter(r.status for r in results)
-    dead_found = gauge['release_gate_shards{state="dead"}']
+    dead_found = final['release_gate_shards{state="dead"}']
     print(
         f"e2e: {REQUESTS} requests from {CLIENTS} clients in {load_seconds:.1f} s "
         f"({REQUESTS / load_seconds:.0f}/s); statuses {dict(statuses)}; "
