@@ -463,10 +463,9 @@ class _Run:
     def _count_v2(self, inc: str) -> None:
         name = v2_names(inc)[0]
         kept = self.kept_before.pop(name, None)
-        if kept is not None and self._count_kept(name, inc, *kept):
-            return
         try:
-            state, record = self._read_v2(name, inc)
+            found = None if kept is None else self._read_kept(name, inc, *kept)
+            state, record = found or self._read_v2(name, inc)
         except _Unreadable as bad:
             # Nobody can hold a lock on a symlink or a directory: such an entry has no owner.
             self.states[inc] = "dead"
@@ -641,36 +640,18 @@ class _Run:
             if not keep:
                 os.close(fd)
 
-    def _count_kept(self, name: str, inc: str, fd: int, head: V2Header) -> bool:
-        """Count a shard kept open since an earlier run (see :class:`_KeptShards`); False when
-        the caller must read it as a shard never seen.
+    def _read_kept(
+        self, name: str, inc: str, fd: int, head: V2Header
+    ) -> tuple[Literal["live", "dead"], ShardRecord | BadFile] | None:
+        """Read a shard kept open since an earlier run (see :class:`_KeptShards`): probe its
+        lock, then read only its two slots.
 
-        The common case of every scrape, so it is written out: probe the lock, read the two
-        slots, count. A dead owner's shard (the probe took its lock) is read whole like any
-        dead shard; anything else unusual closes the descriptor and returns False.
+        A dead owner's shard (the probe took its lock) is read whole, like any dead shard.
+        ``None`` (the descriptor closed) when anything else is unusual: the caller then opens
+        the name afresh and reads the whole file, as for a shard never seen.
         """
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in _CONTENTION:
-                os.close(fd)
-                return False  # the fresh read probes again, and logs why
-        else:
-            # Its owner is gone since the last run, and the lock is now ours through this
-            # descriptor: read all of it, as every dead shard is, before it is absorbed.
-            try:
-                state, record = self._read_open(fd, name, inc, "dead")
-            except _Unreadable:
-                return False
-            self.states[inc] = state
-            self.dead += 1
-            if inc in self.archive.absorbed:
-                self.reports.append(ShardReport(name, inc, "absorbed", "absorbed", format=2))
-            elif isinstance(record, BadFile):
-                self._bad(name, inc, state, str(record), 2)
-            else:
-                self._add(name, inc, state, record)
-            return True
+        if self._probe(fd, name) == "dead":
+            return self._read_open(fd, name, inc, "dead")
         size = 2 * head.slot_stride
 
         def reread(offset: int, length: int) -> bytes:
@@ -683,16 +664,13 @@ class _Run:
             record = decode_v2_slots(data, head.slot_offset, head, self.layout, reread=reread)
         except (OSError, BadFile):
             os.close(fd)
-            return False
+            return None
         self.files_read += 1
         if self.kept_after is not None:
             self.kept_after[name] = (fd, head)
         else:
             os.close(fd)
-        self.states[inc] = "live"
-        self.live += 1
-        self._add(name, inc, "live", record)
-        return True
+        return "live", record
 
     @staticmethod
     def _probe(fd: int, name: str) -> Literal["live", "dead"]:
@@ -793,14 +771,9 @@ class _Run:
             _log.warning("cannot probe %s (treated as live): %s", lock, exc.strerror)
             return "live"
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in _CONTENTION:
-                _log.warning("cannot probe %s (treated as live): %s", lock, exc.strerror)
-            return "live"
+            return self._probe(fd, lock)
         finally:
             os.close(fd)  # closing releases a flock we took
-        return "dead"
 
     def _quarantine_entries(self) -> int:
         if not self.compact and QUARANTINE_DIR not in self.names:
