@@ -17,14 +17,13 @@ import orjson
 import pytest
 from filelock import FileLock
 
-from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
+from backend.app.testing.gate_metrics import GateMetricStore
 from gatemetrics import shard_for
-from gatemetrics._format import parse_name, v1_names
-from gatemetrics.shards import new_identity
+from gatemetrics._format import parse_name
 from tests.conftest import require_tool
 from tests.exposition_parser import parse
 from tests.processes import ROOT, Reaper, read_line, wait_until
-from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, dead_shard
+from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, dead_shard, dead_v1_shard
 
 FAMILIES = GATE_FAMILIES + PIPELINE_FAMILIES
 
@@ -43,31 +42,6 @@ def run_cli(
         env={**base, **(env or {})},
         umask=umask,
     )
-
-
-def v1_shard(directory: Path, allows: int = 1) -> str:
-    """A dead shard as the previous release wrote it (``shard-<inc>.json``, no lock file left:
-    its owner is gone); returns its file name."""
-    ident = new_identity()
-    store = GateMetricStore()
-    for _ in range(allows):
-        store.record_decision(True)
-    counts = store.snapshot().to_dict()  # families plus store_generation/store_start_timestamp
-    doc = {
-        "format": "gatemetrics-shard",
-        "version": 1,
-        "incarnation": ident.incarnation,
-        "pid": ident.pid,
-        "host": ident.host,
-        "started_at": ident.started_at,
-        "generation": 1,
-        "saved_at": ident.started_at,
-        "counts": counts,
-    }
-    name = v1_names(ident.incarnation)[0]
-    (directory / name).write_bytes(orjson.dumps(doc))
-    assert GATE_SCHEMA.parse_counts(counts) == list(store.snapshot().counts)
-    return name
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -412,7 +386,7 @@ def test_status_is_a_readable_table_and_changes_nothing(
 def test_status_shows_the_format_of_v1_and_v2_shards(
     shard_dir: Path, live_store: GateMetricStore
 ) -> None:
-    old = v1_shard(shard_dir, allows=6)  # a dead worker of the previous release
+    old = dead_v1_shard(shard_dir, allows=6)  # a dead worker of the previous release
     result = run_cli("status", "--dir", str(shard_dir))
     assert result.returncode == 0, result.stderr
     out = result.stdout
