@@ -381,7 +381,8 @@ def _json_object(data: bytes | memoryview, what: str) -> dict[str, Any]:
     return value
 
 
-def _decode_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
+def decode_v2_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
+    """The checked header of a whole v2 shard file's bytes; :class:`BadFile` if it is bad."""
     _, slot_offset, stride, slot_size, ident_len, schema_len, fp = _decode_prefix(data)
     view = memoryview(data)
     ident = _json_object(view[_PREFIX.size : _PREFIX.size + ident_len], "identity")
@@ -412,36 +413,6 @@ def _decode_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
     except SchemaError as exc:
         raise BadFile(f"invalid: started_at: {exc.problem}") from None
     return V2Header(incarnation, pid, host, started_at, slot_offset, stride, slot, cells)
-
-
-#: Decoded headers by their exact bytes (and the reader's layout). A header never changes once
-#: its shard is in place, and a process that serves scrapes reads the same live shards again
-#: and again: this skips the checksum, the JSON and the checks for every header seen before.
-#: Bounded: cleared whole when full (a cron aggregator's one run never fills it).
-_HEADERS: dict[tuple[Layout, bytes], V2Header] = {}
-_HEADERS_MAX = 4096
-
-
-def decode_v2_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
-    """The checked header of a whole v2 shard file's bytes; :class:`BadFile` if it is bad."""
-    key: tuple[Layout, bytes] | None = None
-    if len(data) >= _PREFIX.size:
-        header_len = _PREFIX.unpack_from(data)[3]
-        if _PREFIX.size < header_len <= len(data):
-            key = (layout, data[:header_len])
-            hit = _HEADERS.get(key)
-            if hit is not None and hit.incarnation == incarnation:
-                if len(data) != hit.file_size:
-                    raise BadFile(
-                        f"wrong size ({len(data)} bytes, its header says {hit.file_size})"
-                    )
-                return hit
-    head = _decode_header(data, layout, incarnation)
-    if key is not None:
-        if len(_HEADERS) >= _HEADERS_MAX:
-            _HEADERS.clear()
-        _HEADERS[key] = head
-    return head
 
 
 _Slot: TypeAlias = tuple[Any, ...]  # seq, generation, saved_at, start, *counts
@@ -525,20 +496,9 @@ def decode_v2_slots(
     ``reread(offset, size) -> bytes``, when given (a live shard), is called to read a torn slot
     again, up to :data:`REREADS` times, before the other slot is used.
     """
-    first = head.slot_offset - base
-    if len(data) < first + 2 * head.slot_stride:
+    if len(data) < head.file_size - base:
         raise BadFile(f"wrong size (its header says {head.file_size} bytes)")
-    # The common case written out (once per live shard per scrape): the slot claiming the
-    # highest sequence is valid. Anything else takes the general path, rereads included.
-    second = first + head.slot_stride
-    if _SEQ.unpack_from(data, second)[0] > _SEQ.unpack_from(data, first)[0]:
-        first = second
-    slot = head.slot
-    end = first + slot.size
-    if zlib.crc32(memoryview(data)[first:end]) == _CRC.unpack_from(data, end)[0]:
-        best, torn = slot.unpack_from(data, first), 0
-    else:
-        best, torn = _stable_slot(data, base, head, reread)
+    best, torn = _stable_slot(data, base, head, reread)
     seq, generation, saved_at, start = best[:_SLOT_HEAD_FIELDS]
     raw: tuple[int, ...] = best[_SLOT_HEAD_FIELDS:]
     if raw and min(raw) < 0:
