@@ -13,40 +13,59 @@ filelock's with ``fallback_to_soft=False``:
   call opens its own file description), and a forked child never inherits a held lock from
   this helper, because the descriptor is opened per call and closed on release;
 * a file system without ``flock`` raises ``OSError``: there is no silent fallback;
-* waiting polls with a short back-off (the kernel's blocking ``flock`` cannot time out).
+* waiting polls with a short back-off (the kernel's blocking ``flock`` cannot time out);
+* the lock file is opened without following a symlink, relative to a directory descriptor when
+  one is given, and must be an empty regular file with one link: anything else under its name
+  (a symlink, FIFO, socket, directory, a hard link of another file, a file with data) was
+  planted, and raises :class:`HostileLockFile` instead of being created through or locked (a
+  hard link of a live shard would otherwise make us wait on that shard owner's lifetime lock).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from gatemetrics.errors import LockTimeoutError
 
-__all__ = ["exclusive_flock"]
+__all__ = ["HostileLockFile", "exclusive_flock", "flock_fd"]
 
 _FIRST_WAIT_S = 0.0005
 _MAX_WAIT_S = 0.02
 
 
+_NOT_OURS = frozenset({errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP})
+
+
+class HostileLockFile(OSError):
+    """Something other than a lock file sits under a lock file's name (see the module doc)."""
+
+
 @contextmanager
-def exclusive_flock(path: str, *, timeout: float, mode: int = 0o644) -> Iterator[None]:
+def exclusive_flock(
+    path: str,
+    *,
+    timeout: float,
+    mode: int = 0o644,
+    dir_fd: int | None = None,
+    shown: str | None = None,
+) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` for the ``with`` block.
 
-    Raises :class:`LockTimeoutError` when the lock is not free within ``timeout`` seconds
-    (``0``: one attempt), and ``OSError`` when the lock file cannot be opened or locked.
+    ``path`` is relative to ``dir_fd`` when that is given; errors name ``shown`` (default:
+    ``path``). Raises :class:`LockTimeoutError`
+    when the lock is not free within ``timeout`` seconds (``0``: one attempt),
+    :class:`HostileLockFile` when the name holds anything but an empty regular file with one
+    link, and ``OSError`` when the lock file cannot be opened or locked.
     """
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    fd = _open_lock_file(path, mode, dir_fd, shown or path)
     try:
-        fd = os.open(path, flags, mode)
-    except PermissionError:
-        # Another user's lock file that we may read but not write: flock works on any fd.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _acquire(fd, path, timeout)
+        flock_fd(fd, shown or path, timeout)
         try:
             yield
         finally:
@@ -55,7 +74,40 @@ def exclusive_flock(path: str, *, timeout: float, mode: int = 0o644) -> Iterator
         os.close(fd)
 
 
-def _acquire(fd: int, path: str, timeout: float) -> None:
+def _open_lock_file(path: str, mode: int, dir_fd: int | None, shown: str) -> int:
+    # O_NONBLOCK: opening a planted FIFO must not wait for a writer.
+    base = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | base, mode, dir_fd=dir_fd)
+        except PermissionError:
+            # Another user's lock file that we may read but not write: flock works on any fd.
+            fd = os.open(path, os.O_RDONLY | base, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _NOT_OURS:
+            raise HostileLockFile(exc.errno, f"not a lock file ({exc.strerror})", shown) from None
+        raise
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != 0:
+        os.close(fd)
+        what = (
+            "not a regular file"
+            if not stat.S_ISREG(st.st_mode)
+            else "a hard link of another file"
+            if st.st_nlink != 1
+            else "not empty"
+        )
+        raise HostileLockFile(errno.EINVAL, f"not a lock file ({what})", shown)
+    return fd
+
+
+def flock_fd(fd: int, path: str, timeout: float) -> None:
+    """Take an exclusive ``flock`` on ``fd`` within ``timeout`` seconds (``path`` names it in
+    the :class:`LockTimeoutError`)."""
     deadline = time.monotonic() + timeout
     wait = _FIRST_WAIT_S
     while True:

@@ -68,14 +68,14 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import orjson
 
 from gatemetrics import _faults
-from gatemetrics._flock import exclusive_flock
+from gatemetrics._flock import HostileLockFile, exclusive_flock, flock_fd
 from gatemetrics._format import (
     ARCHIVE_NAME,
     ARCHIVE_TMP,
@@ -95,7 +95,7 @@ from gatemetrics._format import (
     v1_names,
     v2_names,
 )
-from gatemetrics.errors import SchemaError, ShardWriteError
+from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.exposition import render_prometheus
 from gatemetrics.schema import MAX_COUNT, Family, Schema
 from gatemetrics.shards import fsync_directory, write_file_atomically
@@ -142,6 +142,7 @@ _NAMESPACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]*\Z")
 State = Literal["live", "dead", "absorbed"]
 _CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 _OPEN_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_A_NAME = "not a shard file name"
 _PIPELINE_CACHE: dict[tuple[Schema, str], Schema] = {}
 
@@ -279,17 +280,55 @@ def aggregate_dir(
     pipeline_schema(schema, namespace)  # a bad namespace fails before any I/O
     if not math.isfinite(lock_timeout) or lock_timeout < 0:
         raise ValueError(f"lock_timeout must be a finite number >= 0, not {lock_timeout!r}")
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
-    # A bare flock, not filelock: this runs on every aggregation and every GET /metrics, and
-    # filelock's acquire+release costs about 0.3 ms of the run's fixed cost (see _flock).
-    with exclusive_flock(os.path.join(path, LOCK_NAME), timeout=lock_timeout):
-        run = _Run(path, schema, namespace, compact=compact, clock=clock)
+    run = _Run(path, schema, namespace, compact=compact, clock=clock)
+    # Every name below is resolved against this descriptor, never against the path again: a
+    # directory renamed or replaced while we work cannot redirect a write.
+    run.dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _ACTIVE.add(run)
+    try:
+        deadline = time.monotonic() + lock_timeout
+        # The directory's own flock is the exclusion: no file planted, removed or replaced in
+        # the directory can lose it. aggregate.lock is taken as well, for aggregators of the
+        # previous release (they lock only that). Bare flocks, not filelock: this runs on every
+        # aggregation and every GET /metrics (see _flock).
+        flock_fd(run.dir_fd, os.path.join(path, LOCK_NAME), lock_timeout)
         try:
-            return run.run()
+            with _lock_file(run, deadline, lock_timeout):
+                return run.run()
         finally:
             run.release()
+            if run.dir_fd >= 0:
+                fcntl.flock(run.dir_fd, fcntl.LOCK_UN)
+    finally:
+        _ACTIVE.discard(run)
+        if run.dir_fd >= 0:  # -1 in a child forked meanwhile (see _after_fork_in_child)
+            os.close(run.dir_fd)
+            run.dir_fd = -1
+
+
+@contextlib.contextmanager
+def _lock_file(run: _Run, deadline: float, lock_timeout: float) -> Iterator[None]:
+    """Hold ``aggregate.lock`` too, unless something planted sits under its name.
+
+    A planted entry (a symlink, FIFO, directory, a hard link of a live shard...) is never
+    followed, created through or waited on: the run goes on under the directory's flock alone,
+    and compaction quarantines the entry so that the next run creates a real lock file.
+    """
+    shown = run._p(LOCK_NAME)
+    timeout = max(0.0, deadline - time.monotonic())
+    try:
+        with exclusive_flock(LOCK_NAME, timeout=timeout, dir_fd=run.dir_fd, shown=shown):
+            yield
+            return
+    except LockTimeoutError:
+        raise LockTimeoutError(shown, lock_timeout) from None  # the caller's whole wait
+    except HostileLockFile as exc:
+        run.problems[LOCK_NAME] = exc.strerror or "not a lock file"
+    except PermissionError as exc:
+        # A reader that may not create the lock file: the directory flock still excludes
+        # every aggregator of this release.
+        _log.warning("cannot open %s (%s); going on without it", LOCK_NAME, exc.strerror)
+    yield
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -333,7 +372,8 @@ class _Run:
         # The size of a v2 shard of this schema whose header fits its first page (all real
         # ones: the header is the identity and the schema record, well under 4 KiB).
         self.v2_size = self.layout.file_size(1)
-        self.dir_fd = -1  # the directory, opened by run(): shard names resolve against it
+        self.dir_fd = -1  # the directory (aggregate_dir opens and closes it): names resolve here
+        self.quarantine_fd = -1  # quarantine/, opened when first needed
         # Live v2 shards kept open between runs of this process (see _KeptShards): those the
         # last run left (taken out for this run), and those this run leaves for the next one.
         self.kept_key: tuple[int, int, Layout] | None = None
@@ -360,10 +400,10 @@ class _Run:
         self.live = self.dead = 0
 
     def _p(self, name: str) -> str:
+        """The path of ``name``, for messages only: every operation goes through ``dir_fd``."""
         return os.path.join(self.dir, name)
 
     def release(self) -> None:
-        _ACTIVE.discard(self)
         for fd in self.held.values():
             with contextlib.suppress(OSError):
                 os.close(fd)  # releases the flock we took on a dead shard
@@ -375,15 +415,13 @@ class _Run:
         if self.kept_key is not None and self.kept_after is not None:
             _KEPT.check_in(self.kept_key, self.kept_after)
         self.kept_after = None
-        if self.dir_fd >= 0:
-            os.close(self.dir_fd)
-            self.dir_fd = -1
+        if self.quarantine_fd >= 0:
+            os.close(self.quarantine_fd)
+            self.quarantine_fd = -1
 
     def run(self) -> Aggregate:
         if self.compact:
             _faults.point("compact.locked")
-        _ACTIVE.add(self)
-        self.dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(self.dir_fd)
         self.kept_key = (st.st_dev, st.st_ino, self.layout)
         self.kept_before = _KEPT.check_out(self.kept_key)
@@ -454,9 +492,27 @@ class _Run:
             if parsed is None:
                 if name.startswith(OWNED_PREFIXES):
                     self.problems[name] = _NOT_A_NAME
+                elif name == ARCHIVE_TMP:
+                    # A crashed compaction leaves a regular file (removed by compaction);
+                    # anything else there was planted.
+                    kind = self._kind(name)
+                    if kind is not None:
+                        self.problems[name] = kind
                 continue
             inc, kind = parsed
             setattr(self.entries.setdefault(inc, _Entry()), _ENTRY_FIELD[kind], True)
+
+    def _kind(self, name: str) -> str | None:
+        """``None`` for a regular file (or a name gone meanwhile), else what it is instead."""
+        try:
+            mode = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False).st_mode
+        except OSError:
+            return None
+        if stat.S_ISREG(mode):
+            return None
+        if stat.S_ISLNK(mode):
+            return "a symlink, not a regular file"
+        return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
 
     # -- counting ------------------------------------------------------------------------------
 
@@ -702,7 +758,7 @@ class _Run:
 
     def _read_bounded(self, name: str, limit: int) -> bytes:
         try:
-            fd = os.open(self._p(name), _OPEN_RO)
+            fd = os.open(name, _OPEN_RO, dir_fd=self.dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise BadFile("a symlink, not a regular file") from None
@@ -760,9 +816,9 @@ class _Run:
 
         Anything we cannot prove dead is treated as live: only dead shards are ever changed.
         """
-        lock = self._p(v1_names(inc)[1])
+        lock = v1_names(inc)[1]
         try:
-            fd = os.open(lock, _OPEN_RO)
+            fd = os.open(lock, _OPEN_RO, dir_fd=self.dir_fd)
         except FileNotFoundError:
             return "dead"  # owners create the lock before the shard: nobody owns this one
         except OSError as exc:
@@ -776,12 +832,18 @@ class _Run:
             os.close(fd)  # closing releases a flock we took
 
     def _quarantine_entries(self) -> int:
-        if not self.compact and QUARANTINE_DIR not in self.names:
-            return 0  # a read-only run saw no quarantine/ (and cannot have made one)
+        if self.quarantine_fd < 0 and QUARANTINE_DIR not in self.names:
+            return 0  # no quarantine/ was seen (and none was made)
         try:
-            return len(os.listdir(self._p(QUARANTINE_DIR)))
+            if self.quarantine_fd >= 0:
+                return len(os.listdir(self.quarantine_fd))
+            fd = os.open(QUARANTINE_DIR, _OPEN_DIR, dir_fd=self.dir_fd)
         except OSError:
-            return 0
+            return 0  # not a directory (a planted entry: compaction replaces it), or gone
+        try:
+            return len(os.listdir(fd))
+        finally:
+            os.close(fd)
 
     # -- compaction --------------------------------------------------------------------------
 
@@ -828,7 +890,7 @@ class _Run:
         removed = self._remove_files(new, to_quarantine)
 
         # Step 3: forget ids and names whose files are gone, so the archive stays small.
-        present = set(os.listdir(self.dir))
+        present = set(os.listdir(self.dir_fd))
         kept_absorbed = {
             i for i in new.absorbed if v1_names(i)[0] in present or v2_names(i)[0] in present
         }
@@ -885,10 +947,8 @@ class _Run:
             ):
                 removed_locks += 1
                 _faults.point("compact.lock_deleted")
-        if ARCHIVE_TMP in self.names:
-            self._unlink(ARCHIVE_TMP)  # a crashed compaction's; only lock holders write it
         with contextlib.suppress(OSError):
-            fsync_directory(self.dir)
+            fsync_directory(self.dir_fd)
         return CompactionReport(
             absorbed=len(self.absorb),
             quarantined=quarantined,
@@ -900,12 +960,13 @@ class _Run:
     def _write_archive(self, archive: Archive) -> None:
         try:
             write_file_atomically(
-                self._p(ARCHIVE_TMP),
-                self._p(ARCHIVE_NAME),
+                ARCHIVE_TMP,
+                ARCHIVE_NAME,
                 archive.encode(self.schema),
                 sync=True,
                 mode=0o644,
                 step_prefix="archive",
+                dir_fd=self.dir_fd,
             )
         except OSError as exc:
             path = self._p(ARCHIVE_NAME)
@@ -913,7 +974,7 @@ class _Run:
 
     def _unlink(self, name: str) -> bool:
         try:
-            os.unlink(self._p(name))
+            os.unlink(name, dir_fd=self.dir_fd)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -926,7 +987,8 @@ class _Run:
         name = v2_names(inc)[0]
         fd = self.held[inc]
         try:
-            here, ours = os.stat(self._p(name), follow_symlinks=False), os.fstat(fd)
+            here = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+            ours = os.fstat(fd)
         except OSError:
             return False
         if (here.st_dev, here.st_ino) != (ours.st_dev, ours.st_ino):
@@ -936,7 +998,7 @@ class _Run:
     def _unlink_if_free(self, name: str) -> bool:
         """Delete a lock or temp file while holding its flock (see the module doc)."""
         try:
-            fd = os.open(self._p(name), _OPEN_RO)
+            fd = os.open(name, _OPEN_RO, dir_fd=self.dir_fd)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -954,31 +1016,58 @@ class _Run:
             os.close(fd)
 
     def _move_to_quarantine(self, name: str) -> bool:
-        qdir = self._p(QUARANTINE_DIR)
-        try:
-            os.mkdir(qdir, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            _log.error("cannot create %s: %s", qdir, exc.strerror)
+        qfd = self._quarantine_dir()
+        if qfd < 0:
             return False
         try:
-            if not stat.S_ISDIR(os.lstat(qdir).st_mode):
-                _log.error("%s is not a directory; cannot quarantine %s", qdir, name)
-                return False
-            os.rename(self._p(name), os.path.join(qdir, f"{name}.{time.time_ns()}"))
+            # Both ends are directory descriptors: a quarantine/ swapped for a symlink after
+            # we opened it cannot send the file anywhere else.
+            os.rename(
+                name, f"{name}.{time.time_ns()}", src_dir_fd=self.dir_fd, dst_dir_fd=qfd
+            )
         except FileNotFoundError:
             return False
         except OSError as exc:
             _log.error("cannot quarantine %s: %s", name, exc.strerror)
             return False
-        self._trim_quarantine(qdir)
+        self._trim_quarantine(qfd)
         return True
 
+    def _quarantine_dir(self) -> int:
+        """A descriptor of ``quarantine/`` (made if missing), or -1 after one log line.
+
+        A non-directory under that name (a symlink, file, FIFO) was planted: it is removed,
+        never followed, and a real directory made in its place.
+        """
+        if self.quarantine_fd >= 0:
+            return self.quarantine_fd
+        for _ in range(2):
+            try:
+                os.mkdir(QUARANTINE_DIR, 0o700, dir_fd=self.dir_fd)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                _log.error("cannot create %s: %s", self._p(QUARANTINE_DIR), exc.strerror)
+                return -1
+            try:
+                self.quarantine_fd = os.open(QUARANTINE_DIR, _OPEN_DIR, dir_fd=self.dir_fd)
+                return self.quarantine_fd
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    _log.error("cannot open %s: %s", self._p(QUARANTINE_DIR), exc.strerror)
+                    return -1
+            _log.error(
+                "%s is not a directory (planted?): removed, a real one is made",
+                self._p(QUARANTINE_DIR),
+            )
+            if not self._unlink(QUARANTINE_DIR):
+                return -1
+        return -1
+
     @staticmethod
-    def _trim_quarantine(qdir: str) -> None:
+    def _trim_quarantine(qfd: int) -> None:
         try:
-            names = os.listdir(qdir)
+            names = os.listdir(qfd)
         except OSError:
             return
         if len(names) <= QUARANTINE_KEEP:
@@ -989,12 +1078,11 @@ class _Run:
             return (int(suffix) if suffix.isdigit() else 0, n)
 
         for old in sorted(names, key=age)[: len(names) - QUARANTINE_KEEP]:
-            victim = os.path.join(qdir, old)
             try:
-                if stat.S_ISDIR(os.lstat(victim).st_mode):
-                    shutil.rmtree(victim)
+                if stat.S_ISDIR(os.stat(old, dir_fd=qfd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(old, dir_fd=qfd)  # fd-based: never follows a link inside
                 else:
-                    os.unlink(victim)
+                    os.unlink(old, dir_fd=qfd)
             except OSError as exc:
                 _log.warning("cannot trim quarantine entry %s: %s", old, exc.strerror)
 
@@ -1080,12 +1168,12 @@ def _after_fork_in_child() -> None:
     for run in list(_ACTIVE):
         fds = [*run.held.values(), *(fd for fd, _ in run.kept_before.values())]
         fds.extend(fd for fd, _ in (run.kept_after or {}).values())
-        if run.dir_fd >= 0:
-            fds.append(run.dir_fd)
+        fds.extend(fd for fd in (run.quarantine_fd, run.dir_fd) if fd >= 0)
         for fd in fds:
             with contextlib.suppress(OSError):
-                os.close(fd)
-        run.held, run.kept_before, run.kept_after, run.dir_fd = {}, {}, None, -1
+                os.close(fd)  # never unlocks: the parent's copy keeps its flock
+        run.held, run.kept_before, run.kept_after = {}, {}, None
+        run.quarantine_fd = run.dir_fd = -1
     _ACTIVE.clear()
     _KEPT.reset_in_child()
 

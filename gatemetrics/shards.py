@@ -601,16 +601,26 @@ def write_file_atomically(
     sync: bool = True,
     mode: int,
     step_prefix: str,
+    dir_fd: int | None = None,
 ) -> None:
     """Write ``data`` to ``tmp``, (fsync), ``os.replace`` it over ``path``, (fsync the directory).
 
-    For the files that are replaced whole (the archive, the textfile). ``tmp`` is opened without
-    following symlinks and truncated, so one writer per temp name is assumed (the caller
-    guarantees it). The mode is set explicitly, whatever the umask. On an error before the rename
+    For the files that are replaced whole (the archive, the textfile). With ``dir_fd`` both
+    names are relative to that directory descriptor (and must be plain names); without it they
+    are paths in one directory. One writer per temp name is assumed (the caller guarantees it,
+    by a lock or by a per-process name), so whatever sits under ``tmp`` is a crashed writer's
+    leftover or was planted: it is removed (never followed, never truncated in place, so a
+    planted symlink or hard link cannot redirect the write) and the temp file is created
+    exclusively. The rename replaces whatever is at ``path`` (a symlink there is replaced, not
+    followed). The mode is set explicitly, whatever the umask. On an error before the rename
     the temp file is removed; a crash leaves it for the next run to remove.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        os.unlink(tmp, dir_fd=dir_fd)  # IsADirectoryError for a planted directory
+        fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
     try:
         try:
             os.fchmod(fd, mode)
@@ -623,20 +633,25 @@ def write_file_atomically(
             _faults.point(f"{step_prefix}.tmp_synced")
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except Exception:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
     _faults.point(f"{step_prefix}.replaced")
     if sync:
-        fsync_directory(os.path.dirname(path))
+        fsync_directory(os.path.dirname(path) if dir_fd is None else dir_fd)
     _faults.point(f"{step_prefix}.done")
 
 
-def fsync_directory(directory: str) -> None:
-    """fsync a directory so a rename or unlink in it survives a power loss."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def fsync_directory(directory: str | int) -> None:
+    """fsync a directory (a path, or a descriptor of it) so a rename or unlink in it survives
+    a power loss."""
+    fd = (
+        os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if isinstance(directory, str)
+        else directory
+    )
     try:
         os.fsync(fd)
     except OSError as exc:
@@ -644,7 +659,8 @@ def fsync_directory(directory: str) -> None:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
     finally:
-        os.close(fd)
+        if fd is not directory:
+            os.close(fd)
 
 
 # -- one shard per store and directory -------------------------------------------------------

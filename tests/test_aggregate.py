@@ -1119,7 +1119,7 @@ def test_the_quarantine_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len(os.listdir(tmp_path / QUARANTINE_DIR)) == 3
 
 
-def test_a_quarantine_that_is_a_symlink_is_never_used(tmp_path: Path) -> None:
+def test_a_quarantine_that_is_a_symlink_is_replaced_never_followed(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shards = tmp_path / "shards"
@@ -1131,8 +1131,11 @@ def test_a_quarantine_that_is_a_symlink_is_never_used(tmp_path: Path) -> None:
     result = agg(shards, compact=True)
     assert result.quarantined_total == 2
     assert os.listdir(elsewhere) == []
-    assert (shards / "shard-bad.json").exists()
-    assert (shards / bad_v2).exists()
+    quarantine = shards / QUARANTINE_DIR
+    assert quarantine.is_dir() and not quarantine.is_symlink()
+    assert sorted(n.rsplit(".", 1)[0] for n in os.listdir(quarantine)) == sorted(
+        ["shard-bad.json", bad_v2]
+    )
     assert agg(shards, compact=True).quarantined_total == 2  # counted once, not per run
 
 
