@@ -144,6 +144,8 @@ _CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 _OPEN_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_A_NAME = "not a shard file name"
+# Names the aggregator itself creates (quarantine/ is handled where it is opened).
+_FIXED_NAMES = (LOCK_NAME, ARCHIVE_TMP)
 _PIPELINE_CACHE: dict[tuple[Schema, str], Schema] = {}
 
 
@@ -206,6 +208,7 @@ class ArchiveReport:
     quarantined_total: int = 0
     updated_at: float | None = None
     problem: str | None = None
+    saturated: bool = False  # some total held at 2**63-1: the archive is hostile or corrupt
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +401,7 @@ class _Run:
         self.counted: list[tuple[int, str, str, State, ShardRecord]] = []
         self.problems: dict[str, str] = {}  # file name -> why it is to be quarantined
         self.live = self.dead = 0
+        self.saturated = False  # some archive total had to be held at MAX_COUNT
 
     def _p(self, name: str) -> str:
         """The path of ``name``, for messages only: every operation goes through ``dir_fd``."""
@@ -439,11 +443,7 @@ class _Run:
             if entry.v1:
                 self._count_v1(inc)
         self._settle()
-        for name in self.names:
-            if self.problems.get(name) == _NOT_A_NAME:
-                self.reports.append(
-                    ShardReport(name, None, None, "quarantined", problem=_NOT_A_NAME)
-                )
+        self._report_nameless()
 
         to_quarantine = sorted(self.problems)
         pending = [n for n in to_quarantine if n not in self.archive.quarantining]
@@ -455,7 +455,7 @@ class _Run:
                 _log.warning("skipped %s (compaction will quarantine it): %s", name, why)
         # A broken archive counts as one quarantined file too (compaction moves it aside).
         broken = int(self.archive.problem is not None)
-        quarantined_total = self.archive.quarantined_total + len(pending) + broken
+        quarantined_total = min(self.archive.quarantined_total + len(pending) + broken, MAX_COUNT)
 
         compaction: CompactionReport | None = None
         report_archive = ArchiveReport(
@@ -464,6 +464,7 @@ class _Run:
             self.archive.quarantined_total,
             self.archive.updated_at,
             self.archive.problem,
+            self.saturated,
         )
         if self.compact:
             _faults.point("compact.scanned")
@@ -483,6 +484,20 @@ class _Run:
             quarantine_entries=self._quarantine_entries(),
             compaction=compaction,
         )
+
+    def _report_nameless(self) -> None:
+        """Reports for the problems that name no incarnation (hostile names, planted files
+        under the names the aggregator itself creates)."""
+        for name in self.names:
+            if self.problems.get(name) == _NOT_A_NAME:
+                self.reports.append(
+                    ShardReport(name, None, None, "quarantined", problem=_NOT_A_NAME)
+                )
+        for name in _FIXED_NAMES:
+            if name in self.problems:
+                self.reports.append(
+                    ShardReport(name, None, None, "quarantined", problem=self.problems[name])
+                )
 
     def _list(self) -> None:
         """Sort the directory's names into incarnations; a bad name under ours is a problem."""
@@ -545,7 +560,10 @@ class _Run:
 
     def _count_v1(self, inc: str) -> None:
         name = v1_names(inc)[0]
-        state: State = "absorbed" if inc in self.archive.absorbed else self.states[inc]
+        # Liveness beats the archive here too: absorbing needs the owner's lock to be free.
+        state: State = self.states[inc]
+        if state == "dead" and inc in self.archive.absorbed:
+            state = "absorbed"
         if state == "live":
             self.live += 1
         else:
@@ -591,29 +609,50 @@ class _Run:
         )
 
     def _settle(self) -> None:
-        """Sum the counted shards into the totals; blame the shards that would overflow.
+        """Sum the counted shards into the totals, by the documented rule for the 64-bit limit.
 
-        The common case sums every column at once. Only when some total would pass
-        ``MAX_COUNT`` are the shards added again one by one, in the order they were read, and
-        each one whose counts would push a total past the limit is not counted (quarantined
-        if dead, skipped if live), exactly as if it had been checked on its own.
+        The common case sums every column at once. No real counter ever nears ``MAX_COUNT``
+        (2**63-1 increments), so a total past it means a hostile or corrupt file, and the rule
+        blames the one that cannot be real:
+
+        * shards whose own counts together pass the limit in a column: the shards with the
+          largest counts in that column are left out (quarantined if dead, skipped if live)
+          until the rest fits, so the absurd shard goes, not the ones read after it;
+        * an archive whose totals plus the shards' pass the limit: the archive is the
+          suspicious party (shards are checked one by one, it is not): the total saturates at
+          ``MAX_COUNT``, stays there, and every run logs it. No shard is blamed, and
+          compaction writes the saturated total, which every later run reads back.
         """
         counted, self.counted = self.counted, []
         rows = [row[4].counts for row in counted]
-        totals = list(map(sum, zip(self.totals, *rows, strict=True)))
+        width = len(self.totals)
+        sums = list(map(sum, zip(*rows, strict=True))) if rows else [0] * width
+        if max(sums, default=0) > MAX_COUNT:
+            dropped: set[int] = set()
+            for column in range(width):
+                # Largest count in this column first; ties by file name (deterministic).
+                order = sorted((-row[column], counted[i][1], i) for i, row in enumerate(rows))
+                for _, _, i in order:
+                    if sums[column] <= MAX_COUNT:
+                        break
+                    if i not in dropped:
+                        dropped.add(i)
+                        sums = list(map(operator.sub, sums, rows[i]))
+            problem = "its counts would push the aggregate past 2**63-1"
+            for i in sorted(dropped):
+                index, name, inc, state, _ = counted[i]
+                self.reports[index] = self._bad_report(name, inc, state, problem, 0)
+            counted = [row for i, row in enumerate(counted) if i not in dropped]
+        totals = list(map(operator.add, self.totals, sums))
         if max(totals, default=0) > MAX_COUNT:
-            totals = list(self.totals)
-            kept = []
-            for row in counted:
-                index, name, inc, state, record = row
-                summed = list(map(operator.add, totals, record.counts))
-                if max(summed) > MAX_COUNT:
-                    problem = "its counts would push the aggregate past 2**63-1"
-                    self.reports[index] = self._bad_report(name, inc, state, problem, 0)
-                    continue
-                totals = summed
-                kept.append(row)
-            counted = kept
+            self.saturated = True
+            _log.error(
+                "%s's totals push %d series past 2**63-1 (no real counter gets there: the "
+                "archive is hostile or corrupt); those totals are saturated at 2**63-1",
+                ARCHIVE_NAME,
+                sum(1 for t in totals if t > MAX_COUNT),
+            )
+            totals = [min(t, MAX_COUNT) for t in totals]
         self.totals = totals
         for _, _, inc, state, record in counted:
             self.starts.append(record.start)
@@ -854,6 +893,9 @@ class _Run:
         broken_archive = old.problem is not None
         if broken_archive:
             self._move_to_quarantine(ARCHIVE_NAME)
+        early = 0
+        if ARCHIVE_TMP in self.problems:  # planted where step 1 writes: out of the way first
+            early = int(self._move_to_quarantine(ARCHIVE_TMP))
         # Liveness beats the archive: absorbing a v2 shard takes its owner's lock, so an id
         # listed as absorbed whose shard is locked by its owner right now never was (a hostile
         # or corrupted archive). Drop the claim now, so that the shard is counted and absorbed
@@ -861,7 +903,9 @@ class _Run:
         disproved = {
             inc
             for inc in old.absorbed
-            if self.states.get(inc) == "live" and inc in self.entries and self.entries[inc].v2
+            if self.states.get(inc) == "live"
+            and inc in self.entries
+            and (self.entries[inc].v2 or self.entries[inc].v1)
         }
         if disproved:
             _log.warning(
@@ -869,25 +913,26 @@ class _Run:
                 ARCHIVE_NAME,
                 len(disproved),
             )
+        # Everything written here is something a later run reads back: totals saturate at
+        # MAX_COUNT (see _settle), timestamps are finite and non-negative.
         new = Archive(
-            counts=list(old.counts),
+            counts=list(self._totals_absorbed(old)),
             absorbed=(old.absorbed - disproved) | set(self.absorb),
-            absorbed_total=old.absorbed_total + len(self.absorb),
-            quarantined_total=old.quarantined_total + len(pending) + int(broken_archive),
+            absorbed_total=min(old.absorbed_total + len(self.absorb), MAX_COUNT),
+            quarantined_total=min(
+                old.quarantined_total + len(pending) + int(broken_archive), MAX_COUNT
+            ),
             quarantining=old.quarantining | set(to_quarantine),
-            updated_at=float(self.clock()),
+            updated_at=_timestamp(self.clock()),
             first_start=min(self.starts, default=None),
             exists=True,
         )
-        for counts in self.absorb.values():
-            for i, c in enumerate(counts):
-                new.counts[i] += c
         changed = bool(self.absorb or pending or broken_archive or disproved)
         changed = changed or new.quarantining != old.quarantining
         if changed:
             self._write_archive(new)  # step 1: totals and ids first, deletions after
 
-        removed = self._remove_files(new, to_quarantine)
+        removed = self._remove_files(new, [n for n in to_quarantine if n != ARCHIVE_TMP], early)
 
         # Step 3: forget ids and names whose files are gone, so the archive stays small.
         present = set(os.listdir(self.dir_fd))
@@ -907,13 +952,22 @@ class _Run:
             new.quarantined_total,
             new.updated_at if changed else old.updated_at,
             old.problem,
+            self.saturated,
         )
         return removed, archive_report
 
-    def _remove_files(self, new: Archive, to_quarantine: list[str]) -> CompactionReport:
+    def _totals_absorbed(self, old: Archive) -> list[int]:
+        """The archive's totals after absorbing this run's dead shards, saturated."""
+        counts = list(old.counts)
+        for absorbed in self.absorb.values():
+            counts = list(map(operator.add, counts, absorbed))
+        return [min(c, MAX_COUNT) for c in counts]
+
+    def _remove_files(
+        self, new: Archive, to_quarantine: list[str], quarantined: int
+    ) -> CompactionReport:
         """Step 2: everything the new archive made redundant, and what is broken."""
         dead = {inc for inc, s in self.states.items() if s == "dead"}
-        quarantined = 0
         for name in to_quarantine:
             if self._move_to_quarantine(name):
                 quarantined += 1
@@ -926,7 +980,7 @@ class _Run:
             if entry.v2 and inc in self.held and self._unlink_held(inc):
                 removed_shards += 1
                 _faults.point("compact.shard_deleted")
-            if entry.v1 and self._unlink(v1_names(inc)[0]):
+            if entry.v1 and inc in dead and self._unlink(v1_names(inc)[0]):
                 removed_shards += 1
                 gone.add(inc)
                 _faults.point("compact.shard_deleted")
@@ -947,6 +1001,8 @@ class _Run:
             ):
                 removed_locks += 1
                 _faults.point("compact.lock_deleted")
+        if ARCHIVE_TMP in self.names and ARCHIVE_TMP not in self.problems:
+            self._unlink(ARCHIVE_TMP)  # a crashed compaction's; only lock holders write it
         with contextlib.suppress(OSError):
             fsync_directory(self.dir_fd)
         return CompactionReport(
@@ -1022,9 +1078,7 @@ class _Run:
         try:
             # Both ends are directory descriptors: a quarantine/ swapped for a symlink after
             # we opened it cannot send the file anywhere else.
-            os.rename(
-                name, f"{name}.{time.time_ns()}", src_dir_fd=self.dir_fd, dst_dir_fd=qfd
-            )
+            os.rename(name, f"{name}.{time.time_ns()}", src_dir_fd=self.dir_fd, dst_dir_fd=qfd)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -1179,6 +1233,11 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _timestamp(value: float) -> float | None:
+    ts = float(value)
+    return ts if math.isfinite(ts) and ts >= 0 else None
 
 
 class _Unreadable(Exception):

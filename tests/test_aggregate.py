@@ -397,11 +397,20 @@ def test_compaction_never_removes_anything_when_the_archive_cannot_be_written(
     dead_shard(tmp_path, allows=2)
     dead_v1_shard(tmp_path, allows=3)
     before = sorted(os.listdir(tmp_path))
-    (tmp_path / "archive.json.tmp").mkdir()  # the archive's temp path is unusable
-    with pytest.raises(ShardWriteError, match="cannot write the archive"):
-        agg(tmp_path, compact=True)
-    assert sorted(os.listdir(tmp_path)) == sorted([*before, "aggregate.lock", "archive.json.tmp"])
-    (tmp_path / "archive.json.tmp").rmdir()
+
+    def disk_full(step: str) -> None:
+        # A full disk cannot be made real here without mounting a file system (and root
+        # ignores permissions): the write fails the way ENOSPC makes it fail.
+        if step == "archive.tmp_written":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    _faults.HOOK = disk_full
+    try:
+        with pytest.raises(ShardWriteError, match="cannot write the archive"):
+            agg(tmp_path, compact=True)
+    finally:
+        _faults.HOOK = None
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "aggregate.lock"])
     assert decisions(tmp_path) == {"ALLOW": 5, "DENY": 0}
 
 
@@ -1132,7 +1141,8 @@ def test_a_quarantine_that_is_a_symlink_is_replaced_never_followed(tmp_path: Pat
     assert result.quarantined_total == 2
     assert os.listdir(elsewhere) == []
     quarantine = shards / QUARANTINE_DIR
-    assert quarantine.is_dir() and not quarantine.is_symlink()
+    assert quarantine.is_dir()
+    assert not quarantine.is_symlink()
     assert sorted(n.rsplit(".", 1)[0] for n in os.listdir(quarantine)) == sorted(
         ["shard-bad.json", bad_v2]
     )
