@@ -1,8 +1,10 @@
 """The ``gatemetrics`` command line: ``aggregate``, ``status`` and ``demo``.
 
 Exit status: 0 on success; 1 when the work failed (a missing or unreadable directory, an
-unwritable target, an archive written with another schema); 75 (``EX_TEMPFAIL``) when the
-directory lock was not free in time, so a wrapper can retry; 2 for usage errors (argparse's
+unwritable target, an archive written with another schema) or was refused (a shard directory
+or archive that any user may write, a textfile target that is a symlink: ``status`` still
+prints its table, with the problem on top); 75 (``EX_TEMPFAIL``) when the directory lock was
+not free in time, so a wrapper can retry; 2 for usage errors (argparse's
 convention). Every failure prints exactly one line on stderr, ``gatemetrics: error: ...``.
 Warnings about broken shard files (quarantined or skipped) go to stderr too, one line each, and
 do not fail the run.
@@ -14,11 +16,12 @@ import argparse
 import importlib
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Sequence
 
-from gatemetrics.aggregate import Aggregate, aggregate_dir
+from gatemetrics.aggregate import ARCHIVE_NAME, Aggregate, aggregate_dir
 from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.schema import Schema
 from gatemetrics.shards import write_file_atomically
@@ -56,6 +59,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     agg.add_argument(
         "--format", choices=("prometheus", "json"), default="prometheus", help="output format"
+    )
+    agg.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="write to the target of a --textfile that is a symlink (refused by default)",
     )
     agg.add_argument(
         "--no-compact",
@@ -110,6 +118,12 @@ def _add_dir_options(parser: argparse.ArgumentParser) -> None:
         "--namespace",
         default=DEFAULT_NAMESPACE,
         help=f"prefix of the pipeline families (default: {DEFAULT_NAMESPACE})",
+    )
+    parser.add_argument(
+        "--allow-world-writable",
+        action="store_true",
+        help="use a shard directory or archive that any user may write (refused by default: "
+        "any local user could then plant files in it)",
     )
 
 
@@ -203,16 +217,56 @@ def _run(args: argparse.Namespace) -> int:
             decisions=args.decisions, workers=args.workers, seed=args.seed, out=sys.stdout
         )
     if args.command == "status":
-        result = _aggregate(args, compact=False)
-        sys.stdout.write(format_status(result, now=time.time()))
+        exposed = _world_writable(os.path.abspath(args.dir))
+        result = _aggregate(args, compact=False, exposed=[])
+        sys.stdout.write(format_status(result, now=time.time(), problems=exposed))
+        if exposed and not args.allow_world_writable:
+            raise _Failure(f"{exposed[0]}{_WORLD_WRITABLE_HINT}")
         return 0
     if args.command == "aggregate":
         return _run_aggregate(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover
 
 
-def _aggregate(args: argparse.Namespace, *, compact: bool) -> Aggregate:
+_WORLD_WRITABLE_HINT = (
+    "; any local user could plant files there (chmod o-w, or pass --allow-world-writable)"
+)
+
+
+def _world_writable(directory: str) -> list[str]:
+    """Why ``directory`` is open to every local user: it, or its archive, is world-writable.
+
+    A missing directory or archive is not a problem here (the aggregation reports it).
+    """
+    found: list[str] = []
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return found
+    if st.st_mode & stat.S_IWOTH:
+        found.append(
+            f"shard directory {directory} is world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+    try:
+        arch = os.lstat(os.path.join(directory, ARCHIVE_NAME))
+    except OSError:
+        return found
+    if stat.S_ISREG(arch.st_mode) and arch.st_mode & stat.S_IWOTH:
+        found.append(
+            f"archive {os.path.join(directory, ARCHIVE_NAME)} is world-writable "
+            f"(mode {stat.S_IMODE(arch.st_mode):04o})"
+        )
+    return found
+
+
+def _aggregate(
+    args: argparse.Namespace, *, compact: bool, exposed: list[str] | None = None
+) -> Aggregate:
     directory = os.path.abspath(args.dir)
+    if exposed is None:
+        exposed = _world_writable(directory)
+    if exposed and not args.allow_world_writable:
+        raise _Failure(f"{exposed[0]}{_WORLD_WRITABLE_HINT}")
     try:
         return aggregate_dir(
             directory,
@@ -241,37 +295,61 @@ def _aggregate(args: argparse.Namespace, *, compact: bool) -> Aggregate:
 
 def _run_aggregate(args: argparse.Namespace) -> int:
     started = time.time()
+    # Refused before anything is read or compacted: a refused run changes nothing.
+    target = None if args.textfile is None else _textfile_target(args)
     try:
         result = _aggregate(args, compact=not args.no_compact)
         text = result.render_json() + "\n" if args.format == "json" else result.render_prometheus()
-        if args.textfile is None:
+        if target is None:
             sys.stdout.write(text)
         else:
-            _write_textfile(args.textfile, text)
+            _write_textfile(target, text)
     except _Failure as failure:
-        if args.textfile is not None and _remove_stale(args.textfile, started):
-            failure.args = (f"{failure}; removed the previous {args.textfile} (now stale)",)
+        if target is not None and _remove_stale(target, started):
+            failure.args = (f"{failure}; removed the previous {target} (now stale)",)
         raise
     return 0
 
 
-def _write_textfile(path: str, text: str) -> None:
-    target = os.path.abspath(path)
+def _textfile_target(args: argparse.Namespace) -> str:
+    """The absolute path to write; a symlink is refused unless ``--follow-symlinks``.
+
+    The textfile usually sits in node_exporter's directory and the aggregator often runs as
+    root: a link planted there must not make it write elsewhere.
+    """
+    target: str = os.path.abspath(args.textfile)
+    if not os.path.islink(target):
+        return target
+    if not args.follow_symlinks:
+        raise _Failure(
+            f"textfile {target} is a symlink (to {os.readlink(target)}); refusing to write "
+            "through it (pass --follow-symlinks to write to its target)"
+        )
+    return os.path.realpath(target)
+
+
+def _write_textfile(target: str, text: str) -> None:
     directory, name = os.path.split(target)
-    # Hidden and not ending in .prom: node_exporter's textfile collector never reads it.
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     _remove_orphan_temp_files(directory, name)
     try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _Failure(f"cannot write textfile {target}: {exc.strerror or exc}") from None
+    try:
+        # Hidden and not ending in .prom: node_exporter's textfile collector never reads it.
         write_file_atomically(
-            tmp,
-            target,
+            f".{name}.{os.getpid()}.tmp",
+            name,
             text.encode(),
             sync=True,
             mode=0o644,
             step_prefix="textfile",
+            dir_fd=dir_fd,
         )
     except OSError as exc:
         raise _Failure(f"cannot write textfile {target}: {exc.strerror or exc}") from None
+    finally:
+        os.close(dir_fd)
 
 
 def _remove_orphan_temp_files(directory: str, name: str) -> None:
@@ -307,8 +385,9 @@ def _remove_stale(path: str, started: float) -> bool:
     A file refreshed after we started belongs to a concurrent successful run and stays.
     """
     try:
-        if os.stat(path).st_mtime >= started:
-            return False
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime >= started:
+            return False  # only a file we wrote: never a link, a directory or a device
         os.unlink(path)
     except OSError:
         return False
@@ -333,13 +412,18 @@ def _age(seconds: float | None) -> str:
     return f"{hours // 24}d ago"
 
 
-def format_status(result: Aggregate, *, now: float) -> str:
-    """The ``status`` table of an aggregation (read-only)."""
+def format_status(result: Aggregate, *, now: float, problems: Sequence[str] = ()) -> str:
+    """The ``status`` table of an aggregation (read-only), with ``problems`` of the directory
+    itself (such as being world-writable) at the top."""
     lines: list[str] = []
     out = lines.append
+    for problem in problems:
+        out(f"{'PROBLEM':<11} {problem}")
     arch = result.archive
     if arch.problem is not None:
         archive = f"BROKEN ({arch.problem}); compaction will quarantine it"
+    elif arch.saturated:
+        archive = "SATURATED: totals held at 2**63-1 (hostile or corrupt archive)"
     elif arch.exists:
         archive = (
             f"{arch.absorbed_total} dead incarnations absorbed, "
