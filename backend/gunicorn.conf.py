@@ -26,6 +26,17 @@ Command-line flags override what is set here (``--bind``, ``--workers``, ``--pre
 Works with and without ``--preload``: the app module creates nothing at import, each worker
 builds its own store and audit log in the ASGI lifespan startup, after the fork.
 
+Hostile clients (``backend/app/limits.py``, applied by the worker class): each worker raises its
+soft descriptor limit to the hard one, keeps ``RELEASE_GATE_FD_RESERVE`` (256) descriptors for
+the audit log, the shard and ``/metrics``, and serves at most ``RELEASE_GATE_MAX_CONNECTIONS``
+(256) connections: beyond that, the connection waiting longest for its request headers is
+dropped, or when every one is busy with a request the newcomer is answered 503. Request headers
+must be complete within ``RELEASE_GATE_HEADER_TIMEOUT`` (5 s) of connecting or of the previous
+response, a check's body within ``RELEASE_GATE_BODY_TIMEOUT`` (5 s, answer 408), and an idle
+keep-alive connection is closed after ``keepalive`` (5 s). ``backlog`` is lowered to fit the
+descriptor limit (it is also asyncio's accept batch). Error-log lines are rate-limited per kind
+(10 per 10 s).
+
 Timeouts: a worker's heartbeat comes from its event loop, which never blocks on file I/O, so
 gunicorn's ``timeout`` (30 s) only fires for a truly stuck worker. ``graceful_timeout`` bounds a
 recycle or stop: in-flight checks finish (their audit entry and count are written), then the

@@ -30,6 +30,7 @@ from gatemetrics.aggregate import LOCK_NAME
 from gatemetrics.shards import Durability
 from tests.conftest import GATE_APP_CLOCK_MS, run_python
 from tests.exposition_parser import parse
+from tests.processes import Reaper, read_line
 from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, is_locked
 
 pytestmark = pytest.mark.anyio
@@ -354,6 +355,39 @@ def test_settings_default_to_write_through_with_process_crash_durability(
     assert caplog.records == []  # nothing deprecated was used
 
 
+def test_settings_bound_scrapes_and_bodies_by_default_and_from_the_environment() -> None:
+    paths = {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"}
+    settings = Settings.from_env(paths)
+    assert (settings.metrics_lock_timeout, settings.metrics_concurrency) == (1.0, 2)
+    assert settings.body_timeout == 5.0
+    settings = Settings.from_env(
+        paths
+        | {
+            "RELEASE_GATE_METRICS_LOCK_TIMEOUT": "0.25",
+            "RELEASE_GATE_METRICS_CONCURRENCY": "3",
+            "RELEASE_GATE_BODY_TIMEOUT": "2",
+        }
+    )
+    assert (settings.metrics_lock_timeout, settings.metrics_concurrency) == (0.25, 3)
+    assert settings.body_timeout == 2.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RELEASE_GATE_METRICS_LOCK_TIMEOUT", "61"),
+        ("RELEASE_GATE_METRICS_LOCK_TIMEOUT", "0"),
+        ("RELEASE_GATE_BODY_TIMEOUT", "nan"),
+        ("RELEASE_GATE_METRICS_CONCURRENCY", "0"),
+        ("RELEASE_GATE_METRICS_CONCURRENCY", "65"),
+        ("RELEASE_GATE_METRICS_CONCURRENCY", "two"),
+    ],
+)
+def test_settings_refuse_unusable_service_limits_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b", name: value})
+
+
 def test_settings_read_persistence_interval_and_durability(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -586,6 +620,16 @@ async def test_a_body_of_exactly_the_limit_is_accepted(gate_app: ReleaseGateApp)
 
 OK = {"verdict": "release_ok", "reasons": []}
 
+
+def _int_body(literal: int | str, field: str = "now_ms") -> bytes:
+    """A check body with ``literal`` written as is (Python's ints become exact JSON integers,
+    beyond what orjson.dumps accepts) in ``field``: ``now_ms`` or an override field."""
+    if field == "now_ms":
+        return b'{"verdict":"release_ok","reasons":[],"now_ms":' + str(literal).encode() + b"}"
+    doc = orjson.dumps(OK | {"override": override(**{field: 0})})
+    return doc.replace(f'"{field}":0'.encode(), f'"{field}":{literal}'.encode())
+
+
 REFUSED: list[tuple[str, bytes, int, str, str | None]] = [
     # (id, body, status, error code, field)
     ("empty body", b"", 400, "malformed_json", None),
@@ -598,13 +642,13 @@ REFUSED: list[tuple[str, bytes, int, str, str | None]] = [
         "malformed_json",
         None,
     ),
-    # orjson reads an integer beyond 64 bits as a float: a wrong type, not a huge int.
+    # A number beyond what a double holds is refused by the parser itself.
     (
-        "integer beyond 64 bits",
-        b'{"verdict":"release_ok","reasons":[],"now_ms":1' + b"0" * 25 + b"}",
+        "integer beyond a double",
+        b'{"verdict":"release_ok","reasons":[],"now_ms":1' + b"0" * 400 + b"}",
         400,
-        "invalid_request",
-        "now_ms",
+        "malformed_json",
+        None,
     ),
     ("array", b"[]", 400, "invalid_request", None),
     ("null", b"null", 400, "invalid_request", None),
@@ -757,6 +801,34 @@ REFUSED: list[tuple[str, bytes, int, str, str | None]] = [
     ("now_ms a float", orjson.dumps(OK | {"now_ms": 1.5}), 400, "invalid_request", "now_ms"),
     ("now_ms negative", orjson.dumps(OK | {"now_ms": -1}), 422, "invalid_value", None),
     ("now_ms beyond int64", orjson.dumps(OK | {"now_ms": 2**63}), 422, "invalid_value", None),
+    # The edges of 64 bits: orjson keeps -2**63..2**64-1 as ints (the gate refuses what is out
+    # of its range) and turns the rest into floats; a client sees one answer either side.
+    *(
+        (f"now_ms {name}", _int_body(literal), 422, "invalid_value", field)
+        for name, literal, field in [
+            ("2**64-1", 2**64 - 1, None),
+            ("2**64", 2**64, "now_ms"),
+            ("-2**63", -(2**63), None),
+            ("-2**63-1", -(2**63) - 1, "now_ms"),
+            ("huge", 10**25, "now_ms"),
+            ("huge negative", -(10**25), "now_ms"),
+        ]
+    ),
+    (
+        "ttl_seconds 2**64",
+        _int_body(2**64, field="ttl_seconds"),
+        422,
+        "invalid_value",
+        "override.ttl_seconds",
+    ),
+    (
+        "created_at_ms -2**63-1",
+        _int_body(-(2**63) - 1, field="created_at_ms"),
+        422,
+        "invalid_value",
+        "override.created_at_ms",
+    ),
+    ("now_ms 1e5, a float", _int_body("1e5"), 400, "invalid_request", "now_ms"),
 ]
 
 
@@ -777,6 +849,15 @@ async def test_bad_input_gets_a_clear_error_and_changes_nothing(
     assert error.get("field") == field
     assert counts(gate_app) == NOTHING
     assert audit_lines(gate_app) == []
+
+
+async def test_integer_fields_take_the_largest_signed_64_bit_value(
+    gate_app: ReleaseGateApp,
+) -> None:
+    await gate_app.startup()
+    reply = await Client(gate_app).request("POST", CHECK, _int_body(2**63 - 1))
+    assert reply.status == 200, reply.body
+    assert reply.json()["allowed"] is True
 
 
 @pytest.mark.parametrize(
@@ -1034,6 +1115,78 @@ async def ticks_while(lock_path: Path, request: Any) -> tuple[Reply, int]:
         if lock.is_locked:
             lock.release()
     return result[0], ticks
+
+
+def hold_directory_lock(reaper: Reaper, directory: Path) -> None:
+    """A real child holds ``fcntl.flock`` on the directory's aggregate.lock (a stopped
+    aggregator): every aggregator waits for it until the child dies (the reaper kills it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    child = reaper.python(
+        """
+        import fcntl
+        fd = os.open(os.path.join(sys.argv[1], "aggregate.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(600)
+        """,
+        str(directory),
+    )
+    assert read_line(child) == "locked"
+
+
+async def test_checks_never_queue_behind_scrapes_of_a_stalled_directory(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    # 60 scrapes: more than the default thread limiter's 40 tokens, which the checks' audit
+    # writes use. Were scrapes to wait for the lock there, every check would wait too.
+    stall = 2.0
+    settings = Settings(
+        str(tmp_path / "shards"),
+        str(tmp_path / "audit.jsonl"),
+        metrics_lock_timeout=stall,
+        metrics_concurrency=2,
+    )
+    app = create_app(settings, clock_ms=lambda: NOW)
+    await app.startup()
+    try:
+        hold_directory_lock(reaper, tmp_path / "shards")
+        client = Client(app)
+        scrapes: list[tuple[Reply, float]] = []
+        checks: list[float] = []
+
+        async def scrape() -> None:
+            start = time.monotonic()
+            reply = await client.request("GET", "/metrics")
+            scrapes.append((reply, time.monotonic() - start))
+
+        async def check() -> None:
+            start = time.monotonic()
+            reply = await client.check(OK)
+            checks.append(time.monotonic() - start)
+            assert reply.status == 200
+            assert reply.json()["allowed"] is True
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(60):
+                tg.start_soon(scrape)
+            await anyio.sleep(0.05)  # the scrapes are in
+            for _ in range(10):
+                await check()
+    finally:
+        await app.shutdown()
+    assert len(checks) == 10
+    assert max(checks) < stall / 4, checks
+    assert [reply.status for reply, _ in scrapes] == [503] * 60
+    assert all(reply.headers["retry-after"] == "1" for reply, _ in scrapes)
+    waited = [
+        seconds for reply, seconds in scrapes if "cannot aggregate" in reply.json()["message"]
+    ]
+    refused = [seconds for reply, seconds in scrapes if "scrape slot" in reply.json()["message"]]
+    assert len(waited) == 2  # the pool's two slots waited for the lock, once each
+    assert min(waited) >= stall * 0.9
+    assert len(refused) == 58  # the rest were answered at once
+    assert max(refused) < stall / 4
+    assert len(audit_lines(app)) == 10
 
 
 async def test_metrics_wait_for_the_directory_lock_off_the_event_loop(

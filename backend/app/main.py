@@ -26,7 +26,8 @@ Errors are JSON objects ``{"error": <code>, "message": <text>, "field": <where, 
 ====== ========================= ==================================================================
 status code                      when
 ====== ========================= ==================================================================
-400    ``malformed_json``        the body is not JSON (empty, truncated, not UTF-8, ints > 64 bit)
+400    ``malformed_json``        the body is not JSON (empty, truncated, not UTF-8, a number beyond
+                                 what a double holds, about 1.8e308, which the parser refuses)
 400    ``invalid_request``       not an object, a missing or unknown field, a wrong JSON type, a bad
                                  ``Content-Length``
 404    ``not_found``             any other path
@@ -44,9 +45,14 @@ status code                      when
                                  refuses them. 422, not 400: the JSON is well-formed and typed, the
                                  request is semantically impossible, like an unknown verdict.
 422    ``invalid_value``         a well-typed value out of range: a non-positive ``ttl_seconds``,
-                                 a negative ``now_ms``, control characters in a text field, ...
-503    ``metrics_unavailable``   ``/metrics`` could not aggregate (directory lock busy past the
-                                 timeout, directory missing or unreadable); ``Retry-After`` is set
+                                 a negative ``now_ms``, control characters in a text field, an
+                                 integer outside the signed 64-bit range (any JSON number of
+                                 magnitude 2**63 or more in an integer field, however it is
+                                 written: the parser turns integers beyond 64 bits into floats,
+                                 and a client must not see where that boundary lies), ...
+503    ``metrics_unavailable``   ``/metrics`` could not aggregate (directory lock busy past
+                                 ``Settings.metrics_lock_timeout``, every slot of the scrape pool
+                                 busy, directory missing or unreadable); ``Retry-After`` is set
 503    ``not_ready``             the worker's state cannot be built (only without lifespan
                                  support; with it, the worker does not start at all)
 500    ``internal_error``        a bug: logged with its traceback
@@ -137,8 +143,12 @@ class Settings:
 
     ``defaulted`` names the environment variables that were unset, so their default was used.
     ``metrics_lock_timeout`` bounds how long ``GET /metrics`` waits for the directory lock (a
-    compaction or a cron aggregation holds it) before answering 503. ``body_timeout`` bounds
-    how long a check's body may take to arrive before the answer is 408.
+    compaction or a cron aggregation holds it) before answering 503; ``metrics_concurrency`` is
+    the size of the scrape pool (threads of their own, never the ones the checks' audit writes
+    use): a scrape that finds every slot busy answers 503 at once instead of queueing, so a
+    stopped aggregator plus a burst of scrapes holds at most that many threads for at most the
+    lock timeout each. ``body_timeout`` bounds how long a check's body may take to arrive before
+    the answer is 408 (and the connection is closed).
 
     ``persistence``, ``save_interval`` and ``durability`` choose how the worker's store saves
     its shard (:meth:`GateMetricStore.bind_to_dir`). The default, write-through with
@@ -153,8 +163,9 @@ class Settings:
     metrics_dir: str
     audit_log: str
     defaulted: tuple[str, ...] = ()
-    metrics_lock_timeout: float = 5.0
-    body_timeout: float = 10.0
+    metrics_lock_timeout: float = 1.0
+    metrics_concurrency: int = 2
+    body_timeout: float = 5.0
     persistence: Mode = "write-through"
     save_interval: float = 5.0
     durability: Durability = Durability.PROCESS_CRASH
@@ -188,6 +199,11 @@ class Settings:
             ),
             save_interval=_env_seconds(env, "GATEMETRICS_SAVE_INTERVAL", default=5.0),
             durability=_env_durability(env),
+            metrics_lock_timeout=_env_seconds(
+                env, "RELEASE_GATE_METRICS_LOCK_TIMEOUT", default=1.0, maximum=60.0
+            ),
+            metrics_concurrency=_env_count(env, "RELEASE_GATE_METRICS_CONCURRENCY", default=2),
+            body_timeout=_env_seconds(env, "RELEASE_GATE_BODY_TIMEOUT", default=5.0, maximum=60.0),
         )
 
 
@@ -222,8 +238,10 @@ def _env_durability(env: Mapping[str, str]) -> Durability:
     return durability
 
 
-def _env_seconds(env: Mapping[str, str], name: str, *, default: float) -> float:
-    """A positive, finite number of seconds (at most a day) from ``name``, or ``default``."""
+def _env_seconds(
+    env: Mapping[str, str], name: str, *, default: float, maximum: float = 86_400.0
+) -> float:
+    """A positive, finite number of seconds (at most ``maximum``) from ``name``, or ``default``."""
     value = env.get(name, "")
     if not value:
         return default
@@ -231,9 +249,21 @@ def _env_seconds(env: Mapping[str, str], name: str, *, default: float) -> float:
         seconds = float(value)
     except ValueError:
         raise ValueError(f"{name} must be a number of seconds; got {value[:40]!r}") from None
-    if not 0 < seconds <= 86_400:  # also rejects nan and inf
-        raise ValueError(f"{name} must be more than 0 and at most 86400 seconds; got {value!r}")
+    if not 0 < seconds <= maximum:  # also rejects nan and inf
+        raise ValueError(
+            f"{name} must be more than 0 and at most {maximum:g} seconds; got {value[:40]!r}"
+        )
     return seconds
+
+
+def _env_count(env: Mapping[str, str], name: str, *, default: int, maximum: int = 64) -> int:
+    """A whole number from 1 to ``maximum`` from ``name``, or ``default``."""
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= maximum:
+        raise ValueError(f"{name} must be a whole number from 1 to {maximum}; got {value[:40]!r}")
+    return int(value)
 
 
 def _state_home(env: Mapping[str, str]) -> str:
@@ -348,7 +378,23 @@ def _type_name(value: object) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
+#: Integer fields hold signed 64-bit values (the gate refuses the rest as out of range).
+_INT64_BOUND = 2**63
+
+
 def _expect(value: object, kind: type, field: str) -> None:
+    # orjson reads an integer literal beyond 64 bits (below -2**63 or above 2**64-1) as a float.
+    # Every double of that magnitude is a whole number, so whatever the client wrote, it meant
+    # an integer out of range: the same 422 as 2**63 (which orjson keeps as an int and the gate
+    # refuses), so the parser's boundary stays invisible to clients. A smaller float (1.5, 1e5)
+    # is a wrong type: 400 below.
+    if kind is int and isinstance(value, float) and abs(value) >= _INT64_BOUND:
+        raise _HTTPError(
+            422,
+            "invalid_value",
+            f"{field} must be in [-2**63, 2**63-1], got a number of magnitude {abs(value):.3g}",
+            field=field,
+        )
     # bool is an int subclass in Python but not in JSON: true is never a number here.
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         _invalid(f"{field} must be a JSON {_JSON_TYPES[kind]}, not {_type_name(value)}", field)
@@ -526,6 +572,10 @@ class ReleaseGateApp:
         self._clock_ms = clock_ms
         self._worker: _Worker | None = None
         self._start_lock: anyio.Lock | None = None
+        # The scrape pool, made on first use inside the event loop that serves: admission
+        # slots (taken without waiting) and the threads' own limiter, both of that size.
+        self._scrape_slots: anyio.CapacityLimiter | None = None
+        self._scrape_threads: anyio.CapacityLimiter | None = None
 
     @property
     def settings(self) -> Settings:
@@ -677,21 +727,47 @@ class ReleaseGateApp:
         except ValueError as exc:  # no usable default location
             raise _HTTPError(503, "metrics_unavailable", str(exc)) from None
         directory, timeout = settings.metrics_dir, settings.metrics_lock_timeout
-
-        def render() -> bytes:
-            view = GateMetricStore.load_from_dir(directory, lock_timeout=timeout)
-            return GateMetricExporter.export_prometheus(view).encode()
-
+        if self._scrape_slots is None or self._scrape_threads is None:
+            self._scrape_slots = anyio.CapacityLimiter(settings.metrics_concurrency)
+            self._scrape_threads = anyio.CapacityLimiter(settings.metrics_concurrency)
+        slots, threads = self._scrape_slots, self._scrape_threads
         try:
-            # Reading and summing every shard is file I/O under the directory lock: a thread.
-            return await anyio.to_thread.run_sync(render)
-        except (LockTimeoutError, OSError) as exc:
+            # Taken without waiting: a scrape that would wait for a slot answers at once.
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            # Every slot is taken (a stalled aggregator holds the lock and scrapes pile up):
+            # answer now rather than queue, so a burst of scrapes holds no connection long.
             raise _HTTPError(
                 503,
                 "metrics_unavailable",
-                f"cannot aggregate {directory}: {exc}",
+                f"all {slots.total_tokens:g} scrape slot(s) are busy; retry later",
                 headers=[(b"retry-after", b"1")],
             ) from None
+        try:
+            return await _render(directory, timeout, threads)
+        finally:
+            slots.release()
+
+
+async def _render(directory: str, lock_timeout: float, threads: anyio.CapacityLimiter) -> bytes:
+    """The exposition of ``directory``; 503 when it cannot be aggregated."""
+
+    def render() -> bytes:
+        view = GateMetricStore.load_from_dir(directory, lock_timeout=lock_timeout)
+        return GateMetricExporter.export_prometheus(view).encode()
+
+    try:
+        # Reading and summing every shard is file I/O under the directory lock: a thread,
+        # from the scrape pool's own limiter. The default limiter is the checks': their
+        # audit writes must never wait behind scrapes that wait for the directory lock.
+        return await anyio.to_thread.run_sync(render, limiter=threads)
+    except (LockTimeoutError, OSError) as exc:
+        raise _HTTPError(
+            503,
+            "metrics_unavailable",
+            f"cannot aggregate {directory}: {exc}",
+            headers=[(b"retry-after", b"1")],
+        ) from None
 
 
 async def _respond(
