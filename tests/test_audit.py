@@ -298,7 +298,7 @@ def test_a_full_disk_fails_the_write_with_enospc_and_releases_the_lock(tmp_path:
     # /dev/full is a real device whose every write fails with ENOSPC.
     path = tmp_path / "audit.jsonl"
     path.symlink_to("/dev/full")
-    log = JsonlAuditLog(path, lock_timeout=0.5)
+    log = JsonlAuditLog(path, lock_timeout=0.5, follow_symlinks=True)  # a link we chose
     with pytest.raises(OSError, match="No space left") as info:
         log.record(entry())
     assert info.value.errno == errno.ENOSPC

@@ -66,14 +66,15 @@ from __future__ import annotations
 import copy
 import errno
 import fcntl
+import logging
 import os
 import socket
 import stat
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from typing import Any, Literal, Protocol, TypedDict, cast
 
 import orjson
@@ -167,6 +168,22 @@ _FIRST_WAIT_S = 0.0001
 _MAX_WAIT_S = 0.005
 # The extra time a marker may take after a failure (see the hazards).
 _MARKER_WAIT_S = 0.1
+# At most one warning about an unusable <path>.lock per this many seconds, per log and process.
+_WARNING_INTERVAL_S = 60.0
+
+_logger = logging.getLogger(__name__)
+
+# O_PATH: the directory is only a base for the names in it (no read permission needed).
+_DIRECTORY_FLAGS: int = os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
+
+# What a failed open of <path>.lock (O_NOFOLLOW) says about the entry standing there.
+_OPEN_FAILURES = {
+    errno.ELOOP: "a symbolic link",
+    errno.EISDIR: "a directory",
+    errno.ENXIO: "a socket",
+    errno.EACCES: "a file we may not open",
+    errno.EPERM: "a file we may not open",
+}
 
 # Where a caller stands in the group commit of its process (_Waiter.status).
 _PENDING = 0  # queued; no leader has taken the line yet: giving up leaves no trace
@@ -198,7 +215,7 @@ class _ProcessState:
     that exist only in the parent.
     """
 
-    __slots__ = ("busy", "fds", "mutex", "pending", "pid", "serial")
+    __slots__ = ("busy", "fds", "mutex", "pending", "pid", "quiet_until", "serial", "unlogged")
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -209,6 +226,9 @@ class _ProcessState:
         # Descriptors record calls hold open right now, for the child after a fork (see
         # _after_fork_in_child). Added right after open, removed right before close.
         self.fds: set[int] = set()
+        # Rate limit of the warning about an unusable <path>.lock (under mutex).
+        self.quiet_until = float("-inf")
+        self.unlogged = 0
 
 
 class JsonlAuditLog:
@@ -253,7 +273,18 @@ class JsonlAuditLog:
     else about it is required.
     """
 
-    __slots__ = ("__weakref__", "_group_commit", "_lock_path", "_lock_timeout", "_path", "_state")
+    __slots__ = (
+        "__weakref__",
+        "_directory",
+        "_follow_symlinks",
+        "_group_commit",
+        "_lock_name",
+        "_lock_path",
+        "_lock_timeout",
+        "_name",
+        "_path",
+        "_state",
+    )
 
     def __init__(
         self,
@@ -261,6 +292,7 @@ class JsonlAuditLog:
         *,
         lock_timeout: float = 5.0,
         group_commit: bool = True,
+        follow_symlinks: bool = False,
     ) -> None:
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -275,8 +307,17 @@ class JsonlAuditLog:
             raise ValueError(f"lock_timeout must be positive and finite, got {lock_timeout!r}")
         if not isinstance(group_commit, bool):
             raise TypeError(f"group_commit must be a bool, not {type(group_commit).__name__}")
+        if not isinstance(follow_symlinks, bool):
+            raise TypeError(f"follow_symlinks must be a bool, not {type(follow_symlinks).__name__}")
         self._path = fspath
         self._lock_path = fspath + ".lock"
+        # Every name is opened relative to a descriptor of the directory, taken once per batch:
+        # the log and its lock are then in the same directory even if a component of the path
+        # is swapped meanwhile, and nothing is ever created outside it.
+        directory, self._name = os.path.split(fspath)
+        self._directory = directory or os.curdir
+        self._lock_name = self._name + ".lock"
+        self._follow_symlinks = follow_symlinks
         self._lock_timeout = float(lock_timeout)
         self._group_commit = group_commit
         self._state = _ProcessState()
@@ -285,6 +326,11 @@ class JsonlAuditLog:
     @property
     def path(self) -> str:
         return self._path
+
+    @property
+    def follow_symlinks(self) -> bool:
+        """Whether a symlink at the path is followed (the constructor's flag; refused if not)."""
+        return self._follow_symlinks
 
     @property
     def group_commit(self) -> bool:
@@ -298,11 +344,7 @@ class JsonlAuditLog:
         """Append ``entry`` as one fsynced line; raise if that cannot be guaranteed."""
         data = _encode(entry)
         deadline = time.monotonic() + self._lock_timeout
-        state = self._state
-        if state.pid != os.getpid():
-            # A fork the at-fork hook did not see (a fork outside Python's os.fork): at least
-            # never share the parent's mutex or waiters.
-            state = self._state = _ProcessState()
+        state = self._current_state()
         if not self._group_commit:
             self._record_alone(state, data, deadline)
             return
@@ -358,9 +400,11 @@ class JsonlAuditLog:
                     state.pending.clear()
                     for waiter in batch[1:]:
                         waiter.status = _IN_FLIGHT
-                fd = self._open(state)
-                with self._locked(state, fd, deadline):
+                fd, lock_fd = self._open_locked(state, deadline)
+                try:
                     offsets = _append(fd, [waiter.data for waiter in batch])
+                finally:
+                    self._unlock(state, fd, lock_fd)
                 # Written and the lock released: other processes append while this one syncs.
                 for waiter, offset in zip(batch, offsets, strict=True):
                     waiter.offset = offset
@@ -399,8 +443,18 @@ class JsonlAuditLog:
             "logged_at": time.time(),
         }
         with suppress(Exception):
-            with self._locked(state, fd, max(deadline, time.monotonic() + _MARKER_WAIT_S)):
+            # Not _open_locked: the marker belongs in this file even if it is no longer the
+            # one at the path.
+            dir_fd = self._open_directory(state)
+            try:
+                wait = max(deadline, time.monotonic() + _MARKER_WAIT_S)
+                lock_fd = self._lock(state, fd, dir_fd, wait)
+            finally:
+                _close(state, dir_fd)
+            try:
                 _append(fd, [_encode(marker)])
+            finally:
+                self._unlock(state, fd, lock_fd)
             os.fsync(fd)
 
     # -- one record at a time ------------------------------------------------------------
@@ -410,10 +464,12 @@ class JsonlAuditLog:
         if not state.serial.acquire(timeout=self._lock_timeout):
             raise LockTimeoutError(self._lock_path, self._lock_timeout)
         try:
-            fd = self._open(state)
+            fd, lock_fd = self._open_locked(state, deadline)
             try:
-                with self._locked(state, fd, deadline):
+                try:
                     _append(fd, [data], sync=True)
+                finally:
+                    self._unlock(state, fd, lock_fd)
             finally:
                 _close(state, fd)
         finally:
@@ -421,39 +477,207 @@ class JsonlAuditLog:
 
     # -- files and locks -----------------------------------------------------------------
 
-    def _open(self, state: _ProcessState) -> int:
-        # Opened per batch, and the log before the lock file: a vanished log directory fails
-        # here, never gets recreated, and a rotated log is followed at the next batch.
-        fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    def probe(self) -> None:
+        """Open the log as a record would (creating it if absent), then close it.
+
+        Raises what a record would raise for the file itself (a refused symlink, a FIFO, a
+        missing directory, a permission problem), without writing or locking anything: for a
+        service that wants to refuse to start rather than deny every decision.
+        """
+        state = self._current_state()
+        dir_fd = self._open_directory(state)
+        try:
+            _close(state, self._open_log(state, dir_fd))
+        finally:
+            _close(state, dir_fd)
+
+    def _current_state(self) -> _ProcessState:
+        if self._state.pid != os.getpid():
+            # A fork the at-fork hook did not see (a fork outside Python's os.fork): at least
+            # never share the parent's mutex or waiters.
+            self._state = _ProcessState()
+        return self._state
+
+    def _open_directory(self, state: _ProcessState) -> int:
+        # Opened per batch: a vanished log directory fails here and is never recreated.
+        fd = os.open(self._directory, _DIRECTORY_FLAGS)
         state.fds.add(fd)
         return fd
 
-    @contextmanager
-    def _locked(self, state: _ProcessState, fd: int, deadline: float) -> Iterator[None]:
-        """Hold ``<path>.lock`` and then the log's own ``flock`` (on ``fd``) until ``deadline``.
+    def _open_log(self, state: _ProcessState, dir_fd: int) -> int:
+        # O_NONBLOCK: a FIFO planted at the path must not hang the open or a write.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        if not self._follow_symlinks:
+            flags |= os.O_NOFOLLOW
+        try:
+            fd = os.open(self._name, flags, 0o640, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and not self._follow_symlinks:
+                # The name is one component opened relative to its directory, so with
+                # O_NOFOLLOW ELOOP means exactly "the path is a symlink".
+                raise OSError(
+                    errno.ELOOP,
+                    "the audit log is a symbolic link: refused"
+                    " (JsonlAuditLog(..., follow_symlinks=True) follows it)",
+                    self._path,
+                ) from None
+            raise
+        state.fds.add(fd)
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode):
+                raise OSError(
+                    errno.EINVAL, "the audit log is not a regular file (a FIFO)", self._path
+                )
+            if stat.S_ISREG(info.st_mode) and info.st_nlink != 1:
+                # A hard link planted in the directory: appending would change a file that
+                # also lives elsewhere, under another name.
+                raise OSError(
+                    errno.EMLINK,
+                    f"the audit log has {info.st_nlink} hard links: refused",
+                    self._path,
+                )
+        except BaseException:
+            _close(state, fd)
+            raise
+        return fd
 
-        Each call opens its own lock file description, so two calls in one process exclude
-        each other like two processes do; each lock is released explicitly (``LOCK_UN``),
-        which also frees it for a forked child's copy of the descriptor.
+    def _open_locked(self, state: _ProcessState, deadline: float) -> tuple[int, int]:
+        """The log open and locked, the locked file being the one at the path now.
+
+        Returns ``(fd, lock_fd)``; ``lock_fd`` is ``<path>.lock`` (locked too) or -1 when that
+        entry is unusable. Release with :meth:`_unlock`, then close ``fd``. A log rotated or
+        replaced between the open and the lock is let go and the one now at the path is
+        opened instead, until ``deadline``: lines only ever go to the file whose lock is held
+        by whoever appends to the path.
         """
+        wait = _FIRST_WAIT_S
+        while True:
+            dir_fd = self._open_directory(state)
+            try:
+                fd = self._open_log(state, dir_fd)
+                try:
+                    lock_fd = self._lock(state, fd, dir_fd, deadline)
+                    try:
+                        current = self._is_at_path(fd, dir_fd)
+                    except BaseException:
+                        self._unlock(state, fd, lock_fd)
+                        raise
+                    if current:
+                        return fd, lock_fd
+                    self._unlock(state, fd, lock_fd)
+                except BaseException:
+                    _close(state, fd)
+                    raise
+                _close(state, fd)
+            finally:
+                _close(state, dir_fd)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeoutError(self._path, self._lock_timeout)
+            # Replaced again and again (a rotation loop, or someone doing it on purpose): do
+            # not spin.
+            time.sleep(min(wait, remaining))
+            wait = min(wait * 2, _MAX_WAIT_S)
+
+    def _is_at_path(self, fd: int, dir_fd: int) -> bool:
         try:
-            lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except PermissionError:
-            # Another user's lock file that we may read but not write: flock works on any fd.
-            lock_fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        state.fds.add(lock_fd)
+            there = os.stat(self._name, dir_fd=dir_fd, follow_symlinks=self._follow_symlinks)
+        except FileNotFoundError:
+            return False
+        here = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+    def _lock(self, state: _ProcessState, fd: int, dir_fd: int, deadline: float) -> int:
+        """Take ``<path>.lock`` (if usable) and then the log's own ``flock`` on ``fd``.
+
+        Returns the lock file's descriptor, or -1. Each call opens its own lock file
+        description, so two calls in one process exclude each other like two processes do.
+        """
+        lock_fd = self._open_compat_lock(state, dir_fd)
         try:
-            _flock_until(lock_fd, deadline, self._lock_path, self._lock_timeout)
+            if lock_fd >= 0:
+                _flock_until(lock_fd, deadline, self._lock_path, self._lock_timeout)
             try:
                 _flock_until(fd, deadline, self._path, self._lock_timeout)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            except BaseException:
+                if lock_fd >= 0:
+                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+                raise
+        except BaseException:
+            if lock_fd >= 0:
+                _close(state, lock_fd)
+            raise
+        return lock_fd
+
+    def _unlock(self, state: _ProcessState, fd: int, lock_fd: int) -> None:
+        # Released explicitly (LOCK_UN), which also frees the locks for a forked child's copy
+        # of the descriptors; the log's own lock first, the reverse of the order taken.
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
+            if lock_fd >= 0:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+                finally:
+                    _close(state, lock_fd)
+
+    def _open_compat_lock(self, state: _ProcessState, dir_fd: int) -> int:
+        """``<path>.lock``, opened without following or creating through anything; or -1.
+
+        Only earlier versions rely on it (they lock nothing else), so whatever stands in its
+        place that is not a plain file of ours (a symlink, FIFO, socket, directory, a hard link
+        of another file, a file we may not open) is left alone with one rate-limited warning:
+        decisions go on under the log's own lock.
+        """
+        flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            try:
+                lock_fd = os.open(
+                    self._lock_name, os.O_RDWR | os.O_CREAT | flags, 0o640, dir_fd=dir_fd
+                )
+            except PermissionError:
+                # Another user's lock file that we may read but not write: flock works on any
+                # descriptor.
+                lock_fd = os.open(self._lock_name, os.O_RDONLY | flags, dir_fd=dir_fd)
+        except OSError as exc:
+            self._warn_unusable_lock(state, _OPEN_FAILURES.get(exc.errno or 0, str(exc)))
+            return -1
+        state.fds.add(lock_fd)
+        try:
+            info = os.fstat(lock_fd)
+        except BaseException:
             _close(state, lock_fd)
+            raise
+        what = ""
+        if not stat.S_ISREG(info.st_mode):
+            what = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+        elif info.st_nlink != 1:
+            what = f"a file with {info.st_nlink} hard links"
+        if what:
+            _close(state, lock_fd)
+            self._warn_unusable_lock(state, what)
+            return -1
+        return lock_fd
+
+    def _warn_unusable_lock(self, state: _ProcessState, what: str) -> None:
+        # One line per interval and process, whatever the rate of checks: a planted entry must
+        # not become a way to flood the service's log.
+        now = time.monotonic()
+        with state.mutex:
+            if now < state.quiet_until:
+                state.unlogged += 1
+                return
+            state.quiet_until = now + _WARNING_INTERVAL_S
+            unlogged, state.unlogged = state.unlogged, 0
+        _logger.warning(
+            "audit log %s: ignoring %s: %s; exclusion rests on the log's own lock"
+            " (%d more since the last such warning)",
+            self._path,
+            self._lock_path,
+            what,
+            unlogged,
+        )
 
 
 def _hand_off(state: _ProcessState) -> None:
@@ -545,39 +769,99 @@ def _flock_until(fd: int, deadline: float, path: str, timeout: float) -> None:
 def _append(fd: int, lines: Sequence[bytes], *, sync: bool = False) -> list[int]:
     """Append ``lines`` at the end of ``fd`` in one write; the offset of each line.
 
-    With ``sync``, also fsync before returning. On failure, undo what was written. The caller
-    holds the lock, so nobody else appends between the size read here and the write: the lines
-    land whole at ``start`` and truncating back to ``start`` removes exactly ours.
+    With ``sync``, also fsync before returning. The caller holds the log's lock, so every
+    writer of this version is excluded between the size read here and the write; writers that
+    ignore the lock (an earlier version whose ``<path>.lock`` was removed, a shell's ``>>``)
+    are not, so where each write really landed is read back (the descriptor's own offset,
+    which nobody else moves) rather than assumed. On failure, what was written is taken back
+    by :func:`_take_back`, which never touches a byte it did not write.
     """
     info = os.fstat(fd)
     regular = stat.S_ISREG(info.st_mode)
     start = info.st_size if regular else 0
     # A writer died mid-line: start on a fresh line so ours parse.
     prefix = b"\n" if start and os.pread(fd, 1, start - 1) != b"\n" else b""
-    offsets: list[int] = []
-    position = start + len(prefix)
-    for line in lines:
-        offsets.append(position)
-        position += len(line)
     data = prefix + b"".join(lines)
     view = memoryview(data)
     written = 0
+    landed: list[tuple[int, int]] = []  # (offset, length) of each write, regular files only
     try:
         while written < len(data):
             n = os.write(fd, view[written:])
             if n <= 0:  # pragma: no cover - write(2) reports errors by raising
                 raise OSError(errno.EIO, "write made no progress")
+            if regular:
+                landed.append((os.lseek(fd, 0, os.SEEK_CUR) - n, n))
             written += n
+        first = landed[0][0] if landed else start
+        if regular and not _lands_whole(fd, landed, prefix):
+            raise OSError(errno.EIO, "the append was interleaved with a writer ignoring the lock")
         if sync:
             os.fsync(fd)
     except BaseException:
-        if regular and written:
-            # Best effort: the callers report their entries as not written, so they must not
-            # stay.
-            with suppress(OSError):
-                os.ftruncate(fd, start)
+        if landed:
+            _take_back(fd, data, landed, start)
         raise
+    offsets: list[int] = []
+    position = first + len(prefix)
+    for line in lines:
+        offsets.append(position)
+        position += len(line)
     return offsets
+
+
+def _lands_whole(fd: int, landed: Sequence[tuple[int, int]], prefix: bytes) -> bool:
+    """Whether the writes form one run that starts on a fresh line (every line parses)."""
+    first, end = landed[0][0], landed[0][0]
+    for offset, n in landed:
+        if offset != end:
+            return False  # someone else's bytes inside ours: a line of ours is cut in two
+        end += n
+    return bool(prefix) or first == 0 or os.pread(fd, 1, first - 1) == b"\n"
+
+
+# Blanking: every byte but the newlines becomes a space.
+_BLANK = bytes(0x0A if i == 0x0A else 0x20 for i in range(256))
+
+
+def _take_back(fd: int, data: bytes, landed: Sequence[tuple[int, int]], start: int) -> None:
+    """Undo a failed append, best effort (never raises); never remove a line it did not write.
+
+    The callers are told their entries were not written, so the entries must not stay. When
+    the file provably holds nothing after ``start`` but ours (our writes ran from ``start``
+    and the file ends where they end, under the lock), it is truncated back to ``start``.
+    Otherwise someone else's lines may follow ours: each of our writes is overwritten in place
+    with spaces, newlines kept and its last byte made a newline, so no entry of ours stays,
+    the lines before and after stay byte for byte where they were (marker offsets still
+    hold), and readers see blank lines (whitespace, which ``jq`` skips).
+    """
+    with suppress(OSError):
+        end = start
+        for offset, n in landed:
+            if offset != end:
+                break
+            end += n
+        else:
+            if os.fstat(fd).st_size == end:
+                os.ftruncate(fd, start)
+                return
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        # Off O_APPEND for the positioned writes (Linux appends a pwrite on an O_APPEND
+        # descriptor, whatever offset it is given). The descriptor is this batch's own.
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_APPEND)
+        try:
+            consumed = 0
+            for offset, n in landed:
+                blank = bytearray(data[consumed : consumed + n].translate(_BLANK))
+                blank[-1] = 0x0A  # whatever follows this write starts on a line of its own
+                consumed += n
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, memoryview(blank)[done:], offset + done)
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        # Others' fsyncs may have put our entries on disk already: so must the blanks go.
+        os.fsync(fd)
 
 
 # Every live log, so a forked child can reset them all before any of its code runs.
