@@ -10,6 +10,7 @@ import http.client
 import os
 import re
 import resource
+import select
 import socket
 import statistics
 import subprocess
@@ -221,6 +222,20 @@ def stall_aggregator(reaper: Reaper, shards: Path) -> subprocess.Popen[str]:
     return child
 
 
+def unread(port: int, clients: list[socket.socket]) -> int:
+    """Bytes the server has not read yet from ``clients``' connections to ``port`` (the
+    receive queues of the server's ends, from /proc/net/tcp)."""
+    ends = {f"0100007F:{sock.getsockname()[1]:04X}" for sock in clients}
+    total, seen = 0, 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if local == f"0100007F:{port:04X}" and remote in ends:
+            seen += 1
+            total += int(queues.split(":")[1], 16)
+    return total if seen == len(clients) else -1
+
+
 def descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -285,3 +300,165 @@ def test_checks_keep_their_decisions_and_latency_under_a_flood_a_stall_and_a_scr
     # Descriptors: connections stayed well under the limit, the reserve untouched.
     assert max(peak) < 1024 - 128, max(peak)
     assert "EMFILE" not in service.log.read_text()
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> tuple[float, bytes]:
+    """Poll ``sock`` until the server closes it; (seconds waited, what it sent before)."""
+    start = time.monotonic()
+    received = b""
+    sock.setblocking(False)
+    while time.monotonic() - start < timeout:
+        ready, _, _ = select.select([sock], [], [], 0.05)
+        if not ready:
+            continue
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            return time.monotonic() - start, received
+        received += data
+    raise TimeoutError(f"the server kept the connection open for {timeout} s")
+
+
+@pytest.mark.parametrize(
+    ("first", "trickle"),
+    [
+        (b"", b""),
+        (PARTIAL_HEADERS, b""),
+        (b"GET /healthz HTTP/1.1\r\n", b"X-Slow: 1\r\n"),  # a header line now and then
+    ],
+    ids=["idle", "half-sent headers", "trickled headers"],
+)
+def test_a_connection_without_complete_headers_is_closed_within_the_header_timeout(
+    tmp_path: Path, reaper: Reaper, first: bytes, trickle: bytes
+) -> None:
+    service = start_service(tmp_path, reaper, nofile=(1024, 1024))
+    sock = socket.create_connection(("127.0.0.1", service.port))
+    try:
+        start = time.monotonic()
+        sock.sendall(first)
+        if trickle:  # more bytes never push the deadline back
+            deadline = time.monotonic() + HEADER_TIMEOUT * 3
+            with contextlib.suppress(OSError):
+                while time.monotonic() < deadline:
+                    sock.sendall(trickle)
+                    if select.select([sock], [], [], HEADER_TIMEOUT / 5)[0]:
+                        break
+        waited, received = closed_by_server(sock, timeout=HEADER_TIMEOUT * 5)
+        elapsed = time.monotonic() - start
+    finally:
+        sock.close()
+    assert received == b""
+    assert HEADER_TIMEOUT * 0.9 <= elapsed < HEADER_TIMEOUT + 2.0, (elapsed, waited)
+
+
+def test_a_keep_alive_connection_that_half_sends_its_next_request_is_closed(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    service = start_service(tmp_path, reaper, nofile=(1024, 1024))
+    sock = socket.create_connection(("127.0.0.1", service.port))
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while b"}" not in reply:
+            reply += sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # uvicorn's keep-alive timer stops here
+        _, received = closed_by_server(sock, timeout=HEADER_TIMEOUT * 5)
+        elapsed = time.monotonic() - start
+    finally:
+        sock.close()
+    assert received == b""
+    assert elapsed < HEADER_TIMEOUT + 2.0
+
+
+def test_a_half_sent_body_gets_408_and_is_closed_within_the_body_timeout(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    service = start_service(tmp_path, reaper, nofile=(1024, 1024))
+    sock = socket.create_connection(("127.0.0.1", service.port))
+    try:
+        start = time.monotonic()
+        sock.sendall(PARTIAL_BODY)
+        _, received = closed_by_server(sock, timeout=BODY_TIMEOUT * 5)
+        elapsed = time.monotonic() - start
+    finally:
+        sock.close()
+    assert received.startswith(b"HTTP/1.1 408"), received
+    assert b"request_timeout" in received
+    assert BODY_TIMEOUT * 0.9 <= elapsed < BODY_TIMEOUT + 2.0
+    assert service.audit_lines() == []  # nothing was decided
+
+
+def test_the_log_stays_bounded_under_a_flood_of_bad_clients(
+    tmp_path: Path, reaper: Reaper, many_descriptors: None, flood: list[socket.socket]
+) -> None:
+    service = start_service(tmp_path, reaper, nofile=(1024, 1024))
+    before = len(service.log_lines())
+    # 1,500 garbage requests (uvicorn logs each one), 1,200 connections over the bound, and
+    # their header timeouts: about 4,000 loggable events.
+    for _ in range(3):
+        garbage = open_flood(service.port, 500, b"NOT HTTP AT ALL\r\n\r\n")
+        flood += open_flood(service.port, 400)
+        wait_until(lambda: service.request("GET", "/healthz")[0] == 200, timeout=10)
+        for sock in garbage:
+            sock.close()
+    wait_until(lambda: "not complete within" in service.log.read_text(), timeout=10)
+    assert service.check() < 2.0  # still serving
+    lines = service.log_lines()[before:]
+    # At most 10 lines per kind per 10 s; the kinds: invalid request, dropped, timed out.
+    assert len(lines) <= 40, "\n".join(lines)
+    assert sum("suppressing more" in line for line in lines) >= 2, "\n".join(lines)
+    assert any("Invalid HTTP request" in line for line in lines)
+
+
+def test_the_worker_raises_its_descriptor_limit_and_says_so(tmp_path: Path, reaper: Reaper) -> None:
+    service = start_service(tmp_path, reaper, nofile=(512, 4096))
+    pid = service.worker_pid()
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+    text = service.log.read_text()
+    assert "descriptor limit 4096 (was 512, hard 4096), 256 reserved" in text
+    assert "at most 256 connections (asked 256)" in text
+
+
+def test_when_every_connection_is_busy_a_new_one_gets_a_cheap_503(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    # Two connections per worker, both busy with a scrape that waits for a stalled directory:
+    # a third cannot make room by dropping a waiting one, so it is refused.
+    service = start_service(
+        tmp_path,
+        reaper,
+        nofile=(1024, 1024),
+        env={"RELEASE_GATE_MAX_CONNECTIONS": "2", "RELEASE_GATE_METRICS_LOCK_TIMEOUT": "3"},
+    )
+    stall_aggregator(reaper, service.shards)
+    busy = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
+    try:
+        for sock in busy:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        # Both requests read by the worker (so in the app, waiting for the lock).
+        wait_until(lambda: unread(service.port, busy) == 0, timeout=10)
+        start = time.monotonic()
+        third = socket.create_connection(("127.0.0.1", service.port))
+        try:
+            _, received = closed_by_server(third, timeout=5)
+        finally:
+            third.close()
+        assert time.monotonic() - start < 1.0
+        assert received.startswith(b"HTTP/1.1 503"), received
+        assert b"too_many_connections" in received
+        # The busy scrapes were not dropped: they get their own (503, lock busy) answers.
+        for sock in busy:
+            sock.settimeout(10)
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 503"), answer
+            assert b"metrics_unavailable" in answer
+    finally:
+        for sock in busy:
+            sock.close()
