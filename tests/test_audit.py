@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ import pytest
 from filelock import FileLock
 
 from backend.app.testing.audit import InMemoryAuditLog, JsonlAuditLog
+from backend.app.testing.release_gate import ReleaseGate
+from backend.app.testing.release_policy import ReleasePolicyResult, ReleaseVerdict
 from gatemetrics.errors import LockTimeoutError
 from tests.conftest import run_python
 from tests.processes import Reaper, read_line, wait_until
@@ -1035,3 +1040,379 @@ def test_a_child_forked_during_an_append_does_not_keep_the_lock_of_a_killed_pare
         parent.stdin.close()  # the child reads EOF and exits
         with suppress(ProcessLookupError):
             os.kill(child_pid, signal.SIGKILL)
+
+
+# -- JsonlAuditLog: a directory another user may write ---------------------------------------
+#
+# The log's directory may be writable by a user other than the gate's. When the suite runs as
+# root (CI does), that user is nobody (65534) in a child process, so that privileges matter: a
+# root gate that followed a planted link would create a file where nobody cannot.
+
+ATTACKER_UID = 65534 if os.geteuid() == 0 else None
+
+PLANT_AT = r"""
+import socket
+directory, name, kind, target = sys.argv[1:5]
+os.chdir(directory)
+if kind == "symlink":
+    os.symlink(target, name)
+elif kind == "loop":
+    os.symlink(name + ".other", name)
+    os.symlink(name, name + ".other")
+elif kind == "fifo":
+    os.mkfifo(name)
+elif kind == "directory":
+    os.mkdir(name)
+elif kind == "socket":
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(name)
+    sock.close()
+else:
+    raise SystemExit(f"unknown kind {kind}")
+print("planted", flush=True)
+"""
+
+
+class Attack:
+    """``logs``: a directory the attacker may write; ``outside``: one only we may write."""
+
+    def __init__(self, reaper: Reaper, base: Path) -> None:
+        self.reaper = reaper
+        self.logs = base / "logs"
+        self.outside = base / "outside"
+        self.logs.mkdir(mode=0o755)
+        self.outside.mkdir(mode=0o755)
+        if ATTACKER_UID is not None:
+            os.chown(self.logs, ATTACKER_UID, ATTACKER_UID)
+
+    def plant(self, name: str, kind: str, target: str | Path = "") -> None:
+        proc = self.reaper.python(
+            PLANT_AT, str(self.logs), name, kind, str(target), user=ATTACKER_UID
+        )
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert out == "planted\n"
+
+
+@pytest.fixture
+def attack(reaper: Reaper) -> Iterator[Attack]:
+    # Under /tmp, not tmp_path: pytest's base directory is 0700, so nobody could not reach it.
+    base = Path(tempfile.mkdtemp(prefix="audit-attack-"))
+    base.chmod(0o755)
+    try:
+        yield Attack(reaper, base)
+    finally:
+        reaper.kill_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def lstat_kind(path: Path) -> str:
+    mode = path.lstat().st_mode
+    for kind, test in (
+        ("symlink", stat.S_ISLNK),
+        ("fifo", stat.S_ISFIFO),
+        ("directory", stat.S_ISDIR),
+        ("socket", stat.S_ISSOCK),
+    ):
+        if test(mode):
+            return kind
+    return "other"
+
+
+def check_once(log: JsonlAuditLog, now_ms: int) -> Any:
+    return ReleaseGate(log).check(ReleasePolicyResult(ReleaseVerdict.RELEASE_OK, []), now_ms=now_ms)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "fifo", "directory", "socket", "loop"])
+def test_an_entry_planted_at_the_lock_path_is_never_followed_and_stops_no_decision(
+    attack: Attack, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = attack.logs / "audit.jsonl"
+    target = attack.outside / "created-through-the-link"
+    lock = attack.logs / "audit.jsonl.lock"
+    if kind == "symlink":
+        (attack.outside / "a-file").write_bytes(b"keep\n")
+        attack.plant(lock.name, "symlink", attack.outside / "a-file")
+    else:
+        attack.plant(lock.name, "symlink" if kind == "dangling" else kind, target)
+    log = JsonlAuditLog(path, lock_timeout=5)
+    with caplog.at_level(logging.WARNING, logger="backend.app.testing.audit"):
+        decisions = [check_once(log, now_ms=n) for n in range(1, 4)]
+    assert [d.allowed for d in decisions] == [True, True, True]
+    assert [orjson.loads(line)["ts_ms"] for line in read_lines(path)] == [1, 2, 3]
+    assert not target.exists()
+    if kind == "symlink":
+        assert (attack.outside / "a-file").read_bytes() == b"keep\n"
+    assert sorted(p.name for p in attack.outside.iterdir()) == (
+        ["a-file"] if kind == "symlink" else []
+    )
+    expected = {"dangling": "symlink", "loop": "symlink"}.get(kind, kind)
+    assert lstat_kind(lock) == expected  # left as it was: neither followed, removed nor replaced
+    warnings = [r for r in caplog.records if r.name == "backend.app.testing.audit"]
+    assert len(warnings) == 1  # rate-limited: three checks, one line
+    assert str(lock) in warnings[0].getMessage()
+
+
+def test_a_symlink_planted_at_the_log_path_is_refused_and_the_check_denied(
+    attack: Attack,
+) -> None:
+    path = attack.logs / "audit.jsonl"
+    target = attack.outside / "stolen.jsonl"
+    attack.plant(path.name, "symlink", target)
+    decision = check_once(JsonlAuditLog(path), now_ms=1)
+    assert decision.allowed is False  # fail closed
+    assert decision.audit_detail.startswith("AUDIT_WRITE_FAILED audit_error=ELOOP ")
+    assert not target.exists()
+    assert list(attack.outside.iterdir()) == []
+
+
+def test_a_symlink_at_the_log_path_is_followed_when_asked(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.jsonl"
+    path = tmp_path / "audit.jsonl"
+    path.symlink_to(target)
+    with pytest.raises(OSError, match="follow_symlinks=True") as info:
+        JsonlAuditLog(path).record(entry())
+    assert info.value.errno == errno.ELOOP
+    with pytest.raises(OSError, match="symbolic link"):
+        JsonlAuditLog(path).probe()
+    log = JsonlAuditLog(path, follow_symlinks=True)
+    assert log.follow_symlinks is True
+    log.probe()
+    log.record(entry(ts_ms=2))
+    assert [orjson.loads(line)["ts_ms"] for line in read_lines(target)] == [2]
+    assert path.is_symlink()
+
+
+def test_a_fifo_or_a_hard_link_at_the_log_path_is_refused_without_hanging(
+    tmp_path: Path,
+) -> None:
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file") as info:
+        JsonlAuditLog(fifo, lock_timeout=1).record(entry())
+    assert info.value.errno == errno.EINVAL
+    other = tmp_path / "someone-elses-file"
+    other.write_bytes(b"precious\n")
+    linked = tmp_path / "linked.jsonl"
+    os.link(other, linked)
+    with pytest.raises(OSError, match="2 hard links") as info:
+        JsonlAuditLog(linked).record(entry())
+    assert info.value.errno == errno.EMLINK
+    assert other.read_bytes() == b"precious\n"
+
+
+def open_inodes() -> set[int]:
+    """Inodes this process holds open (through any thread)."""
+    inodes = set()
+    for name in os.listdir("/proc/self/fd"):
+        with suppress(OSError):
+            inodes.add(os.stat(f"/proc/self/fd/{name}").st_ino)
+    return inodes
+
+
+LOG_HOLDER = r"""
+import fcntl
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_log_replaced_between_open_and_lock_gets_the_line_in_the_new_file(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, lock_timeout=30)
+    log.record(entry(ts_ms=1))
+    old_inode = path.stat().st_ino
+    holder = reaper.python(LOG_HOLDER, str(path), stdin=True)
+    assert read_line(holder) == "locked"
+    outcome: dict[str, BaseException | None] = {}
+    thread = threading.Thread(target=lambda: outcome.update(e=record_or_error(log, 2)))
+    thread.start()
+    try:
+        # The record opened the old file and waits for its lock; meanwhile it is rotated.
+        wait_until(lambda: old_inode in open_inodes(), timeout=30)
+        os.rename(path, tmp_path / "audit.jsonl.1")
+        path.write_bytes(b"")
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+    finally:
+        thread.join(timeout=60)
+    assert outcome == {"e": None}
+    assert [orjson.loads(line)["ts_ms"] for line in read_lines(tmp_path / "audit.jsonl.1")] == [1]
+    assert [orjson.loads(line)["ts_ms"] for line in read_lines(path)] == [2]
+
+
+def record_or_error(log: JsonlAuditLog, ts_ms: int) -> BaseException | None:
+    try:
+        log.record(entry(ts_ms=ts_ms))
+    except BaseException as exc:  # noqa: BLE001 - returned for the assertion
+        return exc
+    return None
+
+
+# Appends ``count`` records (two threads); prints the id of each one that returned, then "end".
+# With "fail", the file size limit leaves room for part of every entry only: each record is a
+# real partial write, then EFBIG, as a disk filling up mid-write would give ENOSPC.
+LOCK_LOSING_WORKER = r"""
+import errno, resource, threading
+from backend.app.testing.audit import JsonlAuditLog
+path, name, count, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+log = JsonlAuditLog(path, lock_timeout=60)
+out = threading.Lock()
+if mode == "fail":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+pad = 6000 if mode == "fail" else 300
+def work(thread):
+    for seq in range(count):
+        rid = f"{name}-{thread}-{seq}"
+        if mode == "fail":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 3000, hard))
+        try:
+            log.record({"id": rid, "decision": "ALLOW", "pad": "p" * pad})
+        except OSError as exc:
+            with out:
+                print("failed", errno.errorcode[exc.errno], flush=True)
+        else:
+            with out:
+                print("ok", rid, flush=True)
+threads = [threading.Thread(target=work, args=(t,)) for t in range(1 if mode == "fail" else 2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("end", flush=True)
+"""
+
+# Deletes and recreates <path>.lock as fast as it can until the stop file appears (a rotation
+# glob or a stray rm); prints how many times it did.
+LOCK_REMOVER = r"""
+lock, stop = sys.argv[1], sys.argv[2]
+removed = 0
+while not os.path.exists(stop):
+    try:
+        os.unlink(lock)
+        removed += 1
+    except FileNotFoundError:
+        pass
+    os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
+print(removed, flush=True)
+"""
+
+
+def collect(proc: subprocess.Popen[str]) -> list[str]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[-1] == "end"
+    return lines[:-1]
+
+
+def test_appends_keep_excluding_each_other_while_the_lock_file_is_removed(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"")
+    stop_file = tmp_path / "stop"
+    remover = reaper.python(LOCK_REMOVER, f"{path}.lock", str(stop_file))
+    wait_until(lambda: Path(f"{path}.lock").exists())
+    workers = [reaper.python(LOCK_LOSING_WORKER, str(path), f"w{i}", "150", "ok") for i in range(4)]
+    failing = reaper.python(LOCK_LOSING_WORKER, str(path), "full", "60", "fail")
+    returned = [line.split()[1] for w in workers for line in collect(w)]
+    failures = collect(failing)
+    stop_file.touch()
+    out, err = remover.communicate(timeout=30)
+    assert remover.returncode == 0, err
+    assert int(out) > 10  # the lock file really went away again and again meanwhile
+    assert len(returned) == 4 * 2 * 150
+    assert failures == ["failed EFBIG"] * 60  # every partial write was denied to its caller
+    written = [line for line in read_lines(path) if line.strip()]
+    ids = [orjson.loads(line)["id"] for line in written]  # no line is corrupt
+    assert sorted(ids) == sorted(returned)  # each returned record once, nothing else
+
+
+# An earlier version (or a shell's >>) whose lock is not ours: it appends ``count`` complete,
+# fsynced lines without taking the log's lock, each time the other process says "go".
+IGNORES_THE_LOCK = r"""
+count = int(sys.argv[2])
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+print("ready", flush=True)
+while sys.stdin.readline() == "go\n":
+    for i in range(count):
+        os.write(fd, b'{"id":"other-%d","decision":"ALLOW"}\n' % time.time_ns())
+    os.fsync(fd)
+    print("done", flush=True)
+"""
+
+# A record that the file size limit cuts part-way. The other writer's lines land between the
+# moment this append read the file's size and its write: os.pread is wrapped to let it (the
+# append reads the last byte there, to repair a torn line); the partial write itself is real.
+CUT_BY_THE_LIMIT = r"""
+import errno, resource, subprocess
+from backend.app.testing.audit import JsonlAuditLog
+from backend.app.testing.release_gate import ReleaseGate
+from backend.app.testing.release_policy import ReleasePolicyResult, ReleaseVerdict
+path = sys.argv[1]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+real_pread = os.pread
+def pread(fd, n, offset):
+    print("at start", flush=True)
+    assert sys.stdin.readline() == "appended\n"
+    return real_pread(fd, n, offset)
+os.pread = pread
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 3000, hard))
+gate = ReleaseGate(JsonlAuditLog(path, lock_timeout=30))
+decision = gate.check(ReleasePolicyResult(ReleaseVerdict.RELEASE_OK, []), release_scope="p" * 6000)
+print(decision.allowed, decision.audit_detail.split()[1], flush=True)
+"""
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_a_partial_write_never_removes_lines_another_writer_appended_after_it_started(
+    tmp_path: Path, reaper: Reaper, group_commit: bool
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = JsonlAuditLog(path, group_commit=group_commit)
+    log.record(entry(id="before"))
+    other = reaper.python(IGNORES_THE_LOCK, str(path), "10", stdin=True)
+    assert read_line(other) == "ready"
+    cut = reaper.python(
+        CUT_BY_THE_LIMIT.replace(
+            "lock_timeout=30", f"lock_timeout=30, group_commit={group_commit}"
+        ),
+        str(path),
+        stdin=True,
+    )
+    assert other.stdin is not None
+    assert cut.stdin is not None
+    assert read_line(cut) == "at start"
+    other.stdin.write("go\n")
+    other.stdin.flush()
+    assert read_line(other) == "done"  # ten complete, fsynced lines after the cut one's start
+    cut.stdin.write("appended\n")
+    cut.stdin.flush()
+    assert read_line(cut) == "False audit_error=EFBIG"  # the caller was denied
+    log.record(entry(id="after"))
+    lines = read_lines(path)
+    entries = [orjson.loads(line) for line in lines if line.strip()]  # none is corrupt
+    ids = [e["id"] for e in entries]
+    assert ids[0] == "before"
+    assert ids[-1] == "after"
+    assert len([i for i in ids if i.startswith("other-")]) == 10  # every one of them survived
+    assert len(ids) == 12  # and nothing of the denied check
+    assert not any(b"ppp" in line for line in lines)
+    jq = shutil.which("jq")
+    if jq is not None:  # the runbook's reader copes with the blanked lines
+        done = subprocess.run(
+            [jq, "-c", 'select(.decision == "ALLOW") | .id', str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert len(done.stdout.splitlines()) == 12

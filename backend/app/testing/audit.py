@@ -34,11 +34,29 @@ Hazards, stated plainly:
 - The log never creates its directory: a directory that vanished (an unmounted volume, a
   removed path) must surface as a write failure, not as a fresh log somewhere unexpected.
 - The process needs read and write access to the log (it reads the last byte to repair a torn
-  line) and write access to the directory of its lock file (``<path>.lock``).
-- Exclusion takes two ``flock`` locks, in this order: ``<path>.lock`` (what earlier versions
-  lock, so a rolling upgrade never has two versions appending at once) and then the log file's
-  own descriptor, which deleting a file beside the log cannot lose. A deleted ``<path>.lock``
-  only loses exclusion against processes of earlier versions.
+  line). Write access to the directory is needed to create the log, and to create
+  ``<path>.lock``, which only earlier versions need (see below).
+- The log's directory is a trust boundary: it may be writable by a user other than the gate's.
+  The log and ``<path>.lock`` are opened relative to one descriptor of the directory, with
+  ``O_NOFOLLOW`` and ``O_NONBLOCK``, so nothing is ever created or written through a link or
+  outside the directory, and a FIFO cannot hang a check. A symlink at the path is refused
+  (``ELOOP``, the decision fails closed) unless ``follow_symlinks=True`` says the link is the
+  operator's; so are a FIFO or socket (``EINVAL``) and a file with more than one hard link
+  (``EMLINK``: appending would change a file that also lives under another name). What such a
+  user can do: delete, replace or fill the log (hide entries, add false ones), or make every
+  check fail closed (replace the log with a directory, hold a ``flock`` on it). What they
+  cannot do: make the gate write anywhere else, or make a check allowed without its line.
+- Exclusion rests on the ``flock`` of the log file's own descriptor, taken after the lock of
+  ``<path>.lock`` (what earlier versions lock, so a rolling upgrade never has two versions
+  appending at once). Deleting or replacing a file beside the log cannot lose it: once locked,
+  the file must still be the one at the path (same device and inode), or it is let go and the
+  file now at the path is opened and locked instead, within ``lock_timeout``. Whatever stands
+  at ``<path>.lock`` that is not a plain, singly linked file (a symlink, a link loop, a FIFO,
+  a socket, a directory, a file we may not open) is left alone and costs one warning per
+  minute and process on the ``backend.app.testing.audit`` logger; checks go on. A deleted or
+  unusable ``<path>.lock`` only loses exclusion against processes of earlier versions.
+- Anyone who may open the log (or ``<path>.lock``) for reading can hold its ``flock``: every
+  check then fails closed after ``lock_timeout``. Keep the log's group and mode (0640) tight.
 - The lock is ``flock``: a filesystem without it (some network filesystems) makes every write
   fail instead of silently dropping mutual exclusion.
 - A record waits at most ``lock_timeout`` seconds in all, for its batch and for the lock (a
@@ -54,11 +72,20 @@ Hazards, stated plainly:
 - A fork while a thread of the process is inside ``record`` gives the child fresh state and
   closes the child's copies of that thread's descriptors (an at-fork hook). A fork that skips
   Python's at-fork hooks only gets the fresh state, on the child's first record.
-- Point the path at a regular file. A device such as ``/dev/null`` accepts writes and keeps
-  nothing; torn-line repair, rollback and marker offsets only apply to regular files. The path
-  may be a symlink (followed).
-- Log rotation by rename is safe: every batch opens the path afresh, a batch in flight finishes
-  (marker included) in the file it started in.
+- Point the path at a regular file. A device such as ``/dev/null`` (reachable only through a
+  symlink the operator allowed, or as the path itself) accepts writes and keeps nothing;
+  torn-line repair, rollback and marker offsets only apply to regular files.
+- A failed append never removes a line it did not write. It truncates its bytes away only when
+  the file provably holds nothing after its start but them (its writes ran from the size it
+  read under the lock, and the file ends where they end). Otherwise (a writer that ignores the
+  lock appended meanwhile: an earlier version whose ``<path>.lock`` was removed, a shell's
+  ``>>``) its bytes are overwritten in place with spaces, newlines kept and each write's last
+  byte made a newline, then fsynced: blank lines, which ``jq`` and the marker offsets of the
+  lines around them tolerate. Against such a writer a small race stays (it appends between the
+  size check and the truncate); no writer of this version can.
+- Log rotation by rename is safe: every batch opens the path afresh and appends to the file
+  at the path when it holds its lock; a batch in flight finishes its marker in the file
+  holding its lines.
 """
 
 from __future__ import annotations
@@ -235,7 +262,9 @@ class JsonlAuditLog:
     """A durable audit log: JSON lines appended under a file lock and fsynced.
 
     ``path`` is the log file (created on first write, mode 0640 before umask; its directory
-    must exist). It is locked through its own descriptor and through ``<path>.lock``.
+    must exist). It is locked through its own descriptor and through ``<path>.lock``. A
+    symlink at ``path`` is refused unless ``follow_symlinks=True`` (``<path>.lock`` is never
+    followed). :meth:`probe` checks the file at start-up without writing.
     ``lock_timeout`` bounds, in seconds, the wait of a record for its batch and for the lock.
 
     A record either returns with its line complete and fsynced, or raises (``OSError``,
@@ -254,11 +283,11 @@ class JsonlAuditLog:
     ``group_commit=False``: one lock, write and fsync per record, the lock held across the
     fsync (so a failed fsync can still truncate its line away).
 
-    A write that fails part-way (ENOSPC, EFBIG) is truncated back to where its batch started,
-    under the lock, so it can never remove a line it did not write (best effort: a failed
-    truncate leaves what was written, its last line torn). A line torn by a crash (no trailing
-    newline) is left as it is, and the next append starts on a fresh line so every later line
-    stays valid.
+    A write that fails part-way (ENOSPC, EFBIG) is taken back, never removing a line it did
+    not write: truncated to where its batch started when the file provably ends with its
+    bytes, else blanked in place (see the hazards); every caller of the batch raises. A line
+    torn by a crash (no trailing newline) is left as it is, and the next append starts on a
+    fresh line so every later line stays valid.
 
     A failed fsync (and a follower that gave up after its line was written) leaves lines for
     denied decisions: they stay, followed by a best-effort ``{"event": "AUDIT_SYNC_FAILED",
@@ -270,7 +299,7 @@ class JsonlAuditLog:
     with fresh in-process state and closes its copies of the descriptors its parent's record
     calls held (a parent killed while holding the lock would otherwise leave it held through
     the child's copy). A ``<path>.lock`` left by earlier versions keeps being used; nothing
-    else about it is required.
+    else about it is required, and an unusable one is skipped with a rate-limited warning.
     """
 
     __slots__ = (
