@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.processes import Reaper
+from tests.processes import Attacker, Reaper
 
 if TYPE_CHECKING:
     from backend.app.main import ReleaseGateApp
@@ -180,6 +180,22 @@ def reaper() -> Iterator[Reaper]:
         yield reaper
     finally:
         reaper.kill_all()
+
+
+@pytest.fixture
+def attacker(reaper: Reaper) -> Iterator[Attacker]:
+    """A shard directory an unprivileged attacker may write, and a directory it may not
+    (see :class:`tests.processes.Attacker`)."""
+    import tempfile
+
+    # Under /tmp, not tmp_path: pytest's base directory is 0700, so nobody could not reach it.
+    base = Path(tempfile.mkdtemp(prefix="gatemetrics-attack-"))
+    base.chmod(0o755)
+    try:
+        yield Attacker(reaper, base)
+    finally:
+        reaper.kill_all()  # the attacker's workers, before their directory goes
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # -- the backend ASGI app (tests/test_main.py) -------------------------------------------------

@@ -26,6 +26,20 @@ from gatemetrics import _faults
 """
 
 
+_DROP_TO = """\
+import errno, fcntl, json, logging, resource, select, socket, stat, struct, subprocess
+import encodings.ascii, encodings.idna, encodings.latin_1, encodings.utf_8
+import orjson
+import gatemetrics, gatemetrics.aggregate, gatemetrics.cli, gatemetrics.shards
+import backend.app.testing.audit, backend.app.testing.gate_metrics
+import backend.app.testing.release_gate
+if os.geteuid() != {uid}:
+    os.setgroups([])
+    os.setgid({uid})
+    os.setuid({uid})
+"""
+
+
 class Reaper:
     """Tracks child processes; :meth:`kill_all` ends the ones still running, by pid."""
 
@@ -40,8 +54,14 @@ class Reaper:
         user: int | None = None,
         stdin: bool = False,
     ) -> subprocess.Popen[str]:
-        """Start ``python -c PRELUDE+code args...`` with line-buffered text pipes."""
-        script = PRELUDE + textwrap.dedent(code)
+        """Start ``python -c PRELUDE+code args...`` with line-buffered text pipes.
+
+        ``user``: the child runs ``code`` as that uid (and its gid), with no supplementary
+        groups. It drops to it itself after importing the project and the modules children
+        use: the interpreter may live where that user cannot read (``/root/.pyenv``).
+        """
+        script = PRELUDE + (_DROP_TO.format(uid=user) if user is not None else "")
+        script += textwrap.dedent(code)
         proc = subprocess.Popen(
             [sys.executable, "-W", "error", "-c", script, *args],
             cwd=ROOT,
@@ -51,7 +71,6 @@ class Reaper:
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
-            user=user,
         )
         self.procs.append(proc)
         return proc
@@ -97,3 +116,97 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.01)
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+#: The user an attacker runs as when the suite runs as root (CI does): ``nobody``.
+ATTACKER_UID = 65534
+
+# A live worker of the attacked directory: records ALLOWs write-through, says its shard's name,
+# then waits for a line on stdin ("close": exits cleanly; EOF or SIGKILL: dies).
+WORKER = """
+from gatemetrics import shard_for
+from backend.app.testing.gate_metrics import GateMetricStore
+store = GateMetricStore()
+binding = store.bind_to_dir(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    store.record_decision(True)
+print(os.path.basename(shard_for(store, sys.argv[1]).path), flush=True)
+if sys.stdin.readline().strip() == "close":
+    binding.close()
+    print("closed", flush=True)
+"""
+
+# What an attacker plants under ``name`` in directory ``argv[1]`` (relative names only, so a
+# long directory path never hits the socket path limit).
+PLANT = """
+import socket
+directory, name, kind, target = sys.argv[1:5]
+os.chdir(directory)
+if os.path.lexists(name):  # what the attacker replaces is moved aside (it may not be ours)
+    os.rename(name, f"{name}.displaced-{time.time_ns()}")
+if kind == "symlink":
+    os.symlink(target, name)
+elif kind == "loop":
+    os.symlink(name + ".other", name)
+    os.symlink(name, name + ".other")
+elif kind == "fifo":
+    os.mkfifo(name)
+elif kind == "directory":
+    os.mkdir(name)
+elif kind == "socket":
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(name)
+    sock.close()
+elif kind == "hardlink":
+    os.link(target, name)
+else:
+    raise SystemExit(f"unknown kind {kind}")
+print("planted", flush=True)
+"""
+
+
+class Attacker:
+    """A user with write access to a shard directory who is not the aggregator's user.
+
+    When the suite runs as root (CI) the attacker is ``nobody`` in a child process and the
+    directory belongs to it, so that privileges matter: a root aggregator that followed a
+    planted link would write where ``nobody`` cannot. Elsewhere the attacker is the same user
+    (the checks on what the aggregator writes still hold; only the privilege gap is missing).
+    ``shards`` is the attacked directory, ``outside`` a directory beside it that only the
+    aggregator's user may write (nothing must ever appear or change there).
+    """
+
+    def __init__(self, reaper: Reaper, base: Path) -> None:
+        self.reaper = reaper
+        self.uid = ATTACKER_UID if os.geteuid() == 0 else None
+        self.shards = base / "shards"
+        self.outside = base / "outside"
+        self.shards.mkdir(mode=0o755)
+        self.outside.mkdir(mode=0o755)
+        if self.uid is not None:
+            os.chown(self.shards, self.uid, self.uid)
+
+    def run(self, code: str, *args: str, timeout: float = 30.0) -> str:
+        """Run ``code`` as the attacker; its stdout (it must succeed)."""
+        proc = self.reaper.python(code, *args, user=self.uid)
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+        return out
+
+    def plant(self, name: str, kind: str, target: str | Path = "") -> None:
+        """Plant a ``kind`` entry (symlink, loop, fifo, directory, socket, hardlink) at
+        ``name`` in :attr:`shards`; ``target`` is the link's target or the hard link's file."""
+        self.run(PLANT, str(self.shards), name, kind, str(target))
+
+    def worker(self, allows: int) -> tuple[subprocess.Popen[str], str]:
+        """A live worker (the attacker's user: workers own their shards) that recorded
+        ``allows`` ALLOWs; ``(process, shard file name)``."""
+        proc = self.reaper.python(WORKER, str(self.shards), str(allows), user=self.uid, stdin=True)
+        return proc, read_line(proc)
+
+    def outside_state(self) -> dict[str, bytes]:
+        """Every file under :attr:`outside` with its bytes (to prove nothing changed)."""
+        return {
+            str(p.relative_to(self.outside)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(self.outside.rglob("*"))
+        }

@@ -476,3 +476,91 @@ def test_node_exporter_textfile_collector_serves_the_textfile(
     assert "release_gate_quarantined_shards_total 0" in text
     assert "# TYPE release_gate_decision_total counter" in text
     assert "# TYPE release_gate_shards gauge" in text
+
+
+# -- a directory other users may write ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["directory", "archive"])
+def test_a_world_writable_directory_or_archive_is_refused_and_nothing_changes(
+    shard_dir: Path, tmp_path: Path, what: str
+) -> None:
+    assert run_cli("aggregate", "--dir", str(shard_dir), "--no-compact").returncode == 0
+    if what == "archive":
+        assert run_cli("aggregate", "--dir", str(shard_dir)).returncode == 0  # writes one
+        (shard_dir / "archive.json").chmod(0o666)
+        dead_shard(shard_dir, allows=1)
+    else:
+        shard_dir.chmod(0o1777)  # the sticky bit does not help: anyone may still plant files
+    before = sorted(os.listdir(shard_dir))
+    target = tmp_path / "release_gate.prom"
+    result = run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(target))
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "world-writable" in line
+    assert "--allow-world-writable" in line
+    assert sorted(os.listdir(shard_dir)) == before  # refused before anything was compacted
+    assert not target.exists()
+
+    status = run_cli("status", "--dir", str(shard_dir))
+    assert status.returncode == 1
+    assert status.stdout.startswith("PROBLEM")
+    assert "world-writable" in status.stdout.splitlines()[0]
+    assert "world-writable" in one_error_line(status)
+
+    allowed = run_cli("aggregate", "--dir", str(shard_dir), "--allow-world-writable")
+    assert allowed.returncode == 0, allowed.stderr
+    assert run_cli("status", "--dir", str(shard_dir), "--allow-world-writable").returncode == 0
+
+
+def test_a_symlinked_textfile_is_refused_unless_asked_for(shard_dir: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep me\n")
+    textdir = tmp_path / "textfile"
+    textdir.mkdir()
+    link = textdir / "release_gate.prom"
+    link.symlink_to(elsewhere)
+    before = sorted(os.listdir(shard_dir))
+    result = run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(link))
+    assert result.returncode == 1
+    assert "is a symlink" in one_error_line(result)
+    assert link.is_symlink()  # a refused (failed) run never removes the link either
+    assert elsewhere.read_text() == "keep me\n"
+    assert sorted(os.listdir(shard_dir)) == before  # refused before compacting
+
+    followed = run_cli(
+        "aggregate", "--dir", str(shard_dir), "--textfile", str(link), "--follow-symlinks"
+    )
+    assert followed.returncode == 0, followed.stderr
+    assert link.is_symlink()
+    assert 'release_gate_decision_total{decision="ALLOW"} 5' in elsewhere.read_text()
+    assert os.listdir(textdir) == ["release_gate.prom"]
+
+
+def test_a_planted_temp_file_beside_the_textfile_is_never_written_through(
+    shard_dir: Path, tmp_path: Path
+) -> None:
+    """Whatever sits under the temp name (here a hard link of another file) is replaced, not
+    truncated or followed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    textdir = tmp_path / "textfile"
+    textdir.mkdir()
+    target = textdir / "release_gate.prom"
+    code = f"""
+import os, sys
+from gatemetrics.cli import main
+os.link({str(victim)!r}, {str(textdir)!r} + f"/.release_gate.prom.{{os.getpid()}}.tmp")
+sys.exit(main(["aggregate", "--dir", {str(shard_dir)!r}, "--textfile", {str(target)!r}]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "keep me\n"
+    assert 'release_gate_decision_total{decision="ALLOW"} 5' in target.read_text()

@@ -1245,6 +1245,22 @@ def test_errno_of_an_unusable_audit_log_is_kept(tmp_path: Path) -> None:
     assert info.value.filename == str(directory)
 
 
+def test_a_symlinked_audit_log_stops_the_worker_and_is_left_alone(tmp_path: Path) -> None:
+    # The start-up probe opens the log as every record does: never through a link, so a link
+    # planted at the path (or configured by mistake) fails the start instead of writing
+    # through it, and the file it points at is untouched.
+    target = tmp_path / "elsewhere.jsonl"
+    target.write_bytes(b"keep\n")
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to(target)
+    app = create_app(Settings(str(tmp_path / "shards"), str(link)))
+    with pytest.raises(OSError, match="audit log unusable") as info:
+        anyio.run(app.startup)
+    assert info.value.errno == errno.ELOOP
+    assert target.read_bytes() == b"keep\n"
+    assert link.is_symlink()
+
+
 @pytest.mark.parametrize(
     "doc",
     [

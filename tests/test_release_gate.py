@@ -406,7 +406,9 @@ def test_a_full_disk_denies_and_counts(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     path.symlink_to("/dev/full")  # every write fails with ENOSPC
     store = GateMetricStore()
-    decision = ReleaseGate(JsonlAuditLog(path), store).check(HOLD_RESULT, override(), "prod", NOW)
+    # follow_symlinks: the link to /dev/full is this test's own, not a planted one.
+    audit = JsonlAuditLog(path, follow_symlinks=True)
+    decision = ReleaseGate(audit, store).check(HOLD_RESULT, override(), "prod", NOW)
     assert decision.allowed is False
     assert decision.audit_detail == (
         "AUDIT_WRITE_FAILED audit_error=ENOSPC intended=ALLOW OVERRIDE_VALID"
@@ -936,7 +938,8 @@ async def test_acheck_fails_closed_and_open_like_check(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     path.symlink_to("/dev/full")
     store = GateMetricStore()
-    decision = await ReleaseGate(JsonlAuditLog(path), store).acheck(OK_RESULT, now_ms=NOW)
+    audit = JsonlAuditLog(path, follow_symlinks=True)  # the test's own link to /dev/full
+    decision = await ReleaseGate(audit, store).acheck(OK_RESULT, now_ms=NOW)
     assert (
         decision.audit_detail == "AUDIT_WRITE_FAILED audit_error=ENOSPC intended=ALLOW RELEASE_OK"
     )

@@ -295,16 +295,16 @@ def _open_worker(settings: Settings) -> _Worker:
         # Only our own default directory is created: an explicit path whose directory is
         # missing is a misconfiguration (an unmounted volume) that must surface.
         os.makedirs(audit_dir, mode=0o700, exist_ok=True)
-    # Probe the audit log the way JsonlAuditLog opens it, so a bad path fails the worker's
-    # start instead of denying every decision (the gate fails closed on audit errors).
+    # Probe the audit log exactly as a record opens it (relative to its directory, never
+    # through a symlink, never a FIFO or a multiply linked file), so a bad path fails the
+    # worker's start instead of denying every decision (the gate fails closed on audit errors).
+    audit_log = JsonlAuditLog(settings.audit_log)
     try:
-        fd = os.open(settings.audit_log, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        audit_log.probe()
     except OSError as exc:
         raise OSError(
             exc.errno, f"audit log unusable: {exc.strerror}", settings.audit_log
         ) from None
-    os.close(fd)
-    audit_log = JsonlAuditLog(settings.audit_log)
     store = GateMetricStore()
     # Last, since it takes the shard's lifetime lock: nothing after it can fail. Write-through
     # (the default): record_outcome returns only once the count is in this worker's shard.

@@ -678,8 +678,9 @@ def test_without_preload_every_worker_builds_its_own_state(
     assert len(read_audit(audit)) == 40
 
     # The app's own log lines reach gunicorn's log, in its format, from every worker.
-    ready = [line for line in server.log_text().splitlines() if "release gate worker" in line]
-    assert len(ready) == 2
+    lines = server.log_text().splitlines()
+    ready = [line for line in lines if "release gate worker" in line and " ready: " in line]
+    assert len(ready) == 2, lines
     assert all(line.startswith("[") and "[INFO]" in line for line in ready), ready
 
     assert server.stop() == 0
