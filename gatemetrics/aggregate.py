@@ -10,15 +10,19 @@ Directory layout (file formats in :mod:`gatemetrics._format`; the shard side in
     DIR/shard-<incarnation>.lock   its owner's lifetime lock and
     DIR/shard-<incarnation>.tmp    its owner's temp file while saving
     DIR/archive.json               totals of absorbed (dead) incarnations; written atomically
-    DIR/aggregate.lock             the directory lock: one aggregation or compaction at a time
+    DIR/aggregate.lock             the previous release's directory lock (still taken for it)
     DIR/quarantine/                broken or hostile files moved aside (bounded)
 
-Every aggregation takes the directory lock (with a timeout), so aggregations and compactions
-never interleave; shard owners never take it and are never blocked by it. Liveness: a v2 shard
-whose own ``flock`` the aggregator can take has no living owner, and neither has a v1 shard whose
-lock file it can take. One open per v2 shard serves the probe and the read; a dead shard's lock
-stays held by the aggregator until the run ends. Reading needs no write permission except for
-the directory lock.
+Every aggregation takes the directory lock (with a timeout): an ``flock`` on the directory
+itself, then ``aggregate.lock`` for aggregators of the previous release, so aggregations and
+compactions never interleave; shard owners never take it and are never blocked by it. No file
+planted, removed or replaced in the directory can lose the directory's own flock.
+
+Liveness: a v2 shard whose own ``flock`` the aggregator can take has no living owner, and
+neither has a v1 shard whose lock file it can take. One open per v2 shard serves the probe and
+the read; a dead shard's lock stays held by the aggregator until the run ends. Reading needs no
+write permission: a reader that may not create ``aggregate.lock`` goes on under the directory's
+flock alone.
 
 Compaction (crash-safe; a kill at any step leaves a directory whose next aggregate is exact):
 
@@ -45,6 +49,17 @@ per run. Nothing outside the schema ever
 reaches the result. A well-formed archive that does not fit the schema is *not* quarantined: that
 means the aggregator was given the wrong schema, and dropping the history would be worse than
 stopping (:class:`~gatemetrics.SchemaError`).
+
+The directory is a trust boundary (the README's "A user who can write the directory"). Every
+name is resolved against the directory's descriptor, never through the path again, and opened
+with ``O_NOFOLLOW``; temp files are created with ``O_EXCL`` (a planted one is unlinked first).
+A link, FIFO, socket, directory or hard link under a name we own (``aggregate.lock``,
+``archive.json``, ``archive.json.tmp``, shard and temp names, a non-directory ``quarantine``)
+costs only itself: one log line, quarantined (or replaced) by compaction, and the run goes on.
+Liveness beats the archive: an archive that lists a live incarnation as absorbed is wrong, and
+the shard is counted and kept. Totals past 2**63-1 follow the rule of :meth:`_Run._settle`
+(the absurd shard is left out; an absurd archive saturates), and whatever compaction writes is
+clamped so that a later run reads it back.
 
 Upgrading from the previous release: its shards (v1) are read, counted and compacted like v2
 ones, so workers of both releases can share a directory during a rolling upgrade. A compactor of

@@ -8,6 +8,7 @@ still running when the test ends, pass or fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -45,6 +46,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
+        self.graceful: list[subprocess.Popen[str]] = []
 
     def python(
         self,
@@ -75,11 +77,24 @@ class Reaper:
         self.procs.append(proc)
         return proc
 
-    def track(self, proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
+    def track(
+        self, proc: subprocess.Popen[str], *, graceful: bool = False
+    ) -> subprocess.Popen[str]:
+        """Kill ``proc`` at the end. ``graceful``: SIGTERM it first and give it up to 30 s,
+        for a process that must end its own children (a gunicorn master: SIGKILLed, it
+        would leave its workers running with no parent)."""
         self.procs.append(proc)
+        if graceful:
+            self.graceful.append(proc)
         return proc
 
     def kill_all(self) -> None:
+        for proc in self.graceful:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self.graceful:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
         for proc in self.procs:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)

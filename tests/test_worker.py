@@ -145,7 +145,8 @@ def start_service(
         master = reaper.track(
             subprocess.Popen(
                 args, cwd=ROOT, env=full_env, stdout=out, stderr=out, stdin=subprocess.DEVNULL
-            )
+            ),
+            graceful=True,  # the master stops its worker; SIGKILLed, it would orphan it
         )
     found: list[int] = []
 

@@ -53,6 +53,10 @@ status code                      when
 503    ``metrics_unavailable``   ``/metrics`` could not aggregate (directory lock busy past
                                  ``Settings.metrics_lock_timeout``, every slot of the scrape pool
                                  busy, directory missing or unreadable); ``Retry-After`` is set
+503    ``too_many_connections``  every connection the worker may hold is busy with a request
+                                 (``RELEASE_GATE_MAX_CONNECTIONS``): answered by its protocol
+                                 (:mod:`backend.app.limits`) before anything is read, with
+                                 ``Retry-After``
 503    ``not_ready``             the worker's state cannot be built (only without lifespan
                                  support; with it, the worker does not start at all)
 500    ``internal_error``        a bug: logged with its traceback
