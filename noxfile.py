@@ -1,8 +1,8 @@
 """Developer and CI sessions. ``python3 -m nox`` runs the default set (what CI runs).
 
-Sessions install the project into their own virtual environments, so a machine needs only
-Python, pip and nox. Tool versions are pinned here so a lint or type failure means the code
-changed, not the tool.
+Sessions install the project (the engine at the root, the release-gate service in service/)
+into their own virtual environments, so a machine needs only Python, pip and nox. Tool versions
+are pinned here so a lint or type failure means the code changed, not the tool.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ MYPY = "mypy==2.4.1"
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (pytest, hypothesis; real promtool when installed; real gunicorn)."""
-    session.install("-e", ".[test,server]")
+    session.install("-e", ".[test]", "-e", "./service[server]")
     # The monitoring tests run in their own session (with promtool, Prometheus and tsc), and so
     # do the end-to-end tests (real gunicorn, node_exporter and Prometheus).
     session.run("pytest", "-m", "not monitoring and not e2e", *session.posargs)
@@ -40,8 +40,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typing(session: nox.Session) -> None:
     """mypy --strict over gatemetrics and backend."""
-    session.install("-e", ".[test]", MYPY)
-    session.run("mypy", "--strict", "gatemetrics", "backend")
+    session.install("-e", ".[test]", "-e", "./service[server]", MYPY)
+    session.run("mypy", "--strict", "gatemetrics", "service/backend")
 
 
 # Real tools of the monitoring session, from Debian packages (.ci/run installs them).
@@ -76,7 +76,7 @@ def monitoring(session: nox.Session) -> None:
     with session.chdir("monitoring/grafana"):
         session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
         session.run("npm", "run", "typecheck", external=True)
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test]", "-e", "./service")
     session.run(
         "pytest",
         "tests/test_alert_rules.py",
@@ -91,7 +91,7 @@ def e2e(session: nox.Session) -> None:
     """End to end with real servers: a multi-worker gunicorn serving the backend app, the
     aggregator cron, node_exporter's textfile collector and Prometheus with our alert rules.
     Prints what it measured (-rP)."""
-    session.install("-e", ".[test,server]")
+    session.install("-e", ".[test]", "-e", "./service[server]")
     session.run("pytest", "-m", "e2e", "-rP", "tests/e2e", *session.posargs)
 
 
@@ -103,5 +103,5 @@ def bench(session: nox.Session) -> None:
     with wrk (Debian package ``wrk``)."""
     if not shutil.which("wrk"):
         session.error("figure 5 needs wrk on PATH; install the Debian package wrk")
-    session.install("-e", ".[bench,server]")
+    session.install("-e", ".[bench]", "-e", "./service[server]")
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,8 +1,8 @@
 """Figure 5. Throughput of the real backend under gunicorn, 4 workers, six variants.
 
-Each variant is its own gunicorn server (``backend/gunicorn.conf.py``, 4 uvicorn workers, on a
-free loopback port, its own shard directory and durable audit log), all started before the
-first measurement and kept running; ``wrk`` (one thread, a fixed number of keep-alive
+Each variant is its own gunicorn server (``service/backend/gunicorn.conf.py``, 4 uvicorn
+workers, on a free loopback port, its own shard directory and durable audit log), all started
+before the first measurement and kept running; ``wrk`` (one thread, a fixed number of keep-alive
 connections) then loads one server at a time, the variants alternating round by round (ABBA
 order), each round the same duration. Variants:
 
@@ -151,7 +151,7 @@ def _start(server: _Server) -> None:
             "-m",
             "gunicorn",
             "-c",
-            str(ROOT / "backend" / "gunicorn.conf.py"),
+            str(ROOT / "service" / "backend" / "gunicorn.conf.py"),
             "--workers",
             str(WORKERS),
             "--bind",
@@ -501,7 +501,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "title": TITLE,
         "method": (
             f"{len(servers)} gunicorn servers ({WORKERS} uvicorn workers each, "
-            "`backend/gunicorn.conf.py`, loopback), running side by side; `wrk -t1 "
+            "`service/backend/gunicorn.conf.py`, loopback), running side by side; `wrk -t1 "
             f"-c{CONNECTIONS}` loads one at a time for {seconds} s per run, {runs} rounds "
             "after a warm-up, each round loading every variant once, variants alternating "
             "(ABBA). Mix: ALLOW, HOLD with two reasons, BLOCK, HOLD lifted by an override. "

@@ -1,4 +1,4 @@
-"""The backend ASGI app (backend/app/main.py), driven in-process through its ASGI interface.
+"""The backend ASGI app (service/backend/app/main.py), driven in-process through its ASGI interface.
 
 Real parts: the real gate, a real shard directory and JSON-lines audit log on disk, the real
 aggregator behind GET /metrics, real file locks. Only the HTTP server is absent (tests/e2e/ runs

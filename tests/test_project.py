@@ -49,7 +49,7 @@ def test_runtime_dependencies_are_only_the_engines() -> None:
     # shards' locks, is now a test dependency only.
     sources = "\n".join(
         p.read_text(encoding="utf-8")
-        for top in ("gatemetrics", "backend")
+        for top in ("gatemetrics", "service/backend")
         for p in (ROOT / top).rglob("*.py")
     )
     imported = set(re.findall(r"^\s*(?:import|from) (\w+)", sources, flags=re.MULTILINE))

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_worker_class_pins_asyncio_and_keeps_the_rest_of_uvicorns_defaults() -> None:
-    pytest.importorskip("uvicorn_worker", reason="needs the server extra: pip install .[server]")
+    pytest.importorskip("uvicorn_worker", reason="needs the server extra of ./service")
     from uvicorn_worker import UvicornWorker  # type: ignore[import-untyped]
 
     from backend.app.worker import ReleaseGateWorker
@@ -40,7 +40,8 @@ def test_the_worker_class_pins_asyncio_and_keeps_the_rest_of_uvicorns_defaults()
 
 
 def test_gunicorn_conf_uses_the_release_gate_worker() -> None:
-    tree = ast.parse((ROOT / "backend" / "gunicorn.conf.py").read_text(encoding="utf-8"))
+    config = ROOT / "service" / "backend" / "gunicorn.conf.py"
+    tree = ast.parse(config.read_text(encoding="utf-8"))
     assigned = {
         target.id: node.value
         for node in tree.body
@@ -56,7 +57,8 @@ def test_gunicorn_conf_uses_the_release_gate_worker() -> None:
 def test_the_server_extra_does_not_bring_uvloop() -> None:
     import tomllib
 
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    service = ROOT / "service" / "pyproject.toml"
+    config = tomllib.loads(service.read_text(encoding="utf-8"))
     server = config["project"]["optional-dependencies"]["server"]
     assert not any("uvloop" in d or "[standard]" in d for d in server)
 
@@ -117,9 +119,9 @@ class Service:
 def start_service(
     tmp_path: Path, reaper: Reaper, *, nofile: tuple[int, int], env: dict[str, str] | None = None
 ) -> Service:
-    """gunicorn with backend/gunicorn.conf.py, one worker, on a free loopback port (port 0:
+    """gunicorn with service/backend/gunicorn.conf.py, one worker, on a free loopback port (port 0:
     the port is read from gunicorn's log), its descriptor limits set to ``nofile``."""
-    pytest.importorskip("uvicorn_worker", reason="needs the server extra: pip install .[server]")
+    pytest.importorskip("uvicorn_worker", reason="needs the server extra of ./service")
     shards, audit, log = tmp_path / "shards", tmp_path / "audit.jsonl", tmp_path / "gunicorn.log"
     launcher = (
         "import os, resource, sys;"
@@ -128,7 +130,7 @@ def start_service(
     )
     args = [
         *(sys.executable, "-c", launcher, "-m", "gunicorn"),
-        *("-c", str(ROOT / "backend" / "gunicorn.conf.py")),
+        *("-c", str(ROOT / "service" / "backend" / "gunicorn.conf.py")),
         *("--bind", "127.0.0.1:0", "--workers", "1", "--graceful-timeout", "5"),
         "backend.app.main:app",
     ]
@@ -138,7 +140,7 @@ def start_service(
         "RELEASE_GATE_AUDIT_LOG": str(audit),
         "RELEASE_GATE_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
         "RELEASE_GATE_BODY_TIMEOUT": str(BODY_TIMEOUT),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(ROOT / "service"),
         **(env or {}),
     }
     with log.open("w") as out:

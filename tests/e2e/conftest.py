@@ -18,7 +18,7 @@ StartGunicorn = Callable[[Sequence[str], Mapping[str, str]], GunicornServer]
 def gunicorn(tmp_path: Path) -> Iterator[StartGunicorn]:
     """``start(args, env)`` runs gunicorn with our config; every server started this way is
     stopped at teardown (SIGTERM, then SIGKILL by pid for the master and the workers seen)."""
-    pytest.importorskip("uvicorn_worker", reason="needs the server extra: pip install .[server]")
+    pytest.importorskip("uvicorn_worker", reason="needs the server extra of ./service")
     servers: list[GunicornServer] = []
 
     def start(args: Sequence[str], env: Mapping[str, str]) -> GunicornServer:

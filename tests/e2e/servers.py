@@ -22,7 +22,7 @@ from pathlib import Path
 from tests.monitoring_tools import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "backend" / "gunicorn.conf.py"
+CONFIG = ROOT / "service" / "backend" / "gunicorn.conf.py"
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -138,7 +138,7 @@ class GunicornServer:
 def start_gunicorn(
     args: Sequence[str], env: Mapping[str, str], log: Path, *, cwd: Path = ROOT
 ) -> GunicornServer:
-    """Start ``gunicorn -c backend/gunicorn.conf.py ARGS backend.app.main:app`` on a free
+    """Start ``gunicorn -c service/backend/gunicorn.conf.py ARGS backend.app.main:app`` on a free
     loopback port.
 
     Deprecation warnings are errors in the server (a deprecated worker class such as

@@ -486,7 +486,7 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         assert set(unanswered_decisions) <= in_flight
         assert not set(dropped_by_recycling) & audited.keys()
         # Never decided (checked above), so safe to retry; a few per recycle. asyncio's loop
-        # (see backend/app/worker.py) drops a few more than uvloop did: 8-27 of 3000 here.
+        # (see service/backend/app/worker.py) drops a few more than uvloop did: 8-27 of 3000 here.
         assert len(dropped_by_recycling) <= 0.02 * REQUESTS, [
             (s, broken[s].error) for s in dropped_by_recycling
         ]
@@ -561,7 +561,7 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         log = server.log_text()
         boots = log.count("Booting worker with pid")
         # A worker that closed its listening socket twice (uvloop did) may have closed the
-        # audit log's descriptor instead: see backend/app/worker.py.
+        # audit log's descriptor instead: see service/backend/app/worker.py.
         assert "Error while closing socket" not in log
         recycles = log.count("Maximum request limit of")
         assert recycles >= 3 * WORKERS, f"only {recycles} recycles: raise REQUESTS"

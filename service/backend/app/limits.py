@@ -9,7 +9,7 @@ uvicorn alone (0.55, httptools or h11) lets any client that can connect degrade 
 * ``timeout_keep_alive`` is armed only after a response, and disarmed by the first byte of the
   next request: a fresh connection, or one that trickles a byte now and then, has no timeout.
 
-So the worker (``backend/app/worker.py``) adds, with the smallest mechanism that covers both
+So the worker (``service/backend/app/worker.py``) adds, with the smallest mechanism that covers both
 HTTP parsers, a subclass of uvicorn's protocol class (:func:`guarded_protocol`):
 
 * **a header deadline**: a connection's request headers must be complete within

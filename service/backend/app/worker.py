@@ -12,7 +12,7 @@ lacks an answered decision. Seen in the end-to-end test with ``--max-requests`` 
 no-op. The HTTP parser stays ``auto`` (httptools when installed: a parser, it owns no
 descriptor).
 
-At start, in the worker (after the fork), before it serves (see ``backend/app/limits.py``):
+At start, in the worker (after the fork), before it serves (see ``service/backend/app/limits.py``):
 
 * the soft descriptor limit is raised to the hard one, and the connection bound
   (``RELEASE_GATE_MAX_CONNECTIONS``) and the accept batch (gunicorn's ``backlog``) are clamped

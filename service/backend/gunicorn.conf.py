@@ -1,6 +1,6 @@
 """gunicorn configuration for the release-gate backend (``backend.app.main:app``).
 
-    gunicorn -c backend/gunicorn.conf.py backend.app.main:app
+    gunicorn -c service/backend/gunicorn.conf.py backend.app.main:app
 
 Command-line flags override what is set here (``--bind``, ``--workers``, ``--preload``,
 ``--max-requests`` ...). What this file fixes, and why:

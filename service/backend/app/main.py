@@ -1,7 +1,7 @@
 """The release gate over HTTP: a raw ASGI app for gunicorn with uvicorn workers.
 
-Serve it with ``gunicorn -c backend/gunicorn.conf.py backend.app.main:app`` (see that file and the
-README). Routes:
+Serve it with ``gunicorn -c service/backend/gunicorn.conf.py backend.app.main:app`` (see that
+file and the README). Routes:
 
 =============================  =========  ==========================================================
 path                           methods    answer
