@@ -79,9 +79,7 @@ def monitoring(session: nox.Session) -> None:
     session.install("-e", ".[test]", "-e", "./service")
     session.run(
         "pytest",
-        "tests/test_alert_rules.py",
-        "tests/test_dashboard.py",
-        "tests/test_runbook.py",
+        "tests/monitoring",
         *session.posargs,
     )
 

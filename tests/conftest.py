@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,14 +17,11 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.processes import Attacker, Reaper
+from tests.processes import REQUIRE_TOOLS, Attacker, Reaper, require_tool
 
 if TYPE_CHECKING:
-    from backend.app.main import ReleaseGateApp
     from gatemetrics import CounterStore, Schema
     from tests.monitoring_tools import MonitoringStack
-
-REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
 
 # deadline=None: fsync and process start-up jitter on shared machines.
 settings.register_profile(
@@ -38,17 +34,6 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.register_profile("thorough", max_examples=2000, stateful_step_count=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def require_tool(name: str) -> str:
-    """The path of tool ``name``; skip without it, or fail when CI requires real tools."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found on PATH"
-        if REQUIRE_TOOLS:
-            pytest.fail(f"{message} (GATEMETRICS_REQUIRE_TOOLS=1 forbids skipping)")
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture
@@ -81,48 +66,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def anyio_backend() -> str:
     """anyio's pytest plugin runs ``@pytest.mark.anyio`` tests on asyncio only (no trio here)."""
     return "asyncio"
-
-
-# Prepended to a child's code by run_python(honour_file_modes=True). Root ignores file modes
-# through CAP_DAC_OVERRIDE (and CAP_DAC_READ_SEARCH, CAP_FOWNER); without them it is an ordinary
-# owner, so a 0444 file is really read-only to it. Dropping capabilities needs no privilege and
-# keeps the child's access to the project wherever CI cloned it (switching to "nobody" would not).
-_DROP_FILE_OVERRIDES = """
-import ctypes as _ct, os as _os
-if _os.geteuid() == 0:
-    class _Header(_ct.Structure):
-        _fields_ = [("version", _ct.c_uint32), ("pid", _ct.c_int)]
-    class _Data(_ct.Structure):
-        _fields_ = [("effective", _ct.c_uint32), ("permitted", _ct.c_uint32),
-                    ("inheritable", _ct.c_uint32)]
-    _libc = _ct.CDLL(None, use_errno=True)
-    _header, _data = _Header(0x20080522, 0), (_Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
-    if _libc.capget(_ct.byref(_header), _data) != 0:
-        raise OSError(_ct.get_errno(), "capget")
-    _mask = ~((1 << 1) | (1 << 2) | (1 << 3)) & 0xFFFFFFFF
-    for _field in ("effective", "permitted", "inheritable"):
-        setattr(_data[0], _field, getattr(_data[0], _field) & _mask)
-    if _libc.capset(_ct.byref(_header), _data) != 0:
-        raise OSError(_ct.get_errno(), "capset")
-"""
-
-
-def run_python(
-    code: str, *args: str, honour_file_modes: bool = False, timeout: float = 60.0
-) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter of this environment, a real separate process.
-
-    ``honour_file_modes=True`` makes file permission bits apply even when the suite runs as root
-    (CI does), by dropping the capabilities that bypass them in the child only.
-    """
-    prefix = _DROP_FILE_OVERRIDES if honour_file_modes else ""
-    return subprocess.run(
-        [sys.executable, "-c", prefix + code, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -196,25 +139,3 @@ def attacker(reaper: Reaper) -> Iterator[Attacker]:
     finally:
         reaper.kill_all()  # the attacker's workers, before their directory goes
         shutil.rmtree(base, ignore_errors=True)
-
-
-# -- the backend ASGI app (tests/test_main.py) -------------------------------------------------
-
-#: The server clock of the ``gate_app`` fixture, in milliseconds since the epoch.
-GATE_APP_CLOCK_MS = 1_800_000_000_000
-
-
-@pytest.fixture
-def gate_app(tmp_path: Path) -> Iterator[ReleaseGateApp]:
-    """The backend app over a fresh shard directory (``tmp_path/shards``) and audit log
-    (``tmp_path/audit.jsonl``), its server clock fixed at ``GATE_APP_CLOCK_MS``. Not started:
-    a test drives the lifespan, or its first request starts the app. Teardown shuts down what
-    is left (final save, shard lock released)."""
-    import anyio
-
-    from backend.app.main import Settings, create_app
-
-    settings = Settings(str(tmp_path / "shards"), str(tmp_path / "audit.jsonl"))
-    app = create_app(settings, clock_ms=lambda: GATE_APP_CLOCK_MS)
-    yield app
-    anyio.run(app.shutdown)

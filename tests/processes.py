@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,24 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+#: Set by .ci/run: a test that needs a real tool fails instead of skipping without it.
+REQUIRE_TOOLS = os.environ.get("GATEMETRICS_REQUIRE_TOOLS") == "1"
+
+
+def require_tool(name: str) -> str:
+    """The path of tool ``name``; skip without it, or fail when CI requires real tools."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found on PATH"
+        if REQUIRE_TOOLS:
+            pytest.fail(f"{message} (GATEMETRICS_REQUIRE_TOOLS=1 forbids skipping)")
+        pytest.skip(message)
+    return path
+
 
 # What every child script starts with: quiet, strict, and able to kill itself at a named step.
 PRELUDE = """\
@@ -104,11 +122,50 @@ class Reaper:
                     stream.close()
 
 
-def run_python(reaper: Reaper, code: str, *args: str, timeout: float = 60) -> tuple[int, str, str]:
-    """Run a child to completion; ``(returncode, stdout, stderr)``."""
-    proc = reaper.python(code, *args)
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
+# Prepended to a child's code by run_python(honour_file_modes=True). Root ignores file modes
+# through CAP_DAC_OVERRIDE (and CAP_DAC_READ_SEARCH, CAP_FOWNER); without them it is an ordinary
+# owner, so a 0444 file is really read-only to it. Dropping capabilities needs no privilege and
+# keeps the child's access to the project wherever CI cloned it (switching to "nobody" would not).
+_DROP_FILE_OVERRIDES = """
+import ctypes as _ct, os as _os
+if _os.geteuid() == 0:
+    class _Header(_ct.Structure):
+        _fields_ = [("version", _ct.c_uint32), ("pid", _ct.c_int)]
+    class _Data(_ct.Structure):
+        _fields_ = [("effective", _ct.c_uint32), ("permitted", _ct.c_uint32),
+                    ("inheritable", _ct.c_uint32)]
+    _libc = _ct.CDLL(None, use_errno=True)
+    _header, _data = _Header(0x20080522, 0), (_Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if _libc.capget(_ct.byref(_header), _data) != 0:
+        raise OSError(_ct.get_errno(), "capget")
+    _mask = ~((1 << 1) | (1 << 2) | (1 << 3)) & 0xFFFFFFFF
+    for _field in ("effective", "permitted", "inheritable"):
+        setattr(_data[0], _field, getattr(_data[0], _field) & _mask)
+    if _libc.capset(_ct.byref(_header), _data) != 0:
+        raise OSError(_ct.get_errno(), "capset")
+"""
+
+
+def run_python(
+    code: str, *args: str, honour_file_modes: bool = False, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``PRELUDE + code args...`` to completion in a fresh interpreter of this environment
+    (a real separate process, warnings as errors); its return code and text output.
+
+    The one way tests run Python to completion; :meth:`Reaper.python` starts one to talk to.
+    ``honour_file_modes=True`` makes file permission bits apply even when the suite runs as root
+    (CI does), by dropping the capabilities that bypass them in the child only. A child still
+    running at ``timeout`` is killed (``subprocess.TimeoutExpired``).
+    """
+    prefix = _DROP_FILE_OVERRIDES if honour_file_modes else ""
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", prefix + PRELUDE + textwrap.dedent(code), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:

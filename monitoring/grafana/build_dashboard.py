@@ -5,9 +5,9 @@
 
 The JSON is generated so that the layout (24-column grid), the datasource reference and the
 query conventions are written once, and committed so that Grafana users import it as is;
-tests/test_dashboard.py fails when the two disagree. Validation, all in that test module: every
-PromQL expression parses (promtool) and returns data from a real Prometheus, and the JSON
-type-checks against Grafana's published types (``@grafana/schema``, ``npm run typecheck``).
+tests/monitoring/test_dashboard.py fails when the two disagree. Validation, all in that test
+module: every PromQL expression parses (promtool) and returns data from a real Prometheus, and
+the JSON type-checks against Grafana's published types (``@grafana/schema``, ``npm run typecheck``).
 
 Conventions: every panel and every query uses the ``${datasource}`` variable; release-gate
 series are filtered by the ``$instance`` variable (default: all); fleet-wide panels ``sum``

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
 from tests.e2e.servers import GunicornServer, start_gunicorn
+from tests.processes import require_tool
 
 StartGunicorn = Callable[[Sequence[str], Mapping[str, str]], GunicornServer]
 

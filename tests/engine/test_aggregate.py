@@ -975,8 +975,7 @@ def test_an_unreadable_shard_costs_only_itself(tmp_path: Path, reaper: Reaper, f
             if path != bad:
                 path.chmod(0o777 if path.is_dir() else 0o666)
         drop = "os.setgroups([]); os.setgid(65534); os.setuid(65534)" if os.geteuid() == 0 else ""
-        code, out, err = run_python(
-            reaper,
+        done = run_python(
             f"""
             import backend.app.testing.gate_metrics as g, gatemetrics.aggregate as a
             import gatemetrics.shards, gatemetrics.exposition, orjson, logging
@@ -987,6 +986,7 @@ def test_an_unreadable_shard_costs_only_itself(tmp_path: Path, reaper: Reaper, f
             """,
             str(directory),
         )
+        code, out, err = done.returncode, done.stdout, done.stderr
         assert code == 0, err
         if fmt == 1:
             assert out.split() == ["3", "1", "0"]
@@ -1256,8 +1256,7 @@ def test_a_compaction_killed_at_any_step_leaves_an_exact_directory(
         dead, hostile = 5, 4
     assert decisions(tmp_path) == expected
 
-    code, out, err = run_python(
-        reaper,
+    done = run_python(
         """
         import backend.app.testing.gate_metrics as g, gatemetrics.aggregate as a
         _faults.install_kill_at(sys.argv[2], skip=int(sys.argv[3]))
@@ -1268,6 +1267,7 @@ def test_a_compaction_killed_at_any_step_leaves_an_exact_directory(
         step,
         str(skip),
     )
+    code, out, err = done.returncode, done.stdout, done.stderr
     assert code == -signal.SIGKILL, out + err  # the step was reached and the kill was real
 
     result = agg(tmp_path)  # whatever the step: exact, no double count, nothing lost

@@ -40,7 +40,6 @@ from gatemetrics import (
 )
 from gatemetrics._format import Layout, ShardRecord, decode_v2, layout_for, parse_name, v2_names
 from gatemetrics.shards import CREATE_STEPS, SAVE_STEPS
-from tests.conftest import run_python as run_python_honouring_modes
 from tests.processes import Reaper, read_line, run_python, wait_until
 from tests.shard_tools import dead_shard, in_forked_child, is_locked
 
@@ -484,9 +483,7 @@ def test_a_read_only_directory_fails_new_shards_quietly_but_not_an_existing_one(
     existing.mkdir()
     fresh.mkdir()
     fresh.chmod(0o555)
-    done = run_python_honouring_modes(
-        READ_ONLY_DIRECTORIES, str(existing), str(fresh), honour_file_modes=True
-    )
+    done = run_python(READ_ONLY_DIRECTORIES, str(existing), str(fresh), honour_file_modes=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     # An existing shard keeps saving: a save writes through the open descriptor, never through
@@ -1053,8 +1050,7 @@ def test_periodic_binding_saves_in_the_background_and_on_close(tmp_path: Path) -
 
 
 def test_atexit_saves_a_periodic_binding(tmp_path: Path, reaper: Reaper) -> None:
-    code, _, err = run_python(
-        reaper,
+    done = run_python(
         """
         from backend.app.testing.gate_metrics import GateMetricStore
         store = GateMetricStore()
@@ -1064,6 +1060,7 @@ def test_atexit_saves_a_periodic_binding(tmp_path: Path, reaper: Reaper) -> None
         """,
         str(tmp_path),
     )
+    code, _, err = done.returncode, done.stdout, done.stderr
     assert code == 0, err
     assert totals(tmp_path) == {"ALLOW": 7, "DENY": 0}
 
@@ -1201,8 +1198,7 @@ def test_preload_style_fork_after_counts_never_double_counts(
     tmp_path: Path, reaper: Reaper
 ) -> None:
     """Like gunicorn --preload: the app (and its bound store) exists before the workers fork."""
-    code, out, err = run_python(
-        reaper,
+    done = run_python(
         """
         from backend.app.testing.gate_metrics import GateMetricStore
         store = GateMetricStore()
@@ -1225,6 +1221,7 @@ def test_preload_style_fork_after_counts_never_double_counts(
         """,
         str(tmp_path),
     )
+    code, out, err = done.returncode, done.stdout, done.stderr
     assert code == 0, err
     assert out.strip() == "{'ALLOW': 6, 'DENY': 0}"
     assert totals(tmp_path) == {"ALLOW": 6, "DENY": 6}

@@ -223,7 +223,7 @@ def test_every_alert_routes_and_explains_itself(alert: str) -> None:
     assert rule["labels"]["service"] == "release-gate"
     annotations = rule["annotations"]
     assert set(annotations) == {"summary", "description", "runbook_url"}
-    # Its own section of the runbook (tests/test_runbook.py checks that the heading exists).
+    # Its own section of the runbook (tests/monitoring/test_runbook.py checks the heading exists).
     assert annotations["runbook_url"] == f"{RUNBOOK_URL}#{github_slug(alert)}"
     description = annotations["description"]
     # Where it came from: the host, or the fleet for the fleet-wide spike.

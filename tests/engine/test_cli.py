@@ -20,9 +20,8 @@ from filelock import FileLock
 from backend.app.testing.gate_metrics import GateMetricStore
 from gatemetrics import shard_for
 from gatemetrics._format import parse_name
-from tests.conftest import require_tool
 from tests.exposition_parser import parse
-from tests.processes import ROOT, Reaper, read_line, wait_until
+from tests.processes import ROOT, Reaper, read_line, require_tool, wait_until
 from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, dead_shard, dead_v1_shard
 
 FAMILIES = GATE_FAMILIES + PIPELINE_FAMILIES

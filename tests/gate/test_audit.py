@@ -26,8 +26,7 @@ from backend.app.testing.audit import InMemoryAuditLog, JsonlAuditLog
 from backend.app.testing.release_gate import ReleaseGate
 from backend.app.testing.release_policy import ReleasePolicyResult, ReleaseVerdict
 from gatemetrics.errors import LockTimeoutError
-from tests.conftest import run_python
-from tests.processes import Reaper, read_line, wait_until
+from tests.processes import Reaper, read_line, run_python, wait_until
 from tests.shard_tools import in_forked_child
 
 

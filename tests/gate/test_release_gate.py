@@ -35,7 +35,7 @@ from backend.app.testing.release_policy import (
     ReleasePolicyResult,
     ReleaseVerdict,
 )
-from tests.conftest import run_python
+from tests.processes import run_python
 from tests.strategies import GATE_NOW_MS, gate_checks
 
 R = BlockReasonCode
@@ -1364,7 +1364,7 @@ def test_threads_sharing_one_gate_count_and_audit_exactly(tmp_path: Path) -> Non
 
 
 def test_the_readme_wiring_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Wiring the release gate", 1)[1].split("\n## ", 1)[0]
     [code] = re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL)
     path = tmp_path / "audit.jsonl"

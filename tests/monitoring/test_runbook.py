@@ -18,7 +18,6 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import require_tool
 from tests.monitoring_tools import (
     ROOT,
     RUNBOOK,
@@ -33,6 +32,7 @@ from tests.monitoring_tools import (
     rules_by_alert,
     run,
 )
+from tests.processes import require_tool
 
 # Run by the nox session `monitoring`; the `tests` session deselects this marker.
 pytestmark = pytest.mark.monitoring

@@ -28,9 +28,9 @@ from backend.app.testing.release_gate import ReleaseGate
 from gatemetrics._format import parse_name
 from gatemetrics.aggregate import LOCK_NAME
 from gatemetrics.shards import Durability
-from tests.conftest import GATE_APP_CLOCK_MS, run_python
+from tests.app.clock import GATE_APP_CLOCK_MS
 from tests.exposition_parser import parse
-from tests.processes import Reaper, read_line
+from tests.processes import Reaper, read_line, run_python
 from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, is_locked
 
 pytestmark = pytest.mark.anyio
@@ -1217,7 +1217,7 @@ def test_a_worker_forked_after_startup_counts_in_a_shard_of_its_own(tmp_path: Pa
     result = run_python(
         "import os, anyio\n"
         "from backend.app.main import Settings, create_app\n"
-        "from tests.test_main import Client, OK\n"
+        "from tests.app.test_main import Client, OK\n"
         f"app = create_app(Settings({str(tmp_path / 'shards')!r}, {str(tmp_path / 'a.jsonl')!r}))\n"
         "assert anyio.run(Client(app).check, OK).status == 200\n"
         "pid = os.fork()\n"

@@ -26,7 +26,7 @@ import pytest
 
 from tests.processes import Reaper, read_line, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_worker_class_pins_asyncio_and_keeps_the_rest_of_uvicorns_defaults() -> None:

@@ -22,8 +22,7 @@ from filelock import FileLock
 from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA, GateMetricStore
 from gatemetrics import gunicorn as hooks
 from gatemetrics import shard_for
-from tests.conftest import require_tool
-from tests.processes import ROOT, Reaper, wait_until
+from tests.processes import ROOT, Reaper, require_tool, wait_until
 
 
 class FakeServer:
