@@ -10,7 +10,11 @@ aggregator (:mod:`gatemetrics.aggregate`) can never disagree about a byte:
 * **shard format v1** (written by the previous release, read for compatibility only):
   ``shard-<incarnation>.json`` with its lock file ``shard-<incarnation>.lock`` (:func:`decode_v1`);
 * **the archive** ``archive.json`` (:class:`Archive`), still in the layout the previous release
-  reads, so a compactor of either release can run during an upgrade.
+  reads, so a compactor of either release can run during an upgrade;
+* **the directory's schema** ``schema.json`` (:func:`encode_schema_file`,
+  :func:`decode_schema_file`): the schema (and pipeline namespace) the archive's totals are
+  laid out for, in a file of its own because the previous release's archive reader refuses any
+  field it does not know.
 
 Shard format v2, all integers little-endian::
 
@@ -58,28 +62,39 @@ from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 import orjson
 
 from gatemetrics.errors import SchemaError
-from gatemetrics.schema import Schema, check_generation, check_timestamp
+from gatemetrics.schema import Family, Schema, check_generation, check_timestamp
 
 __all__ = [
     "ARCHIVE_NAME",
     "ARCHIVE_TMP",
     "MAX_ARCHIVE_BYTES",
+    "MAX_RECORDED_FAMILIES",
+    "MAX_RECORDED_SERIES",
+    "MAX_SCHEMA_FILE_BYTES",
     "MAX_SHARD_BYTES",
     "REREADS",
+    "SCHEMA_NAME",
+    "SCHEMA_TMP",
     "STABLE_READS",
     "Archive",
     "BadFile",
+    "ForeignSchema",
     "Kind",
     "Layout",
     "ShardRecord",
     "V2Header",
+    "decode_schema_file",
     "decode_v1",
     "decode_v2",
     "decode_v2_header",
+    "decode_v2_schema",
     "decode_v2_slots",
+    "encode_schema_file",
     "layout_for",
     "parse_name",
     "schema_fingerprint",
+    "schema_fits",
+    "schema_from_record",
     "schema_record",
     "v1_names",
     "v2_names",
@@ -103,6 +118,8 @@ OWNED_PREFIXES = ("shard-", "v2-")
 
 ARCHIVE_NAME = "archive.json"
 ARCHIVE_TMP = "archive.json.tmp"
+SCHEMA_NAME = "schema.json"
+SCHEMA_TMP = "schema.json.tmp"
 
 
 def valid_incarnation(value: object) -> bool:
@@ -132,6 +149,18 @@ def v1_names(incarnation: str) -> tuple[str, str, str]:
 
 class BadFile(Exception):
     """A file that cannot be counted; the message says why (one log line)."""
+
+
+class ForeignSchema(BadFile):
+    """A well-formed v2 shard whose recorded schema does not fit the reader's.
+
+    ``fingerprint`` is the file's schema fingerprint, so that a run which finds nothing but
+    such shards can name both schemas when it refuses.
+    """
+
+    def __init__(self, message: str, fingerprint: bytes) -> None:
+        super().__init__(message)
+        self.fingerprint = fingerprint
 
 
 # -- the schema as recorded in a file --------------------------------------------------------------
@@ -166,7 +195,7 @@ def _schema_info(schema: Schema) -> tuple[dict[str, Any], bytes]:
     return record, digest
 
 
-def _cell_map(record: object, schema: Schema) -> tuple[int, ...]:
+def _cell_map(record: object, schema: Schema, fingerprint: bytes = b"") -> tuple[int, ...]:
     """For a file written with another schema: the slot of ``schema`` for each of its cells.
 
     Allowed only when the file's schema is a subset of ``schema`` (same family names, keys and
@@ -186,10 +215,14 @@ def _cell_map(record: object, schema: Schema) -> tuple[int, ...]:
         except SchemaError:
             ours = None
         if ours is None or fam.get("name") != ours.name or fam.get("kind") != ours.kind:
-            raise BadFile(f"written with another schema (family {str(key)[:60]!r} differs)")
+            raise ForeignSchema(
+                f"written with another schema (family {str(key)[:60]!r} differs)", fingerprint
+            )
         label, values = fam.get("label"), fam.get("values")
         if label != ours.label or not isinstance(values, list):
-            raise BadFile(f"written with another schema (labels of {ours.key!r} differ)")
+            raise ForeignSchema(
+                f"written with another schema (labels of {ours.key!r} differ)", fingerprint
+            )
         if label is None:
             if values:
                 raise BadFile("its schema record is malformed")
@@ -197,11 +230,163 @@ def _cell_map(record: object, schema: Schema) -> tuple[int, ...]:
             continue
         for value in values:
             if not isinstance(value, str) or value not in ours.values:
-                raise BadFile(f"written with another schema ({ours.key}.{str(value)[:60]})")
+                raise ForeignSchema(
+                    f"written with another schema ({ours.key}.{str(value)[:60]})", fingerprint
+                )
             cells.append(schema.slot(ours.key, value))
     if len(set(cells)) != len(cells):
         raise BadFile("its schema record repeats a series")
     return tuple(cells)
+
+
+#: Bounds on a schema read from a file (a shard header or ``schema.json``): whoever may write the
+#: directory could otherwise declare a schema that widens the label set or exhausts memory.
+MAX_RECORDED_FAMILIES = 256
+MAX_RECORDED_SERIES = 4096
+_MAX_RECORDED_NAME = 200
+_MAX_RECORDED_VALUE = 128
+_MAX_RECORDED_HELP = 1024
+_RECORD_KEYS = frozenset({"name", "key", "kind", "documentation", "label", "values"})
+#: schema.json holds one schema record: a few hundred KiB at the bounds above.
+MAX_SCHEMA_FILE_BYTES = 1 << 20
+SCHEMA_FORMAT = "gatemetrics-schema"
+SCHEMA_VERSION = 1
+
+
+def _bounded_text(value: object, limit: int, what: str) -> str:
+    """``value`` if it is a string of at most ``limit`` characters without control characters
+    (which no metric name, label value or HELP line needs); else :class:`BadFile`."""
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise BadFile(f"its schema record has a bad {what} (a string of 1-{limit} characters)")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+        raise BadFile(f"its schema record has a control character in a {what}")
+    return value
+
+
+def schema_from_record(record: object) -> Schema:
+    """The :class:`Schema` a file records (the inverse of :func:`schema_record`), validated.
+
+    Every family goes through :class:`~gatemetrics.Family` (Prometheus name rules, unique label
+    values, a counter's ``_total``), and the record is bounded first: at most
+    :data:`MAX_RECORDED_FAMILIES` families and :data:`MAX_RECORDED_SERIES` series, names of at
+    most 200 characters, label values of at most 128 and HELP texts of at most 1024, none
+    with a control character, and no field beyond those :func:`schema_record` writes.
+    :class:`BadFile` for anything else.
+    """
+    fams = record.get("families") if isinstance(record, dict) else None
+    if not isinstance(fams, list) or not fams:
+        raise BadFile("its schema record is malformed (no families)")
+    if len(fams) > MAX_RECORDED_FAMILIES:
+        raise BadFile(f"its schema record has more than {MAX_RECORDED_FAMILIES} families")
+    families: list[Family] = []
+    series = 0
+    for fam in fams:
+        if not isinstance(fam, dict) or set(fam) != _RECORD_KEYS:
+            raise BadFile("its schema record is malformed (a family's fields)")
+        values = fam["values"]
+        if not isinstance(values, list):
+            raise BadFile("its schema record is malformed (label values)")
+        series += max(1, len(values))
+        if series > MAX_RECORDED_SERIES:
+            raise BadFile(f"its schema record has more than {MAX_RECORDED_SERIES} series")
+        label = fam["label"]
+        kind = fam["kind"]
+        if kind not in ("counter", "gauge"):
+            raise BadFile("its schema record has a bad kind")
+        try:
+            families.append(
+                Family(
+                    _bounded_text(fam["name"], _MAX_RECORDED_NAME, "metric name"),
+                    _bounded_text(fam["documentation"], _MAX_RECORDED_HELP, "HELP text"),
+                    key=_bounded_text(fam["key"], _MAX_RECORDED_NAME, "key"),
+                    label=None
+                    if label is None
+                    else _bounded_text(label, _MAX_RECORDED_NAME, "label name"),
+                    values=tuple(
+                        _bounded_text(v, _MAX_RECORDED_VALUE, "label value") for v in values
+                    ),
+                    kind=kind,
+                )
+            )
+        except SchemaError as exc:
+            raise BadFile(f"its schema record is invalid: {exc}"[:300]) from None
+    try:
+        return Schema(families)
+    except SchemaError as exc:
+        raise BadFile(f"its schema record is invalid: {exc}"[:300]) from None
+
+
+def schema_fits(written: Schema, reader: Schema) -> bool:
+    """Whether a shard written with ``written`` counts under ``reader``: same families, keys
+    and kinds, and a subset of the label values (see :func:`decode_v2_header`)."""
+    if written is reader or schema_fingerprint(written) == schema_fingerprint(reader):
+        return True
+    try:
+        _cell_map(schema_record(written), reader)
+    except BadFile:
+        return False
+    return True
+
+
+def encode_schema_file(schema: Schema, namespace: str) -> bytes:
+    """The bytes of ``schema.json``: the schema record, its fingerprint and the namespace."""
+    doc = {
+        "format": SCHEMA_FORMAT,
+        "version": SCHEMA_VERSION,
+        "fingerprint": schema_fingerprint(schema).hex(),
+        "namespace": namespace,
+        "schema": schema_record(schema),
+    }
+    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+
+
+_SCHEMA_FILE_KEYS = frozenset({"format", "version", "fingerprint", "namespace", "schema"})
+_NAMESPACE_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]*\Z")
+
+
+def decode_schema_file(data: bytes) -> tuple[Schema, str]:
+    """``(schema, namespace)`` from the bytes of ``schema.json``; :class:`BadFile` if bad.
+
+    The fingerprint must be the record's own: a file edited by hand (or by a hostile writer)
+    that changed one without the other is refused rather than half believed.
+    """
+    if len(data) > MAX_SCHEMA_FILE_BYTES:
+        raise BadFile(f"too large ({len(data)} bytes, limit {MAX_SCHEMA_FILE_BYTES})")
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadFile(f"not valid JSON or not UTF-8 ({exc})") from None
+    if (
+        not isinstance(doc, dict)
+        or set(doc) != _SCHEMA_FILE_KEYS
+        or doc["format"] != SCHEMA_FORMAT
+        or doc["version"] != SCHEMA_VERSION
+    ):
+        raise BadFile("not a gatemetrics schema file (wrong fields)")
+    namespace = doc["namespace"]
+    if not isinstance(namespace, str) or len(namespace) > 100 or not _NAMESPACE_RE.match(namespace):
+        raise BadFile("its namespace is not a valid metric name prefix")
+    schema = schema_from_record(doc["schema"])
+    if doc["fingerprint"] != schema_fingerprint(schema).hex():
+        raise BadFile("its fingerprint does not match its schema record")
+    return schema, namespace
+
+
+def decode_v2_schema(data: bytes) -> tuple[bytes, Schema]:
+    """``(fingerprint, schema)`` recorded in the header of a whole v2 shard file's bytes.
+
+    The header's checksum is verified, then the record is validated and bounded as
+    :func:`schema_from_record` says, and must hash to the header's fingerprint (a reader whose
+    schema has that fingerprint maps the cells one to one, so a record that disagrees with it
+    would describe other cells than the slots hold). :class:`BadFile` otherwise.
+    """
+    _, _, _, _, ident_len, schema_len, fp = _decode_prefix(data)
+    start = _PREFIX.size + ident_len
+    record = _json_object(memoryview(data)[start : start + schema_len], "schema record")
+    schema = schema_from_record(record)
+    if schema_fingerprint(schema) != fp:
+        raise BadFile("its schema record does not match its fingerprint")
+    return fp, schema
 
 
 # -- shard format v2 -----------------------------------------------------------------------------
@@ -396,7 +581,7 @@ def decode_v2_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
     else:
         start = _PREFIX.size + ident_len
         record = _json_object(view[start : start + schema_len], "schema record")
-        cells = _cell_map(record, layout.schema)
+        cells = _cell_map(record, layout.schema, fp)
         expected_ints = len(cells)
     if ident.get("cells") != {"int": expected_ints, "float": 0}:
         raise BadFile("its slot layout does not match its schema")

@@ -10,6 +10,8 @@ Directory layout (file formats in :mod:`gatemetrics._format`; the shard side in
     DIR/shard-<incarnation>.lock   its owner's lifetime lock and
     DIR/shard-<incarnation>.tmp    its owner's temp file while saving
     DIR/archive.json               totals of absorbed (dead) incarnations; written atomically
+    DIR/schema.json                the schema and namespace the archive is laid out for (see
+                                   :func:`recorded_schema`); written atomically by compaction
     DIR/aggregate.lock             the previous release's directory lock (still taken for it)
     DIR/quarantine/                broken or hostile files moved aside (bounded)
 
@@ -95,18 +97,27 @@ from gatemetrics._format import (
     ARCHIVE_NAME,
     ARCHIVE_TMP,
     MAX_ARCHIVE_BYTES,
+    MAX_SCHEMA_FILE_BYTES,
     MAX_SHARD_BYTES,
     OWNED_PREFIXES,
+    SCHEMA_NAME,
+    SCHEMA_TMP,
     Archive,
     BadFile,
+    ForeignSchema,
     Layout,
     ShardRecord,
     V2Header,
+    decode_schema_file,
     decode_v1,
     decode_v2_header,
+    decode_v2_schema,
     decode_v2_slots,
+    encode_schema_file,
     layout_for,
     parse_name,
+    schema_fingerprint,
+    schema_fits,
     v1_names,
     v2_names,
 )
@@ -122,12 +133,16 @@ __all__ = [
     "LOCK_NAME",
     "MAX_SHARD_BYTES",
     "QUARANTINE_DIR",
+    "SCHEMA_NAME",
     "Aggregate",
     "ArchiveReport",
     "CompactionReport",
+    "RecordedSchema",
     "ShardReport",
     "aggregate_dir",
+    "default_namespace",
     "pipeline_schema",
+    "recorded_schema",
 ]
 
 LOCK_NAME = "aggregate.lock"
@@ -142,6 +157,8 @@ PIPELINE_SHARDS_KEY = "pipeline_shards"
 COMPACT_STEPS = (
     "compact.locked",  # directory lock held, nothing read yet
     "compact.scanned",  # archive and shards read, nothing written
+    "schema.tmp_written",  # schema.json's temp file written (only when it changes)
+    "schema.replaced",  # schema.json in place, the archive not yet written
     "archive.tmp_written",  # new archive's temp file written
     "archive.replaced",  # new archive in place (absorbed ids recorded), nothing deleted
     "compact.quarantined",  # one file moved to quarantine
@@ -195,6 +212,121 @@ def pipeline_schema(schema: Schema, namespace: str) -> Schema:
         _PIPELINE_CACHE[(schema, namespace)] = cached
     result: Schema = cached
     return result
+
+
+#: The namespace of the pipeline families when neither the caller nor the directory names one
+#: and the schema's family names share no prefix.
+FALLBACK_NAMESPACE = "gatemetrics"
+#: Distinct schemas :func:`recorded_schema` weighs against each other; more is hostile.
+_MAX_CANDIDATES = 16
+
+
+def default_namespace(schema: Schema) -> str:
+    """The pipeline namespace to use when none is given or recorded: the longest prefix, up to
+    an underscore, that every family name of ``schema`` shares (``shop`` for ``shop_orders_total``
+    and ``shop_errors_total``), else :data:`FALLBACK_NAMESPACE`."""
+    # Whole words only: "shop" is not the prefix of "shop_orders_total" and "shopping_total".
+    words = [f.name.split("_")[:-1] for f in schema.families]
+    shared: list[str] = []
+    for column in zip(*words, strict=False):
+        if len(set(column)) != 1:
+            break
+        shared.append(column[0])
+    prefix = "_".join(shared)
+    return prefix if _NAMESPACE.match(prefix) else FALLBACK_NAMESPACE
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedSchema:
+    """What a directory says about the schema its files are written with.
+
+    ``schema`` is ``None`` when nothing in the directory records one (no ``schema.json`` and no
+    readable v2 shard). ``source`` says where it came from (``"schema.json"``, ``"shards"`` or
+    ``"nothing"``); ``namespace`` is the recorded pipeline namespace (only ``schema.json``
+    records one); ``problems`` lists what was ignored on the way (one line each).
+    """
+
+    schema: Schema | None
+    namespace: str | None
+    source: Literal["schema.json", "shards", "nothing"]
+    problems: tuple[str, ...] = ()
+
+
+def recorded_schema(directory: str | os.PathLike[str]) -> RecordedSchema:
+    """The schema ``directory`` records, by this rule:
+
+    1. ``schema.json``, written by every compaction, wins when it is valid: it describes the
+       archive's totals. Shards that do not fit it are quarantined as usual (or, when none
+       fits, the aggregation refuses: see :func:`aggregate_dir`).
+    2. Else the schemas recorded in the v2 shards' headers: the one that the most shards fit
+       (a shard fits a schema that has all its families and label values, so during a rolling
+       upgrade that adds a label value, the new schema wins and the old shards still count);
+       ties go to the schema with more series, then to the lower fingerprint.
+    3. Else nothing (``schema`` is ``None``): v1 shards of the previous release record none.
+
+    Every record is validated and bounded before use (:func:`gatemetrics._format.
+    schema_from_record`); a record that fails is ignored and named in ``problems``. Reads only:
+    files are opened relative to the directory without following links, and at most
+    :data:`MAX_SHARD_BYTES` of each. Raises ``OSError`` for a directory that cannot be listed.
+    """
+    path = os.path.abspath(os.fspath(directory))
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    problems: list[str] = []
+    try:
+        names = sorted(os.listdir(dir_fd))
+        if SCHEMA_NAME in names:
+            try:
+                schema, namespace = decode_schema_file(
+                    _read_file(dir_fd, SCHEMA_NAME, MAX_SCHEMA_FILE_BYTES)
+                )
+            except (BadFile, OSError) as exc:
+                problems.append(f"ignored {SCHEMA_NAME}: {exc}")
+            else:
+                return RecordedSchema(schema, namespace, "schema.json")
+        candidates: dict[bytes, Schema] = {}
+        found: list[bytes] = []
+        for name in names:
+            parsed = parse_name(name)
+            if parsed is None or parsed[1] != "v2":
+                continue
+            try:
+                fp, schema = decode_v2_schema(_read_file(dir_fd, name, MAX_SHARD_BYTES))
+            except (BadFile, OSError):
+                continue  # a broken shard records nothing; the aggregation reports it
+            if fp not in candidates and len(candidates) >= _MAX_CANDIDATES:
+                problems.append(f"more than {_MAX_CANDIDATES} schemas recorded; ignored {name}")
+                continue
+            candidates.setdefault(fp, schema)
+            found.append(fp)
+    finally:
+        os.close(dir_fd)
+    if not candidates:
+        return RecordedSchema(None, None, "nothing", tuple(problems))
+
+    def rank(fp: bytes) -> tuple[int, int, str]:
+        schema = candidates[fp]
+        fitting = sum(schema_fits(candidates[f], schema) for f in found)
+        return (-fitting, -schema.size, fp.hex())
+
+    best = min(candidates, key=rank)
+    return RecordedSchema(candidates[best], None, "shards", tuple(problems))
+
+
+def _read_file(dir_fd: int, name: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``name`` (never through a link)."""
+    fd = os.open(name, _OPEN_RO, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadFile("not a regular file")
+        if st.st_size > limit:
+            raise BadFile(f"too large ({st.st_size} bytes, limit {limit})")
+        data = os.pread(fd, limit + 1, 0)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise BadFile(f"too large (more than {limit} bytes)")
+    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,9 +474,10 @@ def _lock_file(run: _Run, deadline: float, lock_timeout: float) -> Iterator[None
         raise LockTimeoutError(shown, lock_timeout) from None  # the caller's whole wait
     except HostileLockFile as exc:
         run.problems[LOCK_NAME] = exc.strerror or "not a lock file"
-    except PermissionError as exc:
-        # A reader that may not create the lock file: the directory flock still excludes
-        # every aggregator of this release.
+    except (PermissionError, FileNotFoundError) as exc:
+        # A reader that may not create the lock file (a directory it can read but not write,
+        # where no lock file exists yet: ENOENT once creating it was refused): the directory
+        # flock still excludes every aggregator of this release.
         _log.warning("cannot open %s (%s); going on without it", LOCK_NAME, exc.strerror)
     yield
 
@@ -417,6 +550,8 @@ class _Run:
         self.problems: dict[str, str] = {}  # file name -> why it is to be quarantined
         self.live = self.dead = 0
         self.saturated = False  # some archive total had to be held at MAX_COUNT
+        # Fingerprints of the v2 shards written with a schema that does not fit ours.
+        self.foreign: list[bytes] = []
 
     def _p(self, name: str) -> str:
         """The path of ``name``, for messages only: every operation goes through ``dir_fd``."""
@@ -457,6 +592,7 @@ class _Run:
                 self.states.setdefault(inc, self._probe_v1(inc))
             if entry.v1:
                 self._count_v1(inc)
+        self._refuse_if_nothing_fits()
         self._settle()
         self._report_nameless()
 
@@ -498,6 +634,23 @@ class _Run:
             files_read=self.files_read,
             quarantine_entries=self._quarantine_entries(),
             compaction=compaction,
+        )
+
+    def _refuse_if_nothing_fits(self) -> None:
+        """Refuse (:class:`SchemaError`, before anything is moved) when shards were written with
+        another schema and none fits ours: the caller most likely gave the wrong schema, and
+        quarantining every shard would throw their counts away."""
+        if not self.foreign or self.counted:
+            return
+        theirs = sorted({fp.hex()[:12] for fp in self.foreign})
+        ours = schema_fingerprint(self.schema).hex()[:12]
+        first = self.schema.families[0].name
+        raise SchemaError(
+            "",
+            f"none of its {len(self.foreign)} v2 shard(s) fits the schema given (fingerprint "
+            f"{ours}, first family {first}): they record schema(s) {', '.join(theirs[:3])}"
+            f"{' ...' if len(theirs) > 3 else ''}; nothing was moved (give their schema, or "
+            "none to use the one the directory records)",
         )
 
     def _report_nameless(self) -> None:
@@ -569,6 +722,8 @@ class _Run:
             self.reports.append(ShardReport(name, inc, "absorbed", "absorbed", format=2))
             return
         if isinstance(record, BadFile):
+            if isinstance(record, ForeignSchema):
+                self.foreign.append(record.fingerprint)
             self._bad(name, inc, state, str(record), 2)
             return
         self._add(name, inc, state, record)
@@ -944,6 +1099,10 @@ class _Run:
         )
         changed = bool(self.absorb or pending or broken_archive or disproved)
         changed = changed or new.quarantining != old.quarantining
+        if changed or old.exists:
+            # Before the archive: the schema its totals are laid out for is on disk whenever
+            # they are (a crash between the two leaves a schema.json that the next run reads).
+            self._record_schema()
         if changed:
             self._write_archive(new)  # step 1: totals and ids first, deletions after
 
@@ -1027,6 +1186,28 @@ class _Run:
             removed_temp_files=removed_tmp,
             removed_lock_files=removed_locks,
         )
+
+    def _record_schema(self) -> None:
+        """Write ``schema.json`` (the schema and namespace of this run) unless it already says
+        so. Advisory: a failure costs one log line, never the compaction."""
+        data = encode_schema_file(self.schema, self.namespace)
+        try:
+            if _read_file(self.dir_fd, SCHEMA_NAME, MAX_SCHEMA_FILE_BYTES) == data:
+                return
+        except (BadFile, OSError):
+            pass  # missing, or something planted under its name: replaced below
+        try:
+            write_file_atomically(
+                SCHEMA_TMP,
+                SCHEMA_NAME,
+                data,
+                sync=True,
+                mode=0o644,
+                step_prefix="schema",
+                dir_fd=self.dir_fd,
+            )
+        except OSError as exc:
+            _log.warning("cannot write %s: %s", self._p(SCHEMA_NAME), exc.strerror or exc)
 
     def _write_archive(self, archive: Archive) -> None:
         try:

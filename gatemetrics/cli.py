@@ -1,47 +1,95 @@
-"""The ``gatemetrics`` command line: ``aggregate``, ``status`` and ``demo``.
+"""The ``gatemetrics`` command line: ``aggregate`` and ``status``, and the subcommands that
+installed distributions register (entry point group ``gatemetrics.commands``; the release-gate
+service registers ``demo``).
 
-Exit status: 0 on success; 1 when the work failed (a missing or unreadable directory, an
-unwritable target, an archive written with another schema) or was refused (a shard directory
-or archive that any user may write, a textfile target that is a symlink: ``status`` still
-prints its table, with the problem on top); 75 (``EX_TEMPFAIL``) when the directory lock was
-not free in time, so a wrapper can retry; 2 for usage errors (argparse's
-convention). Every failure prints exactly one line on stderr, ``gatemetrics: error: ...``.
-Warnings about broken shard files (quarantined or skipped) go to stderr too, one line each, and
-do not fail the run.
+Exit status (also listed by ``--help``): 0 on success; 1 when the work failed (a missing or
+unreadable directory, an unwritable target, no schema known for the directory, shards or an
+archive written with another schema) or was refused (a shard directory or archive that any user
+may write, a textfile target that is a symlink: ``status`` still prints its table, with the
+problem on top); 75 (``EX_TEMPFAIL``) when the directory lock was not free in time, so a wrapper
+can retry (the textfile is left alone then: the run holding the lock writes it); 2 for usage
+errors (argparse's convention). Every failure prints exactly one line on stderr,
+``gatemetrics: error: ...``. Warnings about broken shard files (quarantined or skipped) go to
+stderr too, one line each, and do not fail the run.
+
+Which schema: ``--schema MODULE:NAME`` pins one; without it the directory says
+(:func:`gatemetrics.aggregate.recorded_schema`: its ``schema.json``, else its v2 shards'
+headers). Which namespace: ``--namespace``, else the one ``schema.json`` records for that
+schema, else the prefix all the schema's family names share
+(:func:`gatemetrics.aggregate.default_namespace`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
+import re
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from gatemetrics.aggregate import ARCHIVE_NAME, Aggregate, aggregate_dir
+import orjson
+
+from gatemetrics._format import schema_fingerprint
+from gatemetrics.aggregate import (
+    ARCHIVE_NAME,
+    Aggregate,
+    aggregate_dir,
+    default_namespace,
+    recorded_schema,
+)
 from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.schema import Schema
 from gatemetrics.shards import write_file_atomically
 
-__all__ = ["main"]
+__all__ = ["COMMANDS_GROUP", "STATUS_JSON_VERSION", "format_status", "main", "status_document"]
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_LOCK_TIMEOUT = 75  # sysexits.h EX_TEMPFAIL: try again later
 ORPHAN_TEMP_AGE_S = 60.0
+#: Entry point group of the subcommands other distributions add (``name = "module:register"``;
+#: ``register(subparsers)`` adds a parser whose ``handler`` default runs it).
+COMMANDS_GROUP = "gatemetrics.commands"
+#: Where a subcommand the engine knows of comes from, for the usage error when it is missing.
+_KNOWN_COMMANDS = {
+    "demo": "the release-gate service (from a clone: python3 -m pip install ./service)",
+}
+#: Version of the ``status --json`` document; bumped only when a field changes meaning or goes.
+STATUS_JSON_VERSION = 1
+_NAMESPACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]*\Z")
 
-DEFAULT_SCHEMA = "backend.app.testing.gate_metrics:GATE_SCHEMA"
-DEFAULT_NAMESPACE = "release_gate"
+_EPILOG = """exit status:
+  0   success
+  1   the work failed or was refused (missing or unreadable directory, no schema known,
+      shards or archive written with another schema, world-writable directory, symlinked
+      textfile); one line on stderr: gatemetrics: error: ...
+  2   usage error (unknown option or command, bad value)
+  75  the directory lock was not free in time (EX_TEMPFAIL: retry later)
+"""
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gatemetrics")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown (not installed)"
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser, and the registered subcommands that could not be loaded (name: why)."""
     parser = argparse.ArgumentParser(
         prog="gatemetrics",
-        description="Release-gate telemetry: multiprocess counters, aggregation, demo.",
+        description="Exact multiprocess counters: aggregate a shard directory, show its state.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"gatemetrics {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agg = sub.add_parser(
@@ -50,6 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Merge every shard of a directory with its archive and print the "
         "exposition, or write it atomically (mode 0644) to a textfile for node_exporter. "
         "Compacts the directory unless --no-compact is given.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_dir_options(agg)
     agg.add_argument(
@@ -77,21 +127,38 @@ def _build_parser() -> argparse.ArgumentParser:
         description="A readable table of a shard directory: live and dead shards, the age of "
         "each shard's last save, its format (v2, or v1 of the previous release), the archive, "
         "quarantined files and totals. Changes nothing.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_dir_options(status)
-
-    demo = sub.add_parser(
-        "demo",
-        help="run a self-contained multiprocess demonstration and check the counts",
-        description="Worker processes make realistic release-gate decisions into a "
-        "temporary shard directory; one is SIGKILLed and one recycled mid-run. The "
-        "aggregator then compacts the directory and prints the exposition and a summary of "
-        "expected against counted totals. Exit 0 only when they are equal.",
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print what the table shows as one JSON document (see the README)",
     )
-    demo.add_argument("--decisions", type=_positive_int, default=2000, help="decisions to make")
-    demo.add_argument("--workers", type=_worker_count, default=4, help="worker processes (2-16)")
-    demo.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
-    return parser
+    return parser, _register_commands(sub)
+
+
+def _register_commands(sub: Any) -> dict[str, str]:
+    """Let every installed ``gatemetrics.commands`` entry point add its subcommand.
+
+    A registration that fails (its distribution is broken) costs only its own command: the
+    others, and aggregate and status, still work, and running it says why.
+    """
+    broken: dict[str, str] = {}
+    for entry in sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=_ep_name):
+        if entry.name in sub.choices:
+            continue  # the first distribution to claim a name keeps it
+        try:
+            register: Callable[[Any], object] = entry.load()
+            register(sub)
+        except Exception as exc:  # noqa: BLE001 - any failure of a plugin is its own
+            broken[entry.name] = f"{entry.value} failed to load: {type(exc).__name__}: {exc}"
+    return broken
+
+
+def _ep_name(entry: importlib.metadata.EntryPoint) -> str:
+    return entry.name
 
 
 def _add_dir_options(parser: argparse.ArgumentParser) -> None:
@@ -110,14 +177,17 @@ def _add_dir_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--schema",
-        default=DEFAULT_SCHEMA,
+        default=None,
         metavar="MODULE:NAME",
-        help=f"the Schema the shards were written with (default: {DEFAULT_SCHEMA})",
+        help="the Schema the shards were written with (default: the one the directory "
+        "records in schema.json, else in its shards)",
     )
     parser.add_argument(
         "--namespace",
-        default=DEFAULT_NAMESPACE,
-        help=f"prefix of the pipeline families (default: {DEFAULT_NAMESPACE})",
+        default=None,
+        type=_namespace,
+        help="prefix of the pipeline families (default: the one schema.json records, else "
+        "the prefix the schema's family names share, else gatemetrics)",
     )
     parser.add_argument(
         "--allow-world-writable",
@@ -127,21 +197,11 @@ def _add_dir_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
-
-
-def _worker_count(text: str) -> int:
-    value = _positive_int(text)
-    if not 2 <= value <= 16:
-        raise argparse.ArgumentTypeError(f"must be between 2 and 16: {value}")
-    return value
+def _namespace(text: str) -> str:
+    if not _NAMESPACE.match(text):
+        # No leading underscore or colon: "__" is Prometheus's, colons are for recording rules.
+        raise argparse.ArgumentTypeError(f"must match [a-zA-Z][a-zA-Z0-9_]*, not {text!r}")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -175,12 +235,14 @@ class _Failure(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    parser, broken = _build_parser()
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    _check_command_present(parser, args_list, broken)
+    args = parser.parse_args(args_list)
     if args.command in ("aggregate", "status"):
         if not args.dir:
             parser.error("--dir is required when GATEMETRICS_DIR is not set")
-        args.schema_obj = _load_schema(parser, args.schema)
+        args.schema_obj = None if args.schema is None else _load_schema(parser, args.schema)
     _configure_logging()
     try:
         return _run(args)
@@ -196,6 +258,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a killed pipe writer
 
 
+def _check_command_present(
+    parser: argparse.ArgumentParser, argv: list[str], broken: dict[str, str]
+) -> None:
+    """A usage error naming what to install for a subcommand that is not registered (argparse
+    would only say "invalid choice")."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in broken:
+        parser.error(f"command {command!r} is installed but broken: {broken[command]}")
+    if command in _KNOWN_COMMANDS and command not in _subcommands(parser):
+        parser.error(
+            f"command {command!r} is not installed; it comes with {_KNOWN_COMMANDS[command]}"
+        )
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:  # argparse offers no public way to list subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
 def _configure_logging() -> None:
     logger = logging.getLogger("gatemetrics")
     if any(getattr(h, "_gatemetrics_cli", False) for h in logger.handlers):
@@ -209,23 +292,25 @@ def _configure_logging() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "demo":
-        # The demo is the release gate's; the engine only dispatches to it.
-        from backend.app.demo import run_demo  # noqa: PLC0415 - engine stays gate-agnostic
-
-        return run_demo(
-            decisions=args.decisions, workers=args.workers, seed=args.seed, out=sys.stdout
-        )
     if args.command == "status":
         exposed = _world_writable(os.path.abspath(args.dir))
         result = _aggregate(args, compact=False, exposed=[])
-        sys.stdout.write(format_status(result, now=time.time(), problems=exposed))
+        writable = os.access(result.directory, os.W_OK)
+        if args.json:
+            doc = status_document(result, now=time.time(), problems=exposed, writable=writable)
+            sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+        else:
+            text = format_status(result, now=time.time(), problems=exposed, writable=writable)
+            sys.stdout.write(text)
         if exposed and not args.allow_world_writable:
             raise _Failure(f"{exposed[0]}{_WORLD_WRITABLE_HINT}")
         return 0
     if args.command == "aggregate":
         return _run_aggregate(args)
-    raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:  # pragma: no cover - every registered parser sets one
+        raise _Failure(f"command {args.command!r} registered no handler")
+    return handler(args)
 
 
 _WORLD_WRITABLE_HINT = (
@@ -259,6 +344,38 @@ def _world_writable(directory: str) -> list[str]:
     return found
 
 
+def _directory_failure(directory: str, exc: OSError) -> _Failure:
+    if isinstance(exc, FileNotFoundError):
+        return _Failure(f"shard directory {directory} does not exist")
+    if isinstance(exc, NotADirectoryError):
+        return _Failure(f"{directory} is not a directory")
+    return _Failure(f"cannot use shard directory {directory}: {exc.strerror or exc}")
+
+
+def _schema_and_namespace(args: argparse.Namespace, directory: str) -> tuple[Schema, str]:
+    """``--schema``, else the schema the directory records; ``--namespace``, else the recorded
+    one (when it was recorded for that schema), else the schema's default."""
+    pinned: Schema | None = args.schema_obj
+    if pinned is not None and args.namespace is not None:
+        return pinned, args.namespace  # nothing to read
+    try:
+        found = recorded_schema(directory)
+    except OSError as exc:
+        raise _directory_failure(directory, exc) from None
+    for problem in found.problems:
+        logging.getLogger("gatemetrics.cli").warning("%s", problem)
+    schema = pinned if pinned is not None else found.schema
+    if schema is None:
+        raise _Failure(
+            f"no schema known for {directory}: no schema.json "
+            "and no v2 shard records one; pass --schema MODULE:NAME"
+        )
+    namespace = args.namespace
+    if namespace is None and found.namespace is not None and found.schema == schema:
+        namespace = found.namespace
+    return schema, namespace or default_namespace(schema)
+
+
 def _aggregate(
     args: argparse.Namespace, *, compact: bool, exposed: list[str] | None = None
 ) -> Aggregate:
@@ -267,18 +384,15 @@ def _aggregate(
         exposed = _world_writable(directory)
     if exposed and not args.allow_world_writable:
         raise _Failure(f"{exposed[0]}{_WORLD_WRITABLE_HINT}")
+    schema, namespace = _schema_and_namespace(args, directory)
     try:
         return aggregate_dir(
             directory,
-            args.schema_obj,
-            namespace=args.namespace,
+            schema,
+            namespace=namespace,
             compact=compact,
             lock_timeout=args.lock_timeout,
         )
-    except FileNotFoundError:
-        raise _Failure(f"shard directory {directory} does not exist") from None
-    except NotADirectoryError:
-        raise _Failure(f"{directory} is not a directory") from None
     except LockTimeoutError as exc:
         raise _Failure(
             f"directory lock {exc.path} not free within {exc.timeout:g} s "
@@ -290,7 +404,7 @@ def _aggregate(
     except SchemaError as exc:
         raise _Failure(f"{directory}: {exc}") from None
     except OSError as exc:
-        raise _Failure(f"cannot use shard directory {directory}: {exc.strerror or exc}") from None
+        raise _directory_failure(directory, exc) from None
 
 
 def _run_aggregate(args: argparse.Namespace) -> int:
@@ -305,6 +419,9 @@ def _run_aggregate(args: argparse.Namespace) -> int:
         else:
             _write_textfile(target, text)
     except _Failure as failure:
+        # Another aggregation holds the lock: it writes the textfile, which is not stale.
+        if failure.status == EXIT_LOCK_TIMEOUT:
+            raise
         if target is not None and _remove_stale(target, started):
             failure.args = (f"{failure}; removed the previous {target} (now stale)",)
         raise
@@ -412,13 +529,10 @@ def _age(seconds: float | None) -> str:
     return f"{hours // 24}d ago"
 
 
-def format_status(result: Aggregate, *, now: float, problems: Sequence[str] = ()) -> str:
-    """The ``status`` table of an aggregation (read-only), with ``problems`` of the directory
-    itself (such as being world-writable) at the top."""
-    lines: list[str] = []
-    out = lines.append
-    for problem in problems:
-        out(f"{'PROBLEM':<11} {problem}")
+_READ_ONLY = "read-only for this user: status reads it; compaction needs write access"
+
+
+def _archive_text(result: Aggregate, now: float) -> str:
     arch = result.archive
     if arch.problem is not None:
         archive = f"BROKEN ({arch.problem}); compaction will quarantine it"
@@ -431,8 +545,52 @@ def format_status(result: Aggregate, *, now: float, problems: Sequence[str] = ()
         )
     else:
         archive = "none yet (nothing compacted)"
+    return archive
+
+
+def _schema_text(schema: Schema) -> str:
+    return (
+        f"{schema_fingerprint(schema).hex()[:12]} ({len(schema.families)} families, "
+        f"{schema.size} series)"
+    )
+
+
+def _shard_state(s: Any) -> str:
+    state: str = s.state or ""
+    if s.action in ("quarantined", "skipped"):
+        flag = "BROKEN" if s.action == "skipped" else "QUARANTINE"
+        state = f"{state}/{flag}" if state else flag
+    return state
+
+
+def _series_totals(result: Aggregate) -> list[tuple[str, int]]:
+    snap = result.pipeline_snapshot()
+    totals: list[tuple[str, int]] = []
+    i = 0
+    for fam in snap.schema.families:
+        for value in fam.values if fam.label is not None else (None,):
+            series = fam.name if value is None else f'{fam.name}{{{fam.label}="{value}"}}'
+            totals.append((series, snap.counts[i]))
+            i += 1
+    return totals
+
+
+def format_status(
+    result: Aggregate, *, now: float, problems: Sequence[str] = (), writable: bool = True
+) -> str:
+    """The ``status`` table of an aggregation (read-only), with ``problems`` of the directory
+    itself (such as being world-writable) at the top, and a line saying so when this user
+    cannot write the directory (``writable`` false)."""
+    lines: list[str] = []
+    out = lines.append
+    for problem in problems:
+        out(f"{'PROBLEM':<11} {problem}")
+    archive = _archive_text(result, now)
     pending = sum(1 for s in result.shards if s.action == "quarantined")
     out(f"{'directory':<11} {result.directory}")
+    if not writable:
+        out(f"{'access':<11} {_READ_ONLY}")
+    out(f"{'schema':<11} {_schema_text(result.schema)}, namespace {result.namespace}")
     out(f"{'archive':<11} {archive}")
     out(f"{'shards':<11} {result.live} live, {result.dead} dead")
     out(
@@ -444,13 +602,9 @@ def format_status(result: Aggregate, *, now: float, problems: Sequence[str] = ()
     rows: list[tuple[str, ...]] = []
     for s in result.shards:
         total = "-" if s.counts is None else str(sum(s.counts))
-        state: str = s.state or ""
-        if s.action in ("quarantined", "skipped"):
-            flag = "BROKEN" if s.action == "skipped" else "QUARANTINE"
-            state = f"{state}/{flag}" if state else flag
         rows.append(
             (
-                state,
+                _shard_state(s),
                 "-" if s.pid is None else str(s.pid),
                 (s.host or "-")[:20],
                 "-" if s.generation is None else str(s.generation),
@@ -469,11 +623,62 @@ def format_status(result: Aggregate, *, now: float, problems: Sequence[str] = ()
         out("(no shard files)")
     out("")
     out("totals")
-    snap = result.pipeline_snapshot()
-    i = 0
-    for fam in snap.schema.families:
-        for value in fam.values if fam.label is not None else (None,):
-            series = fam.name if value is None else f'{fam.name}{{{fam.label}="{value}"}}'
-            out(f"  {series:<60} {snap.counts[i]}")
-            i += 1
+    for series, count in _series_totals(result):
+        out(f"  {series:<60} {count}")
     return "\n".join(lines) + "\n"
+
+
+def status_document(
+    result: Aggregate, *, now: float, problems: Sequence[str] = (), writable: bool = True
+) -> dict[str, Any]:
+    """What the ``status`` table shows, as ``status --json`` prints it (keys sorted).
+
+    Stable: fields are only ever added; one that changes meaning or goes bumps ``version``
+    (:data:`STATUS_JSON_VERSION`). Times are Unix seconds (``null`` when unknown), ages are
+    seconds before ``now``. The layout is documented in the README ("gatemetrics status").
+    """
+    arch = result.archive
+    pending = sum(1 for s in result.shards if s.action == "quarantined")
+    return {
+        "version": STATUS_JSON_VERSION,
+        "directory": result.directory,
+        "writable": writable,
+        "problems": list(problems),
+        "schema": {
+            "fingerprint": schema_fingerprint(result.schema).hex(),
+            "families": len(result.schema.families),
+            "series": result.schema.size,
+            "namespace": result.namespace,
+        },
+        "archive": {
+            "exists": arch.exists,
+            "absorbed_total": arch.absorbed_total,
+            "quarantined_total": arch.quarantined_total,
+            "updated_at": arch.updated_at,
+            "problem": arch.problem,
+            "saturated": arch.saturated,
+        },
+        "shards": {"live": result.live, "dead": result.dead},
+        "quarantine": {
+            "quarantined_total": result.quarantined_total,
+            "waiting": pending,
+            "kept": result.quarantine_entries,
+        },
+        "files": [
+            {
+                "name": s.name,
+                "state": s.state,
+                "action": s.action,
+                "pid": s.pid,
+                "host": s.host,
+                "generation": s.generation,
+                "saved_at": s.saved_at,
+                "age": None if s.saved_at is None else max(0.0, now - s.saved_at),
+                "count": None if s.counts is None else sum(s.counts),
+                "format": s.format,
+                "problem": s.problem,
+            }
+            for s in result.shards
+        ],
+        "totals": dict(_series_totals(result)),
+    }

@@ -16,10 +16,12 @@ when every series is exact and the audit log agrees.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import random
 import signal
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -42,7 +44,7 @@ from backend.app.testing.release_policy import (
 from gatemetrics._format import parse_name
 from gatemetrics.aggregate import Aggregate, aggregate_dir
 
-__all__ = ["run_demo"]
+__all__ = ["register", "run_demo"]
 
 OverrideKind = Literal["none", "valid", "expired"]
 
@@ -311,6 +313,47 @@ def run_demo(*, decisions: int = 2000, workers: int = 4, seed: int = 7, out: Tex
         out.write("\n")
         out.write(final.render_prometheus())
         return _summary(demo, final, files, audited, out)
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``gatemetrics demo``: the entry point ``demo`` of group ``gatemetrics.commands``
+    (service/pyproject.toml), which the engine's command line loads when it builds its parser.
+
+    The parser's ``handler`` default is what the command line runs: ``handler(args) -> int``.
+    """
+    demo = commands.add_parser(
+        "demo",
+        help="run a self-contained multiprocess demonstration and check the counts",
+        description="Worker processes make realistic release-gate decisions into a "
+        "temporary shard directory; one is SIGKILLed and one recycled mid-run. The "
+        "aggregator then compacts the directory and prints the exposition and a summary of "
+        "expected against counted totals. Exit 0 only when they are equal.",
+    )
+    demo.add_argument("--decisions", type=_positive_int, default=2000, help="decisions to make")
+    demo.add_argument("--workers", type=_worker_count, default=4, help="worker processes (2-16)")
+    demo.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
+    demo.set_defaults(handler=_run_from_args)
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    return run_demo(decisions=args.decisions, workers=args.workers, seed=args.seed, out=sys.stdout)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def _worker_count(text: str) -> int:
+    value = _positive_int(text)
+    if not 2 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"must be between 2 and 16: {value}")
+    return value
 
 
 def _shard_files(names: list[str]) -> int:
