@@ -81,6 +81,15 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for: reading the distribution's metadata
+    imports modules (email) that a process which has dropped privileges may not reach."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        sys.stdout.write(f"gatemetrics {_version()}\n")
+        parser.exit()
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     """The parser, and the registered subcommands that could not be loaded (name: why)."""
     parser = argparse.ArgumentParser(
@@ -89,7 +98,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"gatemetrics {_version()}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agg = sub.add_parser(

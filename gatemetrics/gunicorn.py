@@ -2,10 +2,10 @@
 
 In ``gunicorn.conf.py``::
 
-    from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA
     from gatemetrics import gunicorn as gatemetrics_hooks
+    from myapp.metrics import SCHEMA  # your application's gatemetrics.Schema
 
-    gatemetrics_hooks.configure(schema=GATE_SCHEMA, namespace=GATE_NAMESPACE)
+    gatemetrics_hooks.configure(schema=SCHEMA, namespace="myapp")
     worker_exit = gatemetrics_hooks.worker_exit   # in the worker: save and close its shards
     child_exit = gatemetrics_hooks.child_exit     # in the master: compact the dead worker away
 

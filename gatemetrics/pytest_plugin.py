@@ -10,7 +10,7 @@ usable from sync tests, pytest-asyncio tests and anyio tests alike:
     the :class:`gatemetrics.Schema` of your stores. Override it in your ``conftest.py``.
 ``gatemetrics_store_factory``
     a zero-argument callable making a new store; defaults to ``CounterStore(schema)``. Override
-    it to return your own store class (this repository returns ``GateMetricStore``).
+    it to return your own store class (a subclass of ``CounterStore`` with your recorders).
 ``gatemetrics_store``
     a new store bound write-through to ``gatemetrics_dir``: every record is on disk when the
     call returns. At teardown the binding is closed (final save, lifetime lock released), so

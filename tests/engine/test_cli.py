@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -17,14 +19,28 @@ import orjson
 import pytest
 from filelock import FileLock
 
-from backend.app.testing.gate_metrics import GateMetricStore
-from gatemetrics import shard_for
-from gatemetrics._format import parse_name
+from gatemetrics import CounterStore, bind, shard_for
+from gatemetrics._format import (
+    MAX_RECORDED_SERIES,
+    BadFile,
+    parse_name,
+    schema_fingerprint,
+    schema_from_record,
+    schema_record,
+)
+from tests.engine.schema import (
+    OTHER_SCHEMA,
+    SHOP_FAMILIES,
+    SHOP_PIPELINE_FAMILIES,
+    SHOP_SCHEMA,
+    WIDER_SHOP_SCHEMA,
+    dead_shop_shard,
+    dead_shop_v1_shard,
+)
 from tests.exposition_parser import parse
-from tests.processes import ROOT, Reaper, read_line, require_tool, wait_until
-from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, dead_shard, dead_v1_shard
+from tests.processes import ATTACKER_UID, ROOT, Reaper, require_tool, wait_until
 
-FAMILIES = GATE_FAMILIES + PIPELINE_FAMILIES
+FAMILIES = SHOP_FAMILIES + SHOP_PIPELINE_FAMILIES
 
 
 def run_cli(
@@ -54,38 +70,25 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 def shard_dir(tmp_path: Path) -> Path:
     path = tmp_path / "shards"
     path.mkdir()
-    dead_shard(path, allows=2, denies=1)
-    dead_shard(path, allows=3)
+    dead_shop_shard(path, paid=2, refused=1)
+    dead_shop_shard(path, paid=3)
     return path
 
 
 @pytest.fixture
-def live_store(shard_dir: Path) -> Iterator[GateMetricStore]:
+def live_store(shard_dir: Path) -> Iterator[CounterStore]:
     """A store of this (live) test process, so the CLI sees a live owner."""
-    store = GateMetricStore()
-    binding = store.bind_to_dir(shard_dir)
-    store.record_decision(False, ["DRIFT_ALERT", "NO_TIER_DATA"])
+    store = CounterStore(SHOP_SCHEMA)
+    binding = bind(store, shard_dir)
+    # One record of three series (one save, generation 1), like one refused order.
+    slot = SHOP_SCHEMA.slot
+    store.increment_slots(
+        [slot("orders", "refused"), slot("refusals", "no_money"), slot("refusals", "fraud")]
+    )
     try:
         yield store
     finally:
         binding.close()
-
-
-# -- demo ------------------------------------------------------------------------------------
-
-
-def test_demo_without_arguments_prints_exposition_and_an_exact_summary() -> None:
-    result = run_cli("demo")
-    assert result.returncode == 0, result.stderr
-    assert "result: exact" in result.stdout
-    assert "MISMATCH" not in result.stdout
-    exposition = "".join(
-        line + "\n" for line in result.stdout.splitlines() if line.startswith(("#", "release_"))
-    )
-    families = parse(exposition)
-    assert list(families) == FAMILIES
-    returned = int(re.search(r"returned (\d+)", result.stdout)[1])  # type: ignore[index]
-    assert sum(families["release_gate_decision_total"].samples.values()) == returned
 
 
 def test_no_command_is_a_usage_error() -> None:
@@ -94,73 +97,33 @@ def test_no_command_is_a_usage_error() -> None:
     assert "usage:" in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("option", "value"),
-    [("--decisions", "0"), ("--decisions", "-3"), ("--decisions", "many"), ("--workers", "1")],
-)
-def test_demo_rejects_bad_arguments(option: str, value: str) -> None:
-    result = run_cli("demo", option, value)
-    assert result.returncode == 2
-    assert option in result.stderr
-
-
-def test_closed_stdout_is_not_a_traceback_and_leaves_no_worker(reaper: Reaper) -> None:
-    proc = reaper.track(
-        subprocess.Popen(
-            [sys.executable, "-m", "gatemetrics", "demo"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-    )
-    line = read_line(proc)
-    while "pid" not in line:
-        line = read_line(proc)
-    worker = int(re.search(r"pid (\d+)", line)[1])  # type: ignore[index]
-    assert proc.stdout is not None
-    proc.stdout.close()
-    _, err = proc.communicate(timeout=60)
-    assert "Traceback" not in err
-    assert proc.returncode in (0, 141)
-
-    def gone() -> bool:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-    wait_until(gone, timeout=10)
-
-
 # -- aggregate -------------------------------------------------------------------------------
 
 
 def test_aggregate_prints_the_merged_exposition_and_compacts(
-    shard_dir: Path, live_store: GateMetricStore
+    shard_dir: Path, live_store: CounterStore
 ) -> None:
     result = run_cli("aggregate", "--dir", str(shard_dir))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     families = parse(result.stdout)
     assert list(families) == FAMILIES
-    assert families["release_gate_decision_total"].samples == {
-        ("decision", "ALLOW"): 5,
-        ("decision", "DENY"): 2,
+    assert families["shop_orders_total"].samples == {
+        ("outcome", "paid"): 5,
+        ("outcome", "refused"): 2,
     }
-    assert families["release_gate_reason_total"].samples[("reason", "OPS_GATE_FAIL")] == 1
-    assert families["release_gate_shards"].kind == "gauge"
-    assert families["release_gate_shards"].samples == {("state", "live"): 1, ("state", "dead"): 2}
-    assert families["release_gate_quarantined_shards_total"].samples == {None: 0}
+    assert families["shop_refusals_total"].samples[("why", "no_stock")] == 1
+    assert families["shop_shards"].kind == "gauge"
+    assert families["shop_shards"].samples == {("state", "live"): 1, ("state", "dead"): 2}
+    assert families["shop_quarantined_shards_total"].samples == {None: 0}
     live = shard_for(live_store, shard_dir).path
     assert live is not None
     shard_files = [p for p in os.listdir(shard_dir) if parse_name(p) is not None]
     assert shard_files == [os.path.basename(live)]  # only the live one is left
     again = run_cli("aggregate", "--dir", str(shard_dir))
     assert again.stdout.replace('{state="dead"} 0', "") != ""
-    assert parse(again.stdout)["release_gate_decision_total"].samples == (
-        families["release_gate_decision_total"].samples
+    assert parse(again.stdout)["shop_orders_total"].samples == (
+        families["shop_orders_total"].samples
     )
 
 
@@ -169,14 +132,14 @@ def test_no_compact_changes_nothing(shard_dir: Path) -> None:
     result = run_cli("aggregate", "--dir", str(shard_dir), "--no-compact")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(shard_dir)) == sorted([*before, "aggregate.lock"])
-    assert parse(result.stdout)["release_gate_shards"].samples[("state", "dead")] == 2
+    assert parse(result.stdout)["shop_shards"].samples[("state", "dead")] == 2
 
 
 def test_aggregate_json_format(shard_dir: Path) -> None:
     result = run_cli("aggregate", "--dir", str(shard_dir), "--format", "json")
     assert result.returncode == 0, result.stderr
     doc = orjson.loads(result.stdout)
-    assert doc["decision_counts"] == {"ALLOW": 5, "DENY": 1}
+    assert doc["orders"] == {"paid": 5, "refused": 1}
     assert doc["pipeline_shards"] == {"live": 0, "dead": 2}
     assert doc["pipeline_quarantined_shards"] == 0
     assert list(doc) == sorted(doc)
@@ -185,34 +148,32 @@ def test_aggregate_json_format(shard_dir: Path) -> None:
 def test_dir_defaults_to_the_environment(shard_dir: Path) -> None:
     result = run_cli("aggregate", env={"GATEMETRICS_DIR": str(shard_dir)})
     assert result.returncode == 0, result.stderr
-    assert 'release_gate_decision_total{decision="ALLOW"} 5' in result.stdout
+    assert 'shop_orders_total{outcome="paid"} 5' in result.stdout
 
 
 def test_textfile_is_written_atomically_with_mode_0644(shard_dir: Path, tmp_path: Path) -> None:
-    target = tmp_path / "textfile" / "release_gate.prom"
+    target = tmp_path / "textfile" / "shop.prom"
     target.parent.mkdir()
     result = run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(target), umask=0o077)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
-    assert os.listdir(target.parent) == ["release_gate.prom"]  # no temp file left
-    assert (
-        parse(target.read_text())["release_gate_decision_total"].samples[("decision", "ALLOW")] == 5
-    )
+    assert os.listdir(target.parent) == ["shop.prom"]  # no temp file left
+    assert parse(target.read_text())["shop_orders_total"].samples[("outcome", "paid")] == 5
 
 
 def test_orphan_temp_files_of_killed_runs_are_removed(shard_dir: Path, tmp_path: Path) -> None:
     textdir = tmp_path / "textfile"
     textdir.mkdir()
-    orphan = textdir / ".release_gate.prom.999999.tmp"  # a run SIGKILLed mid-write, long ago
+    orphan = textdir / ".shop.prom.999999.tmp"  # a run SIGKILLed mid-write, long ago
     orphan.write_text("half")
     os.utime(orphan, (1_000_000, 1_000_000))
-    fresh = textdir / ".release_gate.prom.999998.tmp"  # a concurrent run writing right now
+    fresh = textdir / ".shop.prom.999998.tmp"  # a concurrent run writing right now
     fresh.write_text("half")
     other = textdir / ".node.prom.999997.tmp"  # not ours
     other.write_text("x")
     os.utime(other, (1_000_000, 1_000_000))
-    target = textdir / "release_gate.prom"
+    target = textdir / "shop.prom"
     result = run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(target))
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(textdir)) == sorted([fresh.name, other.name, target.name])
@@ -225,8 +186,8 @@ def test_broken_shards_warn_on_stderr_but_do_not_fail(shard_dir: Path) -> None:
     assert result.stderr.count("\n") == 1
     assert "gatemetrics: WARNING: quarantined shard-garbage.json" in result.stderr
     families = parse(result.stdout)
-    assert families["release_gate_quarantined_shards_total"].samples == {None: 1}
-    assert families["release_gate_decision_total"].samples[("decision", "ALLOW")] == 5
+    assert families["shop_quarantined_shards_total"].samples == {None: 1}
+    assert families["shop_orders_total"].samples[("outcome", "paid")] == 5
 
 
 # -- failures: one line, a non-zero status, no partial or stale textfile -----------------------
@@ -265,7 +226,7 @@ def test_unreadable_directory(shard_dir: Path, reaper: Reaper) -> None:
         private.mkdir(mode=0o700)
         proc = reaper.python(
             """
-            import gatemetrics.cli, backend.app.testing.gate_metrics, gettext, locale, logging
+            import gatemetrics.cli, gettext, locale, logging
             os.setgroups([]); os.setgid(65534); os.setuid(65534)
             sys.exit(gatemetrics.cli.main(sys.argv[1:]))
             """,
@@ -282,13 +243,14 @@ def test_unreadable_directory(shard_dir: Path, reaper: Reaper) -> None:
     assert "Permission denied" in lines[0]
 
 
-def test_lock_timeout_exits_75_and_removes_the_stale_textfile(
+def test_lock_timeout_exits_75_and_leaves_the_textfile_to_the_run_holding_the_lock(
     shard_dir: Path, tmp_path: Path
 ) -> None:
-    target = tmp_path / "release_gate.prom"
+    target = tmp_path / "shop.prom"
     assert run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(target)).returncode == 0
     assert target.exists()
     os.utime(target, (1_000_000, 1_000_000))  # an earlier run's file
+    before = target.read_bytes()
     lock = FileLock(str(shard_dir / "aggregate.lock"), thread_local=False)
     with lock:
         result = run_cli(
@@ -303,6 +265,19 @@ def test_lock_timeout_exits_75_and_removes_the_stale_textfile(
     assert result.returncode == 75
     line = one_error_line(result)
     assert "aggregate.lock not free within 0.2 s" in line
+    assert "removed the previous" not in line
+    # The run holding the lock writes the textfile: this one must not remove it.
+    assert target.read_bytes() == before
+
+
+def test_any_other_failure_removes_the_stale_textfile(shard_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "shop.prom"
+    assert run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(target)).returncode == 0
+    os.utime(target, (1_000_000, 1_000_000))  # an earlier run's file
+    result = run_cli("aggregate", "--dir", str(tmp_path / "gone"), "--textfile", str(target))
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "does not exist" in line
     assert "removed the previous" in line
     assert not target.exists()
 
@@ -323,7 +298,7 @@ def test_unwritable_textfile_target_leaves_nothing(shard_dir: Path, tmp_path: Pa
 
 
 def test_a_textfile_refreshed_by_a_concurrent_run_is_kept(shard_dir: Path, tmp_path: Path) -> None:
-    target = tmp_path / "release_gate.prom"
+    target = tmp_path / "shop.prom"
     target.write_text("# fresher than the failed run\n")
     future = 4_000_000_000
     os.utime(target, (future, future))
@@ -358,10 +333,10 @@ def test_bad_lock_timeout_is_a_usage_error(shard_dir: Path, value: str) -> None:
 
 
 def test_status_is_a_readable_table_and_changes_nothing(
-    shard_dir: Path, live_store: GateMetricStore
+    shard_dir: Path, live_store: CounterStore
 ) -> None:
     assert run_cli("aggregate", "--dir", str(shard_dir)).returncode == 0  # an archive exists
-    dead_shard(shard_dir, allows=4)
+    dead_shop_shard(shard_dir, paid=4)
     (shard_dir / "shard-junk.json").write_text("[]")
     before = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
     result = run_cli("status", "--dir", str(shard_dir))
@@ -378,14 +353,14 @@ def test_status_is_a_readable_table_and_changes_nothing(
     )
     assert re.search(r"^dead +\d+ +\S+ +1 +\d+\.\ds ago +4 +v2 +v2-\S+\.shard$", out, re.M)
     assert re.search(r"^QUARANTINE +- +- +- +- +- +- +shard-junk\.json  \(not a shard", out, re.M)
-    assert re.search(r'release_gate_decision_total\{decision="ALLOW"\} +9', out)
+    assert re.search(r'shop_orders_total\{outcome="paid"\} +9', out)
     assert {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()} == before
 
 
 def test_status_shows_the_format_of_v1_and_v2_shards(
-    shard_dir: Path, live_store: GateMetricStore
+    shard_dir: Path, live_store: CounterStore
 ) -> None:
-    old = dead_v1_shard(shard_dir, allows=6)  # a dead worker of the previous release
+    old = dead_shop_v1_shard(shard_dir, paid=6)  # a dead worker of the previous release
     result = run_cli("status", "--dir", str(shard_dir))
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -393,16 +368,18 @@ def test_status_shows_the_format_of_v1_and_v2_shards(
     assert re.search(rf"^dead +\d+ +\S+ +1 +\d+\.\ds ago +6 +v1 +{re.escape(old)}$", out, re.M)
     assert len(re.findall(r"^dead .* v2 +v2-\S+\.shard$", out, re.M)) == 2
     assert re.search(rf"^live +{os.getpid()} .* v2 +v2-\S+\.shard$", out, re.M)
-    assert re.search(r'release_gate_decision_total\{decision="ALLOW"\} +11', out)
+    assert re.search(r'shop_orders_total\{outcome="paid"\} +11', out)
     # Compaction absorbs the v1 shard like a v2 one; the counts stay.
     result = run_cli("aggregate", "--dir", str(shard_dir), "--format", "json")
     assert result.returncode == 0, result.stderr
-    assert orjson.loads(result.stdout)["decision_counts"] == {"ALLOW": 11, "DENY": 2}
+    assert orjson.loads(result.stdout)["orders"] == {"paid": 11, "refused": 2}
     assert not (shard_dir / old).exists()
 
 
 def test_status_of_an_empty_directory(tmp_path: Path) -> None:
-    result = run_cli("status", "--dir", str(tmp_path))
+    result = run_cli(
+        "status", "--dir", str(tmp_path), "--schema", "tests.engine.schema:SHOP_SCHEMA"
+    )
     assert result.returncode == 0
     assert "none yet (nothing compacted)" in result.stdout
     assert "(no shard files)" in result.stdout
@@ -439,7 +416,7 @@ def test_node_exporter_textfile_collector_serves_the_textfile(
     exporter = require_tool("prometheus-node-exporter")
     textdir = tmp_path / "textfile"
     textdir.mkdir()
-    target = textdir / "release_gate.prom"
+    target = textdir / "shop.prom"
     result = run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(target), umask=0o077)
     assert result.returncode == 0, result.stderr
     port = free_port()
@@ -470,11 +447,11 @@ def test_node_exporter_textfile_collector_serves_the_textfile(
     wait_until(scrape, timeout=20, interval=0.05)
     text = scraped[-1]
     assert "node_textfile_scrape_error 0" in text
-    assert 'release_gate_decision_total{decision="ALLOW"} 5' in text
-    assert 'release_gate_shards{state="dead"} 2' in text
-    assert "release_gate_quarantined_shards_total 0" in text
-    assert "# TYPE release_gate_decision_total counter" in text
-    assert "# TYPE release_gate_shards gauge" in text
+    assert 'shop_orders_total{outcome="paid"} 5' in text
+    assert 'shop_shards{state="dead"} 2' in text
+    assert "shop_quarantined_shards_total 0" in text
+    assert "# TYPE shop_orders_total counter" in text
+    assert "# TYPE shop_shards gauge" in text
 
 
 # -- a directory other users may write ---------------------------------------------------------
@@ -488,11 +465,11 @@ def test_a_world_writable_directory_or_archive_is_refused_and_nothing_changes(
     if what == "archive":
         assert run_cli("aggregate", "--dir", str(shard_dir)).returncode == 0  # writes one
         (shard_dir / "archive.json").chmod(0o666)
-        dead_shard(shard_dir, allows=1)
+        dead_shop_shard(shard_dir, paid=1)
     else:
         shard_dir.chmod(0o1777)  # the sticky bit does not help: anyone may still plant files
     before = sorted(os.listdir(shard_dir))
-    target = tmp_path / "release_gate.prom"
+    target = tmp_path / "shop.prom"
     result = run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(target))
     assert result.returncode == 1
     line = one_error_line(result)
@@ -517,7 +494,7 @@ def test_a_symlinked_textfile_is_refused_unless_asked_for(shard_dir: Path, tmp_p
     elsewhere.write_text("keep me\n")
     textdir = tmp_path / "textfile"
     textdir.mkdir()
-    link = textdir / "release_gate.prom"
+    link = textdir / "shop.prom"
     link.symlink_to(elsewhere)
     before = sorted(os.listdir(shard_dir))
     result = run_cli("aggregate", "--dir", str(shard_dir), "--textfile", str(link))
@@ -532,8 +509,8 @@ def test_a_symlinked_textfile_is_refused_unless_asked_for(shard_dir: Path, tmp_p
     )
     assert followed.returncode == 0, followed.stderr
     assert link.is_symlink()
-    assert 'release_gate_decision_total{decision="ALLOW"} 5' in elsewhere.read_text()
-    assert os.listdir(textdir) == ["release_gate.prom"]
+    assert 'shop_orders_total{outcome="paid"} 5' in elsewhere.read_text()
+    assert os.listdir(textdir) == ["shop.prom"]
 
 
 def test_a_planted_temp_file_beside_the_textfile_is_never_written_through(
@@ -545,11 +522,11 @@ def test_a_planted_temp_file_beside_the_textfile_is_never_written_through(
     victim.write_text("keep me\n")
     textdir = tmp_path / "textfile"
     textdir.mkdir()
-    target = textdir / "release_gate.prom"
+    target = textdir / "shop.prom"
     code = f"""
 import os, sys
 from gatemetrics.cli import main
-os.link({str(victim)!r}, {str(textdir)!r} + f"/.release_gate.prom.{{os.getpid()}}.tmp")
+os.link({str(victim)!r}, {str(textdir)!r} + f"/.shop.prom.{{os.getpid()}}.tmp")
 sys.exit(main(["aggregate", "--dir", {str(shard_dir)!r}, "--textfile", {str(target)!r}]))
 """
     result = subprocess.run(
@@ -562,4 +539,274 @@ sys.exit(main(["aggregate", "--dir", {str(shard_dir)!r}, "--textfile", {str(targ
     )
     assert result.returncode == 0, result.stderr
     assert victim.read_text() == "keep me\n"
-    assert 'release_gate_decision_total{decision="ALLOW"} 5' in target.read_text()
+    assert 'shop_orders_total{outcome="paid"} 5' in target.read_text()
+
+
+# -- the schema comes from the directory -------------------------------------------------------
+
+
+def test_the_engine_mentions_no_backend() -> None:
+    """The engine stands on its own: no import, docstring or comment names the gate's package."""
+    offenders = [
+        f"{path.name}:{n}"
+        for path in sorted((ROOT / "gatemetrics").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "backend" in line
+    ]
+    assert offenders == []
+
+
+def test_aggregate_and_status_need_no_schema_for_any_schema(shard_dir: Path) -> None:
+    """The shop's shards record their schema; after compaction schema.json records it too, and
+    a directory left with only its archive still needs no --schema."""
+    assert not (shard_dir / "schema.json").exists()
+    first = run_cli("aggregate", "--dir", str(shard_dir), "--format", "json")
+    assert first.returncode == 0, first.stderr
+    assert orjson.loads(first.stdout)["orders"] == {"paid": 5, "refused": 1}
+    assert [p for p in os.listdir(shard_dir) if parse_name(p)] == []  # all absorbed
+    recorded = orjson.loads((shard_dir / "schema.json").read_bytes())
+    assert recorded["namespace"] == "shop"  # the prefix the shop's family names share
+    assert [f["name"] for f in recorded["schema"]["families"]] == SHOP_FAMILIES
+    # The archive keeps exactly the fields the previous release's reader accepts.
+    assert set(orjson.loads((shard_dir / "archive.json").read_bytes())) == {
+        "format",
+        "version",
+        "counts",
+        "absorbed",
+        "absorbed_total",
+        "quarantined_total",
+        "quarantining",
+        "updated_at",
+        "first_start",
+    }
+    again = run_cli("aggregate", "--dir", str(shard_dir))
+    assert again.returncode == 0, again.stderr
+    families = parse(again.stdout)
+    assert list(families) == FAMILIES
+    assert families["shop_orders_total"].samples[("outcome", "paid")] == 5
+    status = run_cli("status", "--dir", str(shard_dir))
+    assert status.returncode == 0, status.stderr
+    assert re.search(
+        r"^schema +[0-9a-f]{12} \(3 families, 6 series\), namespace shop$", status.stdout, re.M
+    )
+
+
+def test_a_recorded_namespace_is_used_and_the_flag_overrides_it(shard_dir: Path) -> None:
+    assert run_cli("aggregate", "--dir", str(shard_dir), "--namespace", "store").returncode == 0
+    assert orjson.loads((shard_dir / "schema.json").read_bytes())["namespace"] == "store"
+    result = run_cli("aggregate", "--dir", str(shard_dir))
+    assert "store_shards" in parse(result.stdout)
+    flagged = run_cli("aggregate", "--dir", str(shard_dir), "--namespace", "mine")
+    assert "mine_shards" in parse(flagged.stdout)
+
+
+def test_schema_json_wins_and_shards_that_do_not_fit_it_are_quarantined(shard_dir: Path) -> None:
+    assert run_cli("aggregate", "--dir", str(shard_dir)).returncode == 0  # records SHOP_SCHEMA
+    wider = CounterStore(WIDER_SHOP_SCHEMA)
+    wider.increment("orders", "cancelled")
+    shard = shard_for(wider, shard_dir)
+    assert shard.save()
+    shard.close(save=False)
+    dead_shop_shard(shard_dir, paid=1)
+    result = run_cli("aggregate", "--dir", str(shard_dir), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert "written with another schema" in result.stderr
+    doc = orjson.loads(result.stdout)
+    assert doc["orders"] == {"paid": 6, "refused": 1}
+    assert doc["pipeline_quarantined_shards"] == 1
+
+
+def test_without_schema_json_the_schema_most_shards_fit_wins(tmp_path: Path) -> None:
+    """A rolling upgrade that adds a label value: the old shards fit the new schema, so the new
+    one wins even while old shards are more numerous, and nothing is quarantined."""
+    dead_shop_shard(tmp_path, paid=2)
+    dead_shop_shard(tmp_path, paid=3)
+    wider = CounterStore(WIDER_SHOP_SCHEMA)
+    wider.increment("orders", "cancelled", 4)
+    shard = shard_for(wider, tmp_path)
+    assert shard.save()
+    shard.close(save=False)
+    result = run_cli("aggregate", "--dir", str(tmp_path), "--format", "json", "--no-compact")
+    assert result.returncode == 0, result.stderr
+    doc = orjson.loads(result.stdout)
+    assert doc["orders"] == {"paid": 5, "refused": 0, "cancelled": 4}
+    assert doc["pipeline_quarantined_shards"] == 0
+
+
+def test_a_directory_that_records_no_schema_fails_with_one_line(tmp_path: Path) -> None:
+    for command in ("aggregate", "status"):
+        result = run_cli(command, "--dir", str(tmp_path))
+        assert result.returncode == 1
+        assert "no schema known" in one_error_line(result)
+        assert "--schema" in result.stderr
+        assert result.stdout == ""
+    assert os.listdir(tmp_path) == []
+
+
+def test_when_no_shard_fits_the_given_schema_the_run_refuses_and_moves_nothing(
+    shard_dir: Path, tmp_path: Path
+) -> None:
+    before = sorted(os.listdir(shard_dir))
+    target = tmp_path / "shop.prom"
+    result = run_cli(
+        "aggregate",
+        "--dir",
+        str(shard_dir),
+        "--schema",
+        "tests.engine.schema:OTHER_SCHEMA",
+        "--textfile",
+        str(target),
+    )
+    assert result.returncode == 1
+    line = one_error_line(result)
+    ours = schema_fingerprint(OTHER_SCHEMA).hex()[:12]
+    theirs = schema_fingerprint(SHOP_SCHEMA).hex()[:12]
+    assert ours in line
+    assert theirs in line
+    assert "nothing was moved" in line
+    assert sorted(os.listdir(shard_dir)) == sorted([*before, "aggregate.lock"])
+    assert not (shard_dir / "quarantine").exists()
+    assert not target.exists()
+
+
+def test_a_hostile_schema_json_cannot_widen_the_label_set(shard_dir: Path) -> None:
+    """A schema.json declaring an unbounded label set, a control character or a fingerprint
+    that is not its own is ignored (one warning): the shards' schema is used."""
+    record = schema_record(SHOP_SCHEMA)
+    wide = orjson.loads(orjson.dumps(record))
+    wide["families"][0]["values"] = [f"v{i}" for i in range(5000)]
+    control = orjson.loads(orjson.dumps(record))
+    control["families"][0]["values"] = ["paid", "re\nfused"]
+    for bad in (wide, control):
+        doc = {
+            "format": "gatemetrics-schema",
+            "version": 1,
+            "namespace": "shop",
+            "fingerprint": "0" * 32,
+            "schema": bad,
+        }
+        (shard_dir / "schema.json").write_bytes(orjson.dumps(doc))
+        result = run_cli("aggregate", "--dir", str(shard_dir), "--no-compact", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        assert "ignored schema.json" in result.stderr
+        assert orjson.loads(result.stdout)["orders"] == {"paid": 5, "refused": 1}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"values": [f"v{i}" for i in range(MAX_RECORDED_SERIES + 1)]},
+        {"values": ["paid", "x" * 129]},
+        {"values": ["paid", "bell\x07"]},
+        {"name": "shop orders"},
+        {"label": "__name__"},
+        {"documentation": "x" * 1025},
+        {"extra": 1},
+    ],
+)
+def test_a_recorded_schema_is_validated_and_bounded(change: dict[str, object]) -> None:
+    record = orjson.loads(orjson.dumps(schema_record(SHOP_SCHEMA)))
+    record["families"][0].update(change)
+    with pytest.raises(BadFile):
+        schema_from_record(record)
+    assert schema_from_record(schema_record(SHOP_SCHEMA)) == SHOP_SCHEMA
+
+
+# -- polish ------------------------------------------------------------------------------------
+
+
+def test_version_is_the_distributions() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"gatemetrics {importlib.metadata.version('gatemetrics')}"
+
+
+@pytest.mark.parametrize("command", [(), ("aggregate",), ("status",)])
+def test_help_lists_the_exit_codes(command: tuple[str, ...]) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0
+    assert "exit status:" in result.stdout
+    for code in ("0 ", "1 ", "2 ", "75 "):
+        assert re.search(rf"^  {code}", result.stdout, re.M), code
+
+
+@pytest.mark.parametrize("value", ["_x", "9lives", "a-b", "a:b", ""])
+def test_a_bad_namespace_is_a_usage_error(shard_dir: Path, value: str) -> None:
+    before = sorted(os.listdir(shard_dir))
+    result = run_cli("aggregate", "--dir", str(shard_dir), "--namespace", value)
+    assert result.returncode == 2
+    assert "--namespace" in result.stderr
+    assert sorted(os.listdir(shard_dir)) == before
+
+
+def test_status_json_is_what_the_table_shows(shard_dir: Path, live_store: CounterStore) -> None:
+    table = run_cli("status", "--dir", str(shard_dir))
+    result = run_cli("status", "--dir", str(shard_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = orjson.loads(result.stdout)
+    assert list(doc) == sorted(doc)
+    assert doc["version"] == 1
+    assert doc["directory"] == str(shard_dir)
+    assert doc["writable"] is True
+    assert doc["problems"] == []
+    assert doc["schema"] == {
+        "fingerprint": schema_fingerprint(SHOP_SCHEMA).hex(),
+        "families": 3,
+        "series": 6,
+        "namespace": "shop",
+    }
+    assert doc["archive"]["exists"] is False
+    assert doc["shards"] == {"live": 1, "dead": 2}
+    assert doc["quarantine"] == {"quarantined_total": 0, "waiting": 0, "kept": 0}
+    files = {f["name"]: f for f in doc["files"]}
+    live = shard_for(live_store, shard_dir).path
+    assert live is not None
+    mine = files[os.path.basename(live)]
+    assert (mine["state"], mine["action"], mine["pid"], mine["count"], mine["format"]) == (
+        "live",
+        "counted",
+        os.getpid(),
+        3,
+        2,
+    )
+    assert sorted(f["state"] for f in doc["files"]) == ["dead", "dead", "live"]
+    assert doc["totals"]['shop_orders_total{outcome="paid"}'] == 5
+    assert doc["totals"]['shop_shards{state="live"}'] == 1
+    for series, count in doc["totals"].items():
+        assert re.search(rf"^  {re.escape(series)} +{count}$", table.stdout, re.M)
+
+
+def test_status_of_a_directory_the_user_can_read_but_not_write(
+    shard_dir: Path, reaper: Reaper
+) -> None:
+    """As another (unprivileged) user: status works and says the directory is read-only,
+    instead of failing with "does not exist" (no aggregate.lock exists yet to open)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:
+        os.chmod(top, 0o755)  # noqa: S103 - the other user must reach the directory
+        readable = Path(top) / "shards"
+        shutil.copytree(shard_dir, readable)
+        for path in (readable, *readable.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        assert not (readable / "aggregate.lock").exists()
+        before = sorted(os.listdir(readable))
+        user = ATTACKER_UID if os.geteuid() == 0 else None
+        if user is None:
+            readable.chmod(0o555)
+        proc = reaper.python(
+            """
+            import gatemetrics.cli, gettext, locale, logging
+            sys.exit(gatemetrics.cli.main(sys.argv[1:]))
+            """,
+            "status",
+            "--dir",
+            str(readable),
+            user=user,
+        )
+        out, err = proc.communicate(timeout=60)
+        after = sorted(os.listdir(readable))
+        readable.chmod(0o755)
+    assert proc.returncode == 0, err
+    assert "does not exist" not in out + err
+    assert re.search(r"^access +read-only for this user", out, re.M)
+    assert "shards      0 live, 2 dead" in out
+    assert after == before
