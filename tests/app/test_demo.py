@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +17,23 @@ from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import ReleaseGate
 from backend.app.testing.release_policy import BlockReasonCode, ReleasePolicyResult, ReleaseVerdict
 from tests.exposition_parser import parse
+from tests.processes import ROOT, Reaper, read_line, wait_until
+from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES
+
+FAMILIES = GATE_FAMILIES + PIPELINE_FAMILIES
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gatemetrics", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
 
 OK, HOLD, BLOCK = ReleaseVerdict
 
@@ -74,7 +95,10 @@ def test_run_demo_kills_recycles_and_reports_exact_counts() -> None:
     assert "progress" in text
     assert re.search(r"audit log entries: (\d+) \(one per returned check: yes\)", text)
     # Compaction left no shard files behind: every worker is dead by now.
-    assert "directory after compaction: aggregate.lock, archive.json (0 shard files)" in text
+    assert (
+        "directory after compaction: aggregate.lock, archive.json, schema.json (0 shard files)"
+        in text
+    )
     exposition = "".join(
         line + "\n" for line in text.splitlines() if line.startswith(("#", "release_"))
     )
@@ -96,3 +120,116 @@ def test_the_summary_counts_shard_files_of_both_formats() -> None:
     other = ["aggregate.lock", "archive.json", "archive.json.tmp", "quarantine", "v2-junk.shard"]
     assert _shard_files(v2 + v1 + other) == 5
     assert _shard_files(other) == 0
+
+
+# -- gatemetrics demo, the command the service registers ---------------------------------
+
+
+def test_demo_without_arguments_prints_exposition_and_an_exact_summary() -> None:
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stderr
+    assert "result: exact" in result.stdout
+    assert "MISMATCH" not in result.stdout
+    exposition = "".join(
+        line + "\n" for line in result.stdout.splitlines() if line.startswith(("#", "release_"))
+    )
+    families = parse(exposition)
+    assert list(families) == FAMILIES
+    returned = int(re.search(r"returned (\d+)", result.stdout)[1])  # type: ignore[index]
+    assert sum(families["release_gate_decision_total"].samples.values()) == returned
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--decisions", "0"), ("--decisions", "-3"), ("--decisions", "many"), ("--workers", "1")],
+)
+def test_demo_rejects_bad_arguments(option: str, value: str) -> None:
+    result = run_cli("demo", option, value)
+    assert result.returncode == 2
+    assert option in result.stderr
+
+
+def test_closed_stdout_is_not_a_traceback_and_leaves_no_worker(reaper: Reaper) -> None:
+    proc = reaper.track(
+        subprocess.Popen(
+            [sys.executable, "-m", "gatemetrics", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+    )
+    line = read_line(proc)
+    while "pid" not in line:
+        line = read_line(proc)
+    worker = int(re.search(r"pid (\d+)", line)[1])  # type: ignore[index]
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err
+    assert proc.returncode in (0, 141)
+
+    def gone() -> bool:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(gone, timeout=10)
+
+
+def test_without_the_service_installed_demo_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    """The engine alone (the service's distribution absent from the environment): the engine
+    imports nothing of the service, and ``gatemetrics demo`` says what to install."""
+    site = Path(
+        subprocess.check_output(
+            [
+                sys.executable,
+                "-c",
+                "import orjson, os; print(os.path.dirname(os.path.dirname(orjson.__file__)))",
+            ],
+            text=True,
+        ).strip()
+    )
+    alone = tmp_path / "site"
+    alone.mkdir()
+    for entry in site.iterdir():
+        # Everything but the service's distribution and the editable installs' path hooks.
+        if (
+            entry.name.startswith(("release_gate", "__editable__", "_release_gate"))
+            or entry.suffix == ".pth"
+        ):
+            continue
+        (alone / entry.name).symlink_to(entry)
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{alone}", "PYTHONNOUSERSITE": "1"}
+    code = (
+        "import sys, runpy; sys.argv = ['gatemetrics', *sys.argv[1:]]; "
+        "runpy.run_module('gatemetrics', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code, "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "command 'demo' is not installed" in result.stderr
+    assert "./service" in result.stderr
+    assert "Traceback" not in result.stderr
+    # aggregate and status still work without it.
+    helped = subprocess.run(
+        [sys.executable, "-S", "-c", code, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env},
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "demo" not in helped.stdout
+    assert "aggregate" in helped.stdout
