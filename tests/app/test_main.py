@@ -205,9 +205,9 @@ def test_importing_the_app_creates_no_state_and_no_files(tmp_path: Path) -> None
         f"os.environ['GATEMETRICS_DIR'] = {str(shards)!r}\n"
         f"os.environ['RELEASE_GATE_AUDIT_LOG'] = {str(audit)!r}\n"
         "from backend.app.main import app\n"
-        "from gatemetrics import shards\n"
+        "from gatemetrics._process import PROCESS\n"
         "assert not app.started\n"
-        "assert not shards._BINDINGS, shards._BINDINGS\n"
+        "assert not PROCESS.bindings, list(PROCESS.bindings)\n"
         "print('ok')\n"
     )
     assert result.returncode == 0, result.stderr
