@@ -129,7 +129,7 @@ def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
 
     yield make
     for shard in shards:
-        shard.store._set_change_hook(None)
+        shard.store.set_change_hook(None)
         shard.close(save=False)
 
 
@@ -385,6 +385,7 @@ def test_a_thousand_dead_incarnations_of_both_formats_compact_to_one_archive(
     assert sorted(set(os.listdir(tmp_path)) - set(shard_names(tmp_path))) == [
         "aggregate.lock",
         "archive.json",
+        "schema.json",  # the schema the archive is laid out for (see recorded_schema)
     ]
     assert (tmp_path / "archive.json").stat().st_size < 2000  # the ids were pruned
     after = agg(tmp_path)
@@ -412,7 +413,8 @@ def test_compaction_never_removes_anything_when_the_archive_cannot_be_written(
             agg(tmp_path, compact=True)
     finally:
         _faults.HOOK = None
-    assert sorted(os.listdir(tmp_path)) == sorted([*before, "aggregate.lock"])
+    # Nothing removed; schema.json, written before the archive, records the schema only.
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "aggregate.lock", "schema.json"])
     assert decisions(tmp_path) == {"ALLOW": 5, "DENY": 0}
 
 
@@ -2069,7 +2071,7 @@ def test_an_archive_listing_a_live_incarnation_never_costs_its_counts(
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
     else:
-        shard.store._set_change_hook(None)
+        shard.store.set_change_hook(None)
         shard.close(save=False)
     result = agg(attacker.shards, compact=True)
     assert result.snapshot().get("decision_counts", "ALLOW") == 6
