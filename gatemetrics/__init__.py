@@ -5,11 +5,18 @@ The engine knows nothing of release gates: it offers counter families with fixed
 deterministic rendering (:func:`render_prometheus`, :func:`render_json`), per-process shards on
 disk (:func:`save_to_dir`, :func:`bind`, :class:`Shard`), the aggregator that merges and
 compacts a shard directory (:func:`aggregate_dir`), and anyio helpers (:func:`periodic_saver`,
-:func:`asave`).
+:func:`asave`). :mod:`gatemetrics.persistence` holds the public types of persistence (durability,
+modes, the :class:`PersistedStore` protocol between a store and its shard). Two file helpers
+are public for applications that persist next to the engine: :func:`write_file_atomically`
+(replace a whole file by temp file and rename) and :func:`try_flock`/:func:`flock_until` (the
+engine's one classification of ``flock`` contention); :func:`check_seconds` is the one check of
+every interval and timeout the engine takes.
 """
 
 from __future__ import annotations
 
+from gatemetrics._checks import check_seconds
+from gatemetrics._flock import flock_until, try_flock
 from gatemetrics.aggregate import (
     Aggregate,
     ArchiveReport,
@@ -21,6 +28,7 @@ from gatemetrics.aggregate import (
 from gatemetrics.aio import asave, periodic_saver
 from gatemetrics.errors import GatemetricsError, LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.exposition import CONTENT_TYPE, render_json, render_prometheus
+from gatemetrics.persistence import PersistedStore, SaveState
 from gatemetrics.schema import MAX_COUNT, Family, Schema
 from gatemetrics.shards import (
     Binding,
@@ -33,6 +41,7 @@ from gatemetrics.shards import (
     new_identity,
     save_to_dir,
     shard_for,
+    write_file_atomically,
 )
 from gatemetrics.store import CounterStore, Snapshot
 
@@ -50,6 +59,8 @@ __all__ = [
     "Identity",
     "LockTimeoutError",
     "Mode",
+    "PersistedStore",
+    "SaveState",
     "Schema",
     "SchemaError",
     "Shard",
@@ -59,7 +70,9 @@ __all__ = [
     "aggregate_dir",
     "asave",
     "bind",
+    "check_seconds",
     "close_all_bindings",
+    "flock_until",
     "new_identity",
     "periodic_saver",
     "pipeline_schema",
@@ -67,4 +80,6 @@ __all__ = [
     "render_prometheus",
     "save_to_dir",
     "shard_for",
+    "try_flock",
+    "write_file_atomically",
 ]

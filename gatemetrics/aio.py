@@ -14,7 +14,6 @@ The final save runs shielded from cancellation, so a cancelled service still sav
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,14 +21,15 @@ from functools import partial
 
 import anyio
 
-from gatemetrics.shards import Durability, Shard, check_writable, save_to_dir, shard_for
-from gatemetrics.store import CounterStore
+from gatemetrics._checks import check_seconds, check_writable
+from gatemetrics.persistence import PersistedStore
+from gatemetrics.shards import Durability, Shard, save_to_dir, shard_for
 
 __all__ = ["asave", "periodic_saver"]
 
 
 async def asave(
-    store: CounterStore,
+    store: PersistedStore,
     directory: str | os.PathLike[str],
     *,
     durability: Durability | str = Durability.PROCESS_CRASH,
@@ -43,7 +43,7 @@ async def asave(
 
 
 def _open_shard(
-    store: CounterStore,
+    store: PersistedStore,
     directory: str | os.PathLike[str],
     durability: Durability | str,
     failure_key: str | None,
@@ -59,7 +59,7 @@ def _save_if_unsaved(shard: Shard) -> bool:
 
 @asynccontextmanager
 async def periodic_saver(
-    store: CounterStore,
+    store: PersistedStore,
     directory: str | os.PathLike[str],
     *,
     interval: float = 5.0,
@@ -73,8 +73,7 @@ async def periodic_saver(
     cancellation, stops the loop, saves once more and releases the lifetime lock; a save that
     fails is counted in ``failure_key`` and never raises.
     """
-    if not (isinstance(interval, int | float) and math.isfinite(interval) and interval > 0):
-        raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
+    seconds = check_seconds("interval", interval)
     check_writable(store)
     shard = await anyio.to_thread.run_sync(
         partial(_open_shard, store, directory, durability, failure_key)
@@ -82,7 +81,7 @@ async def periodic_saver(
 
     async def loop() -> None:
         while True:
-            await anyio.sleep(interval)
+            await anyio.sleep(seconds)
             # Not abandoned on cancellation: a save in flight finishes before the final one.
             await anyio.to_thread.run_sync(_save_if_unsaved, shard)
 

@@ -31,22 +31,22 @@ def escape_label_value(value: str) -> str:
 
 def _templates(schema: Schema) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Per family, its two header lines; per slot, ``name{label="value"} ``. Cached."""
-    cached = schema._cache.get("prometheus")
-    if cached is None:
-        headers: list[str] = []
-        prefixes: list[str] = []
-        for fam in schema.families:
-            help_line = f"# HELP {fam.name} {escape_help(fam.documentation)}\n"
-            headers.append(f"{help_line}# TYPE {fam.name} {fam.kind}\n")
-            if fam.label is None:
-                prefixes.append(f"{fam.name} ")
-            else:
-                prefixes.extend(
-                    f'{fam.name}{{{fam.label}="{escape_label_value(v)}"}} ' for v in fam.values
-                )
-        cached = (tuple(headers), tuple(prefixes))
-        schema._cache["prometheus"] = cached
-    return cached
+    return schema.derived("prometheus", _build_templates)
+
+
+def _build_templates(schema: Schema) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    headers: list[str] = []
+    prefixes: list[str] = []
+    for fam in schema.families:
+        help_line = f"# HELP {fam.name} {escape_help(fam.documentation)}\n"
+        headers.append(f"{help_line}# TYPE {fam.name} {fam.kind}\n")
+        if fam.label is None:
+            prefixes.append(f"{fam.name} ")
+        else:
+            prefixes.extend(
+                f'{fam.name}{{{fam.label}="{escape_label_value(v)}"}} ' for v in fam.values
+            )
+    return tuple(headers), tuple(prefixes)
 
 
 def render_prometheus(snapshot: Snapshot) -> str:

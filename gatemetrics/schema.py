@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from gatemetrics.errors import SchemaError
 
@@ -42,6 +42,7 @@ _KEY = re.compile(r"[a-z_][a-z0-9_]*\Z")
 
 Kind: TypeAlias = Literal["counter", "gauge"]
 CountsDict: TypeAlias = dict[str, Any]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class Schema:
     _offsets: dict[str, int] = field(init=False, repr=False, compare=False)
     _slots: dict[tuple[str, str | None], int] = field(init=False, repr=False, compare=False)
     _by_key: dict[str, Family] = field(init=False, repr=False, compare=False)
-    # Derived data other modules compute once per schema (the exposition's line templates).
+    # Derived data computed once per schema; see derived().
     _cache: dict[str, Any] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
@@ -174,6 +175,19 @@ class Schema:
         """A new schema with ``families`` appended (slots of existing families do not move)."""
         return Schema((*self.families, *families))
 
+    def derived(self, name: str, compute: Callable[[Schema], _T]) -> _T:
+        """``compute(self)``, computed once per schema and ``name`` and kept for its life.
+
+        For data other modules derive from a schema and need on every call (the exposition's
+        line templates, the parser's slot table). A schema is immutable, so the result never
+        goes stale; two threads racing on the first call may both compute it, and one result
+        wins (``compute`` must be pure).
+        """
+        try:
+            return self._cache[name]  # type: ignore[no-any-return]
+        except KeyError:
+            return self._cache.setdefault(name, compute(self))  # type: ignore[no-any-return]
+
     def zeros(self) -> list[int]:
         """A fresh, all-zero slot list."""
         return [0] * self.size
@@ -236,16 +250,17 @@ class Schema:
 
     def _value_slots(self) -> dict[str, Any]:
         """Per family key: its slot (no label) or a dict of label value to slot. Cached."""
-        cached = self._cache.get("value_slots")
-        if cached is None:
-            cached = {}
-            for fam in self.families:
-                if fam.label is None:
-                    cached[fam.key] = self._slots[(fam.key, None)]
-                else:
-                    cached[fam.key] = {v: self._slots[(fam.key, v)] for v in fam.values}
-            self._cache["value_slots"] = cached
-        return cached
+        return self.derived("value_slots", _value_slots)
+
+
+def _value_slots(schema: Schema) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for fam in schema.families:
+        if fam.label is None:
+            table[fam.key] = schema.slot(fam.key)
+        else:
+            table[fam.key] = {v: schema.slot(fam.key, v) for v in fam.values}
+    return table
 
 
 def _parse_labelled(key: str, value: object, slots: dict[str, int], counts: list[int]) -> None:

@@ -23,11 +23,13 @@ Durability (:class:`Durability`): a save that returned is in the page cache, whi
 process death (SIGKILL, OOM kill, a crash). Only a kernel crash or power loss can lose it, unless
 ``durability="power-loss"`` adds an ``fdatasync`` per save.
 
-Fork: counts made before a fork stay with the parent (:mod:`gatemetrics.store` zeroes every store
-in a forked child). A child's shards start over as new incarnations; the child closes its copy of
-the parent's shard descriptor without unlocking it (an ``flock`` belongs to the open file
-description, which the parent still holds). A pid guard repeats the reset for forks that bypass
-``os.register_at_fork``.
+Fork: counts made before a fork stay with the parent. The forked child's one reset
+(``gatemetrics._process``) zeroes every store and makes every shard start over as a new
+incarnation; the child closes its copy of the parent's shard descriptor without unlocking it (an
+``flock`` belongs to the open file description, which the parent still holds). A pid guard
+repeats the reset of a shard and its store for forks that bypass ``os.register_at_fork``.
+
+A shard talks to its store only through :class:`gatemetrics.persistence.PersistedStore`.
 
 Binding: :func:`bind` makes a store persist itself, either after every public write
 (``"write-through"``: exact even if the process is SIGKILLed right after the write returned; one
@@ -54,30 +56,26 @@ Hazards, stated plainly:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import enum
 import errno
-import fcntl
 import hashlib
 import logging
-import math
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from gatemetrics import _faults
+from gatemetrics._checks import check_seconds, check_writable
+from gatemetrics._flock import try_flock
 from gatemetrics._format import layout_for, v2_names, valid_incarnation
+from gatemetrics._process import PROCESS
 from gatemetrics.errors import GatemetricsError, ShardWriteError
-from gatemetrics.store import CounterStore
+from gatemetrics.persistence import Durability, Mode, PersistedStore
 
 __all__ = [
     "CREATE_STEPS",
@@ -118,10 +116,6 @@ _log = logging.getLogger("gatemetrics.shards")
 _CREATE_ATTEMPTS = 5
 # One log line per shard at most this often while saves keep failing (they are all counted).
 _LOG_EVERY_S = 10.0
-_CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
-
-# The previous release's durability names, accepted with a DeprecationWarning.
-_LEGACY_DURABILITY = {"none": "process-crash", "file": "power-loss", "full": "power-loss"}
 
 
 class _Retry(Exception):
@@ -130,69 +124,6 @@ class _Retry(Exception):
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
-
-
-class Durability(enum.StrEnum):
-    """What a save that returned survives.
-
-    ``process-crash`` (the default): any process death (SIGKILL, OOM kill, a crash); no fsync on
-    the request path. ``power-loss``: also a kernel crash or power loss, at the price of an
-    ``fdatasync`` per save. The previous release's ``none`` maps to ``process-crash``, ``file``
-    and ``full`` to ``power-loss``, with a ``DeprecationWarning``.
-    """
-
-    PROCESS_CRASH = "process-crash"
-    POWER_LOSS = "power-loss"
-
-    @classmethod
-    def from_setting(cls, value: str) -> tuple[Durability, str | None]:
-        """The member a setting names, and a deprecation message for a legacy name (or None).
-
-        ``ValueError`` for anything else. For settings read from the environment, which log
-        the message rather than raise a warning.
-        """
-        new = _LEGACY_DURABILITY.get(value)
-        if new is None:
-            return cls(value), None
-        return cls(new), (
-            f"durability {value!r} is deprecated since shard format v2; it now means {new!r}. "
-            "Use 'process-crash' (the default: survives any process death, no fsync) or "
-            "'power-loss' (an fdatasync per save)"
-        )
-
-    @classmethod
-    def _missing_(cls, value: object) -> Durability | None:
-        if not isinstance(value, str) or value not in _LEGACY_DURABILITY:
-            return None
-        member, message = cls.from_setting(value)
-        warnings.warn(message or "", DeprecationWarning, stacklevel=_outside_stacklevel())
-        return member
-
-
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` that names the first caller outside gatemetrics and :mod:`enum`.
-
-    ``Durability("full")`` reaches ``_missing_`` through the enum machinery and maybe through
-    our own constructors; a warning attributed to either would be hidden by Python's default
-    filters (which show a DeprecationWarning only when ``__main__`` triggers it) and would not
-    tell the user which line to change. (``skip_file_prefixes`` needs Python 3.12.)
-    """
-    skip = (os.path.dirname(__file__) + os.sep, enum.__file__)
-    frame = sys._getframe(1)  # the caller of this function: stacklevel 1 of warnings.warn
-    level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
-def check_writable(store: CounterStore) -> None:
-    """``TypeError`` for a read-only view: saved as a shard, it would count every shard twice."""
-    if store.read_only:
-        raise TypeError(
-            f"{type(store).__name__} is a read-only merged view; saving it as a shard would "
-            "count every shard in it twice"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +182,7 @@ class Shard:
 
     def __init__(
         self,
-        store: CounterStore,
+        store: PersistedStore,
         directory: str | os.PathLike[str],
         *,
         durability: Durability | str = Durability.PROCESS_CRASH,
@@ -289,7 +220,7 @@ class Shard:
         self._ticket_lock = threading.Lock()
         self._tickets_issued = 0
         self._ticket_durable = 0
-        _SHARDS.add(self)
+        PROCESS.shards.add(self)
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -357,7 +288,7 @@ class Shard:
                 with self._ticket_lock:  # drawn before the snapshot (see above)
                     self._tickets_issued += 1
                     ticket = self._tickets_issued
-                counts, generation, start, restores = store._next_save()
+                counts, generation, start, restores = store.begin_save()
                 baseline = self._baseline
                 if baseline is not None:
                     counts = tuple(c - b for c, b in zip(counts, baseline, strict=True))
@@ -376,9 +307,9 @@ class Shard:
                 # The slot with the last good save was not touched: the next save rewrites the
                 # same (possibly torn) slot with the same sequence.
                 if generation:
-                    store._rollback_generation(generation, generation - 1)
+                    store.abort_save(generation)
                 if self._failure_slot is not None:
-                    store._count_quietly(self._failure_slot)
+                    store.count_failure(self._failure_slot)
                 self._log_failure(self.path or self._directory, exc)
                 return False
             self._seq = seq
@@ -437,10 +368,15 @@ class Shard:
         if self._pid != os.getpid():
             store = self._store_ref()
             if store is not None and store.pid != os.getpid():
-                store._reset_after_fork()
-            self._reset_in_child()
+                store.reset_for_new_process()
+            self.reset_for_new_process()
 
-    def _reset_in_child(self) -> None:
+    def reset_for_new_process(self) -> None:
+        """Forget the parent's incarnation (the engine calls this in a forked child).
+
+        The next save starts a new incarnation with only the child's counts. Not for callers:
+        in the process that owns the shard it would abandon the lifetime lock's descriptor.
+        """
         # The inherited descriptor shares the parent's open file description, and with it the
         # parent's flock: close our copy without LOCK_UN (which would unlock the parent's).
         fd, self._fd = self._fd, None
@@ -540,13 +476,13 @@ class Shard:
         done = False
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = try_flock(fd)
             except OSError as exc:
-                if exc.errno not in _CONTENTION:
-                    raise ShardWriteError(tmp, f"cannot take the lifetime lock: {exc}") from exc
+                raise ShardWriteError(tmp, f"cannot take the lifetime lock: {exc}") from exc
+            if not locked:
                 # An aggregator is probing this brand-new temp file (it may remove it as an
                 # orphan): never wait for it, a fresh incarnation has a fresh file.
-                raise _Retry(exc) from None
+                raise _Retry(BlockingIOError(errno.EWOULDBLOCK, "locked by another process"))
             _faults.point("create.locked")
             os.fchmod(fd, 0o644)  # whatever the umask: aggregators of other users read it
             view = memoryview(self._layout.new_file(header, start))
@@ -665,13 +601,9 @@ def fsync_directory(directory: str | int) -> None:
 
 # -- one shard per store and directory -------------------------------------------------------
 
-_SHARDS: weakref.WeakSet[Shard] = weakref.WeakSet()
-_REGISTRY: weakref.WeakKeyDictionary[CounterStore, dict[str, Shard]] = weakref.WeakKeyDictionary()
-_REGISTRY_LOCK = threading.Lock()
-
 
 def shard_for(
-    store: CounterStore,
+    store: PersistedStore,
     directory: str | os.PathLike[str],
     *,
     durability: Durability | str = Durability.PROCESS_CRASH,
@@ -686,8 +618,8 @@ def shard_for(
     """
     check_writable(store)
     key = os.path.realpath(os.fspath(directory))
-    with _REGISTRY_LOCK:
-        shards = _REGISTRY.setdefault(store, {})
+    with PROCESS.lock:
+        shards = PROCESS.shards_of.setdefault(store, {})
         shard = shards.get(key)
         if shard is None:
             shard = Shard(
@@ -702,7 +634,7 @@ def shard_for(
 
 
 def save_to_dir(
-    store: CounterStore,
+    store: PersistedStore,
     directory: str | os.PathLike[str],
     *,
     durability: Durability | str = Durability.PROCESS_CRASH,
@@ -718,27 +650,22 @@ def save_to_dir(
         raise
     except Exception as exc:  # noqa: BLE001 - a path that cannot even be resolved
         if failure_key is not None:
-            store._count_quietly(store.schema.slot(failure_key))
+            store.count_failure(store.schema.slot(failure_key))
         # Like a shard's own failures: one line per directory at most every _LOG_EVERY_S.
         key = repr(directory)[:300]
         now = time.monotonic()
-        last = _UNUSABLE_LOGGED.get(key)
+        logged = PROCESS.unusable_logged
+        last = logged.get(key)
         if last is None or now - last >= _LOG_EVERY_S:
-            if len(_UNUSABLE_LOGGED) >= 64:
-                _UNUSABLE_LOGGED.clear()
-            _UNUSABLE_LOGGED[key] = now
+            if len(logged) >= 64:
+                logged.clear()
+            logged[key] = now
             _log.warning("saving to %s failed (counted): %s", directory, exc)
         return False
     return shard.save()
 
 
-# When each unusable directory path was last logged by save_to_dir (bounded).
-_UNUSABLE_LOGGED: dict[str, float] = {}
-
-
 # -- binding ----------------------------------------------------------------------------------
-
-Mode = Literal["write-through", "periodic"]
 
 
 class Binding:
@@ -746,7 +673,7 @@ class Binding:
 
     def __init__(
         self,
-        store: CounterStore,
+        store: PersistedStore,
         directory: str | os.PathLike[str],
         *,
         mode: Mode = "write-through",
@@ -756,31 +683,26 @@ class Binding:
     ) -> None:
         if mode not in ("write-through", "periodic"):
             raise ValueError(f"mode must be 'write-through' or 'periodic', not {mode!r}")
-        if (
-            isinstance(interval, bool)
-            or not isinstance(interval, int | float)
-            or not math.isfinite(interval)
-            or interval <= 0
-        ):
-            raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
-        if store._on_change is not None:
+        seconds = check_seconds("interval", interval)
+        check_writable(store)
+        if store.change_hook is not None:
             raise GatemetricsError(f"{type(store).__name__} is already bound")
         self._store_ref = weakref.ref(store)
         self._shard = shard_for(store, directory, durability=durability, failure_key=failure_key)
         self._mode = mode
-        self._interval = float(interval)
+        self._interval = seconds
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         # The shard exists, locked, from now on: a bind that cannot work fails here, loudly.
         self._shard.open()
         if mode == "write-through":
-            store._set_change_hook(self._shard.save)
+            store.set_change_hook(self._shard.save)
         else:
             self._start_thread()
-        with _REGISTRY_LOCK:
-            _BINDINGS.add(self)
-        _ensure_atexit()
+        with PROCESS.lock:
+            PROCESS.bindings.add(self)
+        PROCESS.ensure_atexit(close_all_bindings)
 
     @property
     def mode(self) -> Mode:
@@ -808,10 +730,10 @@ class Binding:
         self._closed = True
         store = self._store_ref()
         if store is not None and self._mode == "write-through":
-            store._set_change_hook(None)
+            store.set_change_hook(None)
         self._stop_thread()
-        with _REGISTRY_LOCK:
-            _BINDINGS.discard(self)
+        with PROCESS.lock:
+            PROCESS.bindings.discard(self)
         return self._shard.close(save=save)
 
     # -- periodic thread ---------------------------------------------------------------------
@@ -837,22 +759,22 @@ class Binding:
             if self._shard.unsaved():
                 self._shard.save()
 
-    def _before_fork(self) -> bool:
+    # -- fork (called by gatemetrics._process, see gatemetrics._process.Pausable) -------------
+
+    def pause_for_fork(self) -> bool:
         """Stop the thread before a fork; True if it ran (to restart it afterwards)."""
         running = self._thread is not None
         if running:
             self._stop_thread()
         return running
 
-    def _after_fork(self) -> None:
+    def resume_after_fork(self) -> None:
+        """Start the periodic thread again after a fork (a no-op unless periodic and open)."""
         self._start_thread()
 
 
-_BINDINGS: weakref.WeakSet[Binding] = weakref.WeakSet()
-
-
 def bind(
-    store: CounterStore,
+    store: PersistedStore,
     directory: str | os.PathLike[str],
     *,
     mode: Mode = "write-through",
@@ -883,8 +805,8 @@ def close_all_bindings() -> int:
 
     Returns how many final saves failed. Never raises.
     """
-    with _REGISTRY_LOCK:
-        bindings = list(_BINDINGS)
+    with PROCESS.lock:
+        bindings = list(PROCESS.bindings)
     failed = 0
     for binding in bindings:
         try:
@@ -894,48 +816,3 @@ def close_all_bindings() -> int:
             failed += 1
             _log.warning("closing a binding failed: %s", exc)
     return failed
-
-
-_atexit_registered = False
-
-
-def _ensure_atexit() -> None:
-    global _atexit_registered  # noqa: PLW0603 - registered once per process (inherited by forks)
-    with _REGISTRY_LOCK:
-        if not _atexit_registered:
-            atexit.register(close_all_bindings)
-            _atexit_registered = True
-
-
-# -- fork ------------------------------------------------------------------------------------
-
-_restart_after_fork: list[Binding] = []
-
-
-def _before_fork() -> None:
-    # Never fork with one of our threads running (it may hold a lock the child then inherits
-    # held), and never start one in the child before the stores were reset.
-    _restart_after_fork[:] = [b for b in list(_BINDINGS) if b._before_fork()]
-
-
-def _after_fork_in_parent() -> None:
-    bindings, _restart_after_fork[:] = list(_restart_after_fork), []
-    for binding in bindings:
-        binding._after_fork()
-
-
-def _after_fork_in_child() -> None:
-    global _REGISTRY_LOCK  # noqa: PLW0603 - a lock held by a parent thread is dead here
-    _REGISTRY_LOCK = threading.Lock()
-    for shard in list(_SHARDS):
-        shard._reset_in_child()
-    bindings, _restart_after_fork[:] = list(_restart_after_fork), []
-    for binding in bindings:
-        binding._after_fork()
-
-
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)

@@ -166,12 +166,13 @@ class LegacyV1Shard:
         with self._save_lock:
             ident = self._open_locked()
             _faults.point("save.locked")
-            snap, previous = self.store._bump_generation()
+            state = self.store.begin_save()
+            snap = Snapshot(self.store.schema, state[0], state[1], state[2])
             try:
                 counts = tuple(c - b for c, b in zip(snap.counts, self._baseline, strict=True))
                 self._write(ident, snap, counts)
             except BaseException:
-                self.store._rollback_generation(snap.generation, previous)
+                self.store.abort_save(snap.generation)
                 raise
             self._last_saved = counts
             return True
@@ -284,7 +285,7 @@ def legacy_bind(
     """The previous release's write-through binding: lock now, save after every public write."""
     shard = LegacyV1Shard(store, directory, durability=durability)
     shard.open()
-    store._set_change_hook(shard.save)
+    store.set_change_hook(shard.save)
     return shard
 
 

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatemetrics import MAX_COUNT, CounterStore, Family, Schema, SchemaError, Snapshot
+from gatemetrics import (
+    MAX_COUNT,
+    CounterStore,
+    Family,
+    PersistedStore,
+    Schema,
+    SchemaError,
+    Snapshot,
+)
 from tests.shard_tools import in_forked_child
 
 SCHEMA = Schema(
@@ -172,7 +180,8 @@ def test_counts_equal_the_number_of_increments(ops: list[tuple[str, str | None]]
 def test_the_change_hook_runs_once_per_public_write_after_the_counts_are_visible() -> None:
     store = CounterStore(SCHEMA)
     seen: list[tuple[int, ...]] = []
-    store._set_change_hook(lambda: seen.append(store.snapshot().counts))
+    store.set_change_hook(lambda: seen.append(store.snapshot().counts))
+    assert store.change_hook is not None
     store.increment("hits", "a")
     store.increment("misses", None, 3)
     store.increment_slots([1, 2])
@@ -180,7 +189,8 @@ def test_the_change_hook_runs_once_per_public_write_after_the_counts_are_visible
     with pytest.raises(SchemaError):
         store.increment("nope")
     assert len(seen) == 3  # a rejected write changes nothing and notifies nobody
-    store._set_change_hook(None)
+    store.set_change_hook(None)
+    assert store.change_hook is None
     store.increment("hits", "a")
     assert len(seen) == 3
 
@@ -203,13 +213,36 @@ def test_a_forked_child_starts_from_zero_with_a_fresh_lock() -> None:
     assert store.pid == os.getpid()
 
 
-def test_generation_bump_and_rollback() -> None:
-    store = CounterStore(SCHEMA)
-    snap, previous = store._bump_generation()
-    assert (snap.generation, previous, store.generation) == (1, 0, 1)
-    store._rollback_generation(snap.generation, previous)
+def test_a_save_advances_the_generation_and_an_aborted_one_gives_it_back() -> None:
+    store = CounterStore(SCHEMA, clock=lambda: 5.0)
+    store.increment("hits", "b")
+    counts, generation, start, restores = store.begin_save()
+    assert (counts, generation, start, restores) == ((0, 1, 0, 0), 1, 5.0, 0)
+    assert store.generation == 1
+    store.abort_save(generation)
     assert store.generation == 0
-    a, _ = store._bump_generation()
-    b, _ = store._bump_generation()
-    store._rollback_generation(a.generation, 0)  # a later save moved on: keep it
-    assert store.generation == b.generation == 2
+    a = store.begin_save()[1]
+    b = store.begin_save()[1]
+    store.abort_save(a)  # a later save moved on: keep it
+    assert store.generation == b == 2
+
+
+def test_a_counted_failure_does_not_notify_the_change_hook() -> None:
+    store = CounterStore(SCHEMA)
+    seen: list[int] = []
+    store.set_change_hook(lambda: seen.append(1))
+    store.count_failure(store.schema.slot("misses"))
+    assert store.get("misses") == 1
+    assert seen == []
+
+
+def test_a_counter_store_implements_the_persistence_protocol() -> None:
+    # Every member the protocol declares exists on a store (the static check is mypy's).
+    store = CounterStore(SCHEMA)
+    members = [n for n in vars(PersistedStore) if not n.startswith("_") and n not in {"read_only"}]
+    assert members
+    for name in members:
+        assert hasattr(store, name), name
+    assert store.read_only is False
+    protocol: PersistedStore = store
+    assert protocol.schema is SCHEMA

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import subprocess
 import threading
@@ -14,6 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import backend.app.testing.gate_metrics as gm
+import gatemetrics
 from backend.app.testing.gate_metrics import (
     GATE_NAMESPACE,
     GATE_SCHEMA,
@@ -22,7 +26,14 @@ from backend.app.testing.gate_metrics import (
     GateMetricView,
 )
 from backend.app.testing.release_policy import BlockReasonCode
-from gatemetrics import SchemaError, shard_for
+from gatemetrics import (
+    CounterStore,
+    LockTimeoutError,
+    SchemaError,
+    bind,
+    save_to_dir,
+    shard_for,
+)
 from tests.exposition_parser import parse
 from tests.shard_tools import GATE_FAMILIES, GATE_SERIES, REASONS, in_forked_child
 from tests.strategies import any_reason, store_ops, valid_reason
@@ -426,22 +437,34 @@ def test_save_and_load_from_dir_round_trip_through_shards(tmp_path: Path) -> Non
 
 def test_a_view_is_read_only_and_can_never_be_saved(tmp_path: Path) -> None:
     view = GateMetricStore.load_from_dir(tmp_path)
+    # By construction: a view has no write, restore or save method at all.
+    for name in (
+        "record_decision",
+        "record_outcome",
+        "record_breach",
+        "record_audit_write_failure",
+        "record_metric_write_failure",
+        "increment",
+        "increment_slots",
+        "restore",
+        "save_to_dir",
+        "bind_to_dir",
+        "set_change_hook",
+        "begin_save",
+    ):
+        assert not hasattr(view, name), name
+    assert not isinstance(view, CounterStore)
+    # And the engine's persistence refuses it whatever it is called through.
     writes = [
-        lambda: view.record_decision(True),
-        lambda: view.record_outcome(True),
-        view.record_breach,
-        view.record_audit_write_failure,
-        view.record_metric_write_failure,
-        lambda: view.increment("decision_counts", "ALLOW"),
-        lambda: view.increment_slots([0]),
-        lambda: view.restore(GateMetricStore().to_dict()),
-        lambda: view.save_to_dir(tmp_path),
-        lambda: view.bind_to_dir(tmp_path),
+        lambda: save_to_dir(view, tmp_path),  # type: ignore[arg-type]
+        lambda: shard_for(view, tmp_path),  # type: ignore[arg-type]
+        lambda: bind(view, tmp_path),  # type: ignore[arg-type]
     ]
     for write in writes:
         with pytest.raises(TypeError, match="read-only"):
             write()
     assert view.read_only
+    assert view.problem is None
     assert os.listdir(tmp_path) == ["aggregate.lock"]
 
 
@@ -473,9 +496,71 @@ def test_a_view_survives_a_fork_unchanged(tmp_path: Path) -> None:
     shard_for(store, tmp_path).close(save=False)
 
 
-def test_load_from_dir_of_a_missing_directory_raises(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["missing", "a file", "unreadable", "lock busy"])
+def test_load_from_dir_is_fail_open_and_says_why_once(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tmp_path / "shards"
+    if kind == "a file":
+        target.write_text("")
+    elif kind == "unreadable":
+        target.mkdir()
+        target.chmod(0o000)
+        if os.access(target, os.R_OK):  # root reads anything: nothing to test
+            pytest.skip("running as a user that can read a mode-000 directory")
+    elif kind == "lock busy":
+        target.mkdir()
+        fd = os.open(target, os.O_RDONLY)  # the directory's own flock is the aggregation lock
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with caplog.at_level(logging.WARNING):
+            views = [GateMetricStore.load_from_dir(target, lock_timeout=0) for _ in range(3)]
+        for view in views:
+            assert view.problem is not None
+            assert str(target) in view.problem
+            assert view.decision_counts() == {"ALLOW": 0, "DENY": 0}
+            assert view.aggregate is None
+            # An empty view renders the gate's families, at zero.
+            assert list(parse(GateMetricExporter.export_prometheus(view))) == FAMILIES
+        assert [r.getMessage() for r in caplog.records].count(
+            f"gate metrics: an empty view of {target}: {views[0].problem}"
+        ) == 1  # logged once, not once per call
+    finally:
+        if kind == "unreadable":
+            target.chmod(0o755)
+        if kind == "lock busy":
+            os.close(fd)
+
+
+def test_load_from_dir_strict_keeps_the_loud_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        GateMetricStore.load_from_dir(tmp_path / "missing")
+        GateMetricStore.load_from_dir(tmp_path / "missing", strict=True)
+    (tmp_path / "busy").mkdir()
+    fd = os.open(tmp_path / "busy", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(LockTimeoutError):
+            GateMetricStore.load_from_dir(tmp_path / "busy", lock_timeout=0, strict=True)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), -1.0, True, "1", 10**400])
+def test_load_from_dir_refuses_a_lock_timeout_that_is_not_a_duration(
+    tmp_path: Path, timeout: object
+) -> None:
+    with pytest.raises(ValueError, match="lock_timeout"):
+        GateMetricStore.load_from_dir(tmp_path, lock_timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_the_plans_names_mean_what_the_plan_says() -> None:
+    # The label sets are what the schema is built from.
+    assert GATE_SCHEMA.family("decision_counts").values == gm._DECISION_LABELS
+    assert GATE_SCHEMA.family("reason_counts").values == gm._REASON_LABELS
+    assert tuple(r.value for r in BlockReasonCode) == gm._REASON_LABELS
+    assert GATE_SCHEMA.family("breach_counts").values == gm._BREACH_KINDS
+    # The atomic write is the engine's helper itself, not a copy.
+    assert gm._atomic_write is gatemetrics.write_file_atomically
 
 
 def test_bind_to_dir_persists_every_check_once(tmp_path: Path) -> None:

@@ -13,28 +13,55 @@ family                                      label      values
 ``release_gate_metric_write_failures_total`` (none)
 =========================================== ========== =========================================
 
+The schema is built from three fixed label sets: ``_DECISION_LABELS``, ``_REASON_LABELS`` (the
+:class:`BlockReasonCode` values) and ``_BREACH_KINDS``. Nothing else can add a label value.
+
+Recording: every recorder resolves its slots from constants of the schema and adds them through
+the engine store's one write (:meth:`gatemetrics.CounterStore._add`: one lock, one change
+notification), so one gate check is one atomic step and, bound write-through, one save.
+
 Persistence (see :mod:`gatemetrics.shards` and :mod:`gatemetrics.aggregate`): a process saves its
 store as its own shard in a directory (:meth:`GateMetricStore.save_to_dir`), or binds it there
 once (:meth:`GateMetricStore.bind_to_dir`) so it saves itself; a failed save is counted in
 ``release_gate_metric_write_failures_total`` and never raises. :meth:`GateMetricStore.load_from_dir`
-merges a directory into a read-only :class:`GateMetricView`, whose Prometheus exposition also
-carries the pipeline families ``release_gate_quarantined_shards_total`` and
-``release_gate_shards{state}``.
+merges a directory into a :class:`GateMetricView` (read-only by construction: it wraps the
+engine's :class:`~gatemetrics.Aggregate` and has no write or save method), whose Prometheus
+exposition also carries the pipeline families ``release_gate_quarantined_shards_total`` and
+``release_gate_shards{state}``. It is fail-open: a missing, unreadable or corrupt directory gives
+an empty view whose :attr:`GateMetricView.problem` says why (logged once per directory and
+problem), never an exception; ``strict=True`` raises instead (the engine's
+:func:`gatemetrics.aggregate_dir` and the CLI are always loud). Whole files are replaced through
+``_atomic_write``, the engine's :func:`gatemetrics.write_file_atomically` itself.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, ClassVar
 
 from backend.app.testing.release_policy import BlockReasonCode
-from gatemetrics.aggregate import Aggregate, aggregate_dir
-from gatemetrics.exposition import render_json, render_prometheus
-from gatemetrics.schema import Family, Schema
-from gatemetrics.shards import Binding, Durability, Mode, bind, save_to_dir
-from gatemetrics.store import CounterStore
+from gatemetrics import (
+    Aggregate,
+    Binding,
+    CounterStore,
+    Durability,
+    Family,
+    GatemetricsError,
+    Mode,
+    Schema,
+    Snapshot,
+    aggregate_dir,
+    bind,
+    check_seconds,
+    render_json,
+    render_prometheus,
+    save_to_dir,
+    write_file_atomically,
+)
 
 __all__ = [
     "GATE_NAMESPACE",
@@ -49,8 +76,16 @@ GATE_NAMESPACE = "release_gate"
 #: The family that counts failed saves of a gate store.
 _FAILURE_KEY = "metric_write_failures"
 
-DECISIONS = ("ALLOW", "DENY")
-BREACH_KINDS = ("NO_OVERRIDE",)
+#: The fixed label sets the schema is built from (the plan's names).
+_DECISION_LABELS = ("ALLOW", "DENY")
+_REASON_LABELS = tuple(r.value for r in BlockReasonCode)
+_BREACH_KINDS = ("NO_OVERRIDE",)
+
+#: The temp-file-and-rename helper persistence uses wherever a whole file is replaced (the
+#: archive, the textfile): the engine's own, not a copy.
+_atomic_write = write_file_atomically
+
+_log = logging.getLogger("backend.app.testing.gate_metrics")
 
 GATE_SCHEMA = Schema(
     (
@@ -59,21 +94,21 @@ GATE_SCHEMA = Schema(
             "Release gate decisions, by the decision returned to the caller.",
             key="decision_counts",
             label="decision",
-            values=DECISIONS,
+            values=_DECISION_LABELS,
         ),
         Family(
             "release_gate_reason_total",
             "Reasons attached to DENY decisions; each distinct reason counts once per decision.",
             key="reason_counts",
             label="reason",
-            values=tuple(r.value for r in BlockReasonCode),
+            values=_REASON_LABELS,
         ),
         Family(
             "release_gate_contract_breach_total",
             "Overrides attempted on a block with an absolute reason (hard-rejected).",
             key="breach_counts",
             label="kind",
-            values=BREACH_KINDS,
+            values=_BREACH_KINDS,
         ),
         Family(
             "release_gate_audit_write_failures_total",
@@ -103,6 +138,11 @@ _REASON_SLOTS: dict[str, int] = {
 # interpreter, so no other object can share their id.
 _MEMBER_SLOTS: dict[int, int] = {id(r): _REASON_SLOTS[r.value] for r in BlockReasonCode}
 _MEMBER_GET = _MEMBER_SLOTS.get
+# The constant slot tuples of the recorders that always add the same series.
+_ALLOW_ONLY = (_ALLOW,)
+_BREACH_ONLY = (_BREACH,)
+_AUDIT_FAILURE_ONLY = (_AUDIT_FAILURE,)
+_METRIC_FAILURE_ONLY = (_METRIC_FAILURE,)
 
 
 class GateMetricStore(CounterStore):
@@ -120,52 +160,6 @@ class GateMetricStore(CounterStore):
 
     # -- recording ---------------------------------------------------------------------------
 
-    def record_decision(  # noqa: PLR0912 - kept flat: a helper call costs the hot path ~50 ns
-        self, allowed: bool, reasons: Iterable[BlockReasonCode | str] | str | None = ()
-    ) -> None:
-        """Count one decision; for a DENY, count each distinct valid reason once.
-
-        ``allowed`` must be a real ``bool`` (a truthy string such as ``"false"`` would otherwise
-        count the wrong way). ``reasons`` is ignored for an ALLOW.
-        """
-        # acquire/try/finally instead of ``with``: about 0.1 µs less per call on CPython 3.11,
-        # a tenth of this method's budget.
-        lock = self._lock
-        if allowed is True:
-            lock.acquire()
-            try:
-                self._counts[_ALLOW] += 1
-            finally:
-                lock.release()
-        elif allowed is False:
-            cls = reasons.__class__
-            if cls is list or cls is tuple:
-                slots: list[int] = []
-                for r in reasons:  # type: ignore[union-attr]
-                    s = _MEMBER_GET(id(r))
-                    if s is None:
-                        s = _slot_of(r)
-                        if s is None:
-                            continue
-                    if s not in slots:
-                        slots.append(s)
-            else:
-                slots = _reason_slots(reasons)
-            lock.acquire()
-            try:
-                counts = self._counts
-                counts[_DENY] += 1
-                for s in slots:
-                    counts[s] += 1
-            finally:
-                lock.release()
-        else:
-            raise TypeError(f"allowed must be a bool, not {type(allowed).__name__}")
-        # One change notification per call (write-through saving hooks in here).
-        hook = self._on_change
-        if hook is not None:
-            hook()
-
     def record_outcome(
         self,
         allowed: bool,
@@ -176,40 +170,58 @@ class GateMetricStore(CounterStore):
     ) -> None:
         """Count everything one gate check emits in one atomic step.
 
-        The decision (and its reasons for a DENY), plus optionally a contract breach and an
-        audit write failure. Readers never see half of one check's counts, and a store that
-        persists on every change persists once per check instead of up to three times.
+        The decision (and, for a DENY, each distinct valid reason once), plus optionally a
+        contract breach and an audit write failure. Readers never see half of one check's
+        counts, and a store that persists on every change persists once per check. ``allowed``
+        must be a real ``bool`` (a truthy string such as ``"false"`` would otherwise count the
+        wrong way); ``reasons`` is ignored for an ALLOW.
         """
-        if allowed is not True and allowed is not False:
+        slots: tuple[int, ...] | list[int]
+        if allowed is True:
+            slots = _ALLOW_ONLY
+        elif allowed is False:
+            # The gate passes a list of members: resolved inline, by identity (see
+            # _MEMBER_SLOTS); anything else takes the general path.
+            cls = reasons.__class__
+            if cls is list or cls is tuple:
+                slots = [_DENY]
+                for r in reasons:  # type: ignore[union-attr]
+                    s = _MEMBER_GET(id(r))
+                    if s is None:
+                        s = _slot_of(r)
+                        if s is None:
+                            continue
+                    if s not in slots:
+                        slots.append(s)
+            else:
+                slots = [_DENY, *_reason_slots(reasons)]
+        else:
             raise TypeError(f"allowed must be a bool, not {type(allowed).__name__}")
-        slots = [_ALLOW] if allowed else [_DENY, *_reason_slots(reasons)]
-        if breach:
-            slots.append(_BREACH)
-        if audit_write_failure:
-            slots.append(_AUDIT_FAILURE)
-        lock = self._lock
-        lock.acquire()
-        try:
-            counts = self._counts
-            for s in slots:
-                counts[s] += 1
-        finally:
-            lock.release()
-        hook = self._on_change
-        if hook is not None:
-            hook()
+        if breach or audit_write_failure:
+            slots = [*slots]
+            if breach:
+                slots.append(_BREACH)
+            if audit_write_failure:
+                slots.append(_AUDIT_FAILURE)
+        self._add(slots)
+
+    def record_decision(
+        self, allowed: bool, reasons: Iterable[BlockReasonCode | str] | str | None = ()
+    ) -> None:
+        """Count one decision: :meth:`record_outcome` without the breach and audit flags."""
+        self.record_outcome(allowed, reasons)
 
     def record_breach(self) -> None:
         """Count one contract breach (an override attempted on an absolute block)."""
-        self.increment_slots((_BREACH,))
+        self._add(_BREACH_ONLY)
 
     def record_audit_write_failure(self) -> None:
         """Count one audit entry that could not be written."""
-        self.increment_slots((_AUDIT_FAILURE,))
+        self._add(_AUDIT_FAILURE_ONLY)
 
     def record_metric_write_failure(self) -> None:
         """Count one failed attempt to persist these metrics."""
-        self.increment_slots((_METRIC_FAILURE,))
+        self._add(_METRIC_FAILURE_ONLY)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -284,16 +296,29 @@ class GateMetricStore(CounterStore):
 
     @staticmethod
     def load_from_dir(
-        path: str | os.PathLike[str], *, lock_timeout: float = 10.0
+        path: str | os.PathLike[str], *, lock_timeout: float = 10.0, strict: bool = False
     ) -> GateMetricView:
-        """The merged, read-only view of a shard directory (archive plus every shard).
+        """The merged view of a shard directory (archive plus every shard); never raises.
 
-        Does not compact. Raises ``OSError`` for a missing or unreadable directory and
-        ``LockTimeoutError`` if an aggregation holds the directory for ``lock_timeout`` s.
+        Does not compact. Fail-open: for a missing, unreadable or corrupt directory, or one
+        whose lock an aggregation holds past ``lock_timeout`` seconds, the view is empty and
+        its :attr:`~GateMetricView.problem` says why (logged once per directory and problem).
+        With ``strict=True`` those raise instead, as :func:`gatemetrics.aggregate_dir` does:
+        ``OSError`` and ``LockTimeoutError`` (what ``/metrics`` answers 503 for). A
+        ``lock_timeout`` that is not a duration raises ``ValueError`` either way.
         """
-        return GateMetricView(
-            aggregate_dir(path, GATE_SCHEMA, namespace=GATE_NAMESPACE, lock_timeout=lock_timeout)
-        )
+        timeout = check_seconds("lock_timeout", lock_timeout, allow_zero=True)
+        try:
+            result = aggregate_dir(
+                path, GATE_SCHEMA, namespace=GATE_NAMESPACE, lock_timeout=timeout
+            )
+        except (OSError, GatemetricsError) as exc:
+            if strict:
+                raise
+            problem = f"cannot aggregate {os.fspath(path)}: {exc}"
+            _log_problem_once(os.fspath(path), problem)
+            return GateMetricView.empty(problem)
+        return GateMetricView(result)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GateMetricStore:
@@ -307,49 +332,107 @@ class GateMetricStore(CounterStore):
         return store
 
 
-class GateMetricView(GateMetricStore):
+class GateMetricView:
     """A read-only merged view of a shard directory; see :meth:`GateMetricStore.load_from_dir`.
 
-    Readers work as on any store. Every write, ``save_to_dir`` and ``bind_to_dir`` raise
-    ``TypeError``: a view holds every shard's counts, and saving it as a shard would count
-    them all twice. Its Prometheus exposition adds the pipeline families.
+    It wraps the engine's :class:`~gatemetrics.Aggregate` and offers the store's readers; it has
+    no write, restore or save method, so it can never be saved back as a shard (it holds every
+    shard's counts: saved, they would count twice). The engine's ``save_to_dir``, ``bind`` and
+    ``periodic_saver`` refuse it (``read_only``). It is immutable, so it survives a fork as it is.
+    Its Prometheus exposition adds the pipeline families.
     """
 
-    __slots__ = ("_aggregate",)
+    __slots__ = ("_aggregate", "_problem", "_snapshot")
 
-    read_only = True
+    #: Tells the engine's persistence this can never be saved as a shard.
+    read_only: ClassVar[bool] = True
 
     def __init__(self, result: Aggregate) -> None:
         if result.schema is not GATE_SCHEMA:
             raise TypeError("a GateMetricView needs an aggregate over GATE_SCHEMA")
-        super().__init__(clock=lambda: result.start_timestamp)
-        self._counts = list(result.counts)
-        self._aggregate = result
+        self._aggregate: Aggregate | None = result
+        self._snapshot = result.snapshot()
+        self._problem: str | None = None
+
+    @classmethod
+    def empty(cls, problem: str) -> GateMetricView:
+        """A view with every count at zero, saying why there is nothing to show."""
+        view = cls.__new__(cls)
+        view._aggregate = None
+        view._snapshot = Snapshot(GATE_SCHEMA, tuple(GATE_SCHEMA.zeros()))
+        view._problem = problem
+        return view
 
     @property
-    def aggregate(self) -> Aggregate:
-        """The aggregation this view was made from (shard states, archive, quarantine)."""
+    def aggregate(self) -> Aggregate | None:
+        """The aggregation this view was made from (shard states, archive, quarantine); None
+        for an empty view made because the directory could not be aggregated."""
         return self._aggregate
 
-    def _refuse(self, *_: object, **__: object) -> NoReturn:
-        raise TypeError("GateMetricView is a read-only merged view of a shard directory")
+    @property
+    def problem(self) -> str | None:
+        """Why the view is empty (the directory could not be aggregated), or None."""
+        return self._problem
 
-    record_decision = _refuse
-    record_outcome = _refuse
-    record_breach = _refuse
-    record_audit_write_failure = _refuse
-    record_metric_write_failure = _refuse
-    increment = _refuse
-    increment_slots = _refuse
-    restore = _refuse
-    save_to_dir = _refuse
-    bind_to_dir = _refuse
+    @property
+    def schema(self) -> Schema:
+        return GATE_SCHEMA
 
-    def _reset_after_fork(self) -> None:
-        # A view is a snapshot of the directory, not this process's counts: keep it.
-        counts = self._counts
-        super()._reset_after_fork()
-        self._counts = counts
+    def snapshot(self) -> Snapshot:
+        """The merged counts (immutable: the same object every call)."""
+        return self._snapshot
+
+    def to_dict(self) -> dict[str, Any]:
+        """The store's dictionary layout of the merged counts."""
+        return self._snapshot.to_dict()
+
+    def get(self, key: str, value: str | None = None) -> int:
+        """The merged count of one series."""
+        return self._snapshot.get(key, value)
+
+    def decision_counts(self) -> dict[str, int]:
+        """``{"ALLOW": n, "DENY": n}``."""
+        return self._snapshot.family("decision_counts")
+
+    def reason_counts(self) -> dict[str, int]:
+        """Count per :class:`BlockReasonCode` value, every reason present."""
+        return self._snapshot.family("reason_counts")
+
+    def breach_counts(self) -> dict[str, int]:
+        """``{"NO_OVERRIDE": n}``."""
+        return self._snapshot.family("breach_counts")
+
+    def audit_write_failures(self) -> int:
+        return self._snapshot.get("audit_write_failures")
+
+    def metric_write_failures(self) -> int:
+        return self._snapshot.get("metric_write_failures")
+
+    @property
+    def store_generation(self) -> int:
+        """Always 0: a merged view is never persisted."""
+        return self._snapshot.generation
+
+    @property
+    def store_start_timestamp(self) -> float:
+        """When the oldest merged store began counting (0.0 for an empty view)."""
+        return self._snapshot.start_timestamp
+
+
+# The last problem logged per directory (bounded), so a scrape loop over a broken directory
+# logs it once, and again only when the problem changes.
+_LOGGED_PROBLEMS: dict[str, str] = {}
+_LOGGED_LOCK = threading.Lock()
+
+
+def _log_problem_once(path: str, problem: str) -> None:
+    with _LOGGED_LOCK:
+        if _LOGGED_PROBLEMS.get(path) == problem:
+            return
+        if len(_LOGGED_PROBLEMS) >= 64:
+            _LOGGED_PROBLEMS.clear()
+        _LOGGED_PROBLEMS[path] = problem
+    _log.warning("gate metrics: an empty view of %s: %s", path, problem)
 
 
 def _slot_of(reason: object) -> int | None:
@@ -392,16 +475,17 @@ class GateMetricExporter:
     """Renders a :class:`GateMetricStore` (or a merged view of a shard directory)."""
 
     @staticmethod
-    def export_prometheus(store: CounterStore) -> str:
+    def export_prometheus(store: CounterStore | GateMetricView) -> str:
         """Prometheus text exposition 0.0.4, deterministic, every series present.
 
-        For a :class:`GateMetricView` the two pipeline families follow the gate's five.
+        For a :class:`GateMetricView` the two pipeline families follow the gate's five (an
+        empty view, which aggregated nothing, has the gate's five only).
         """
-        if isinstance(store, GateMetricView):
+        if isinstance(store, GateMetricView) and store.aggregate is not None:
             return store.aggregate.render_prometheus()
         return render_prometheus(store.snapshot())
 
     @staticmethod
-    def export_json(store: CounterStore) -> str:
+    def export_json(store: CounterStore | GateMetricView) -> str:
         """The :meth:`GateMetricStore.to_dict` layout as JSON with sorted keys."""
         return render_json(store.snapshot())
