@@ -14,7 +14,7 @@ Command-line flags override what is set here (``--bind``, ``--workers``, ``--pre
   The hook waits at most 0.5 s for the directory lock: when the cron aggregator holds it, the
   cron compacts instead.
 * ``GATEMETRICS_DIR`` and ``RELEASE_GATE_AUDIT_LOG`` are resolved once here, in the master, to
-  absolute paths (defaults: see ``backend/app/main.py``) and written back to the environment,
+  absolute paths (defaults: see ``backend/app/settings.py``) and written back to the environment,
   so the master's compaction and every worker use exactly the same paths.
 * no control socket (gunicorn 27 otherwise creates ``~/.gunicorn``, a surprise in a service's
   home directory and a failure where the home is read-only).
@@ -50,7 +50,7 @@ import logging
 import os
 from typing import Any
 
-from backend.app.main import Settings
+from backend.app.settings import Settings
 from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA
 from gatemetrics import gunicorn as gatemetrics_hooks
 

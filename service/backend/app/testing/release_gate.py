@@ -51,13 +51,14 @@ import socket
 import threading
 import time
 from contextlib import suppress
-from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from dataclasses import dataclass, fields
+from typing import Any, Final, Literal, Protocol, get_type_hints
 
 import anyio
 import anyio.to_thread
 
 from backend.app.testing.audit import AuditEntry, AuditLog, InMemoryAuditLog, OverrideRecord
+from backend.app.testing.fields import FieldTypeError, FieldValueError
 from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_policy import (
     ABSOLUTE_BLOCK_REASONS,
@@ -67,40 +68,70 @@ from backend.app.testing.release_policy import (
     _coerce_reasons,
 )
 
-__all__ = ["GateDecision", "GateMetricSink", "ReleaseGate", "ReleaseOverride"]
+__all__ = [
+    "MAX_INT64",
+    "GateDecision",
+    "GateMetricSink",
+    "ReleaseGate",
+    "ReleaseOverride",
+    "check_now_ms",
+    "check_release_scope",
+]
 
 _logger = logging.getLogger(__name__)
 
-# Audit entries are JSON; orjson refuses integers outside 64 bits, and consumers (jq,
-# Prometheus tooling, Go readers) expect them to fit.
-_MAX_INT64 = 2**63 - 1
+#: The largest integer any field takes. Audit entries are JSON; orjson refuses integers outside
+#: 64 bits, and consumers (jq, Prometheus tooling, Go readers) expect them to fit.
+MAX_INT64: Final = 2**63 - 1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
 
 
+def _check_type(name: str, value: object, kind: type) -> None:
+    # bool is an int subclass, but True is never a count or an instant.
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise FieldTypeError(
+            name, f"{name} must be {article} {kind.__name__}, not {type(value).__name__}"
+        )
+
+
 def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not minimum <= value <= _MAX_INT64:
-        raise ValueError(f"{name} must be in [{minimum}, 2**63-1], got {value}")
+    _check_type(name, value, int)
+    assert isinstance(value, int)  # for mypy: _check_type raised otherwise
+    if not minimum <= value <= MAX_INT64:
+        raise FieldValueError(name, f"{name} must be in [{minimum}, 2**63-1], got {value}")
     return int(value)
 
 
 def _check_text(name: str, value: object, *, required: bool, multiline: bool = False) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    _check_type(name, value, str)
+    assert isinstance(value, str)  # for mypy: _check_type raised otherwise
     # A plain copy: a str subclass could override __eq__ and make any scope "match".
     text = str.__str__(value)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{name} is not valid UTF-8 text (lone surrogate)") from None
+        raise FieldValueError(name, f"{name} is not valid UTF-8 text (lone surrogate)") from None
     if required and not text.strip():
-        raise ValueError(f"{name} must not be empty")
+        raise FieldValueError(name, f"{name} must not be empty")
     if (_CONTROL_BUT_WHITESPACE if multiline else _CONTROL).search(text):
-        raise ValueError(f"{name} must not contain control characters: {text!r}")
+        raise FieldValueError(name, f"{name} must not contain control characters: {text!r}")
     return text
+
+
+def check_release_scope(value: object) -> str:
+    """``release_scope`` as :meth:`ReleaseGate.check` takes it: a str without control
+    characters or lone surrogates (may be empty). Raises
+    :class:`~backend.app.testing.fields.FieldError`."""
+    return _check_text("release_scope", value, required=False)
+
+
+def check_now_ms(value: object) -> int:
+    """``now_ms`` as :meth:`ReleaseGate.check` takes it: an int in ``[0, 2**63-1]``. Raises
+    :class:`~backend.app.testing.fields.FieldError`."""
+    return _check_int("now_ms", value, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +142,12 @@ class ReleaseOverride:
     non-negative int (milliseconds since the epoch, on the gate's clock), the expiry within 64
     bits; ``scope`` a str (may be empty: it then only matches an unscoped check); ``reason``
     and ``created_by`` non-blank. No field may hold control characters (``reason`` may hold
-    tabs and newlines) or lone surrogates. Wrong types raise :class:`TypeError`, bad values
-    :class:`ValueError`.
+    tabs and newlines) or lone surrogates. Every field's type is checked before any value, so
+    a wrong type is reported first. Wrong types raise
+    :class:`~backend.app.testing.fields.FieldTypeError`, bad values
+    :class:`~backend.app.testing.fields.FieldValueError`, naming the field (the expiry bound
+    names ``ttl_seconds``). The fields, their names and types, are the whole definition: the
+    HTTP request schema reads them from here (``dataclasses.fields``).
     """
 
     ttl_seconds: int
@@ -122,18 +157,22 @@ class ReleaseOverride:
     created_by: str
 
     def __post_init__(self) -> None:
+        for spec in fields(self):
+            _check_type(spec.name, getattr(self, spec.name), _OVERRIDE_TYPES[spec.name])
         ttl = _check_int("ttl_seconds", self.ttl_seconds, minimum=1)
         created = _check_int("created_at_ms", self.created_at_ms, minimum=0)
-        if created + ttl * 1000 > _MAX_INT64:
-            raise ValueError("created_at_ms + ttl_seconds*1000 must fit in 64 bits")
-        fields = {
+        if created + ttl * 1000 > MAX_INT64:
+            raise FieldValueError(
+                "ttl_seconds", "created_at_ms + ttl_seconds*1000 must fit in 64 bits"
+            )
+        checked = {
             "ttl_seconds": ttl,
             "created_at_ms": created,
             "scope": _check_text("scope", self.scope, required=False),
             "reason": _check_text("reason", self.reason, required=True, multiline=True),
             "created_by": _check_text("created_by", self.created_by, required=True),
         }
-        for name, value in fields.items():
+        for name, value in checked.items():
             object.__setattr__(self, name, value)
 
     @property
@@ -150,6 +189,10 @@ class ReleaseOverride:
             "reason": self.reason,
             "created_by": self.created_by,
         }
+
+
+#: Each override field's type, read from the annotations (a single definition).
+_OVERRIDE_TYPES: Final[dict[str, type]] = get_type_hints(ReleaseOverride)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,10 +482,11 @@ class ReleaseGate:
 
         ``now_ms`` is the gate's clock in milliseconds since the epoch; it is taken literally
         (the default 0 is the epoch, at which no real override is valid yet). Arguments of the
-        wrong type raise :class:`TypeError` (bad values :class:`ValueError`) before anything is
-        audited or counted; after that, nothing the audit log or the store does makes this
-        raise (exceptions that are not ``Exception``, such as ``KeyboardInterrupt``, still
-        propagate).
+        wrong type raise :class:`~backend.app.testing.fields.FieldTypeError` (bad values
+        :class:`~backend.app.testing.fields.FieldValueError`; both name the argument) before
+        anything is audited or counted; after that, nothing the audit log or the store does
+        makes this raise (exceptions that are not ``Exception``, such as
+        ``KeyboardInterrupt``, still propagate).
         """
         plan = self._plan(policy_result, override, release_scope, now_ms)
         audit_error = self._write_audit(plan)
@@ -504,15 +548,17 @@ class ReleaseGate:
         policy_result: object, override: object, release_scope: object, now_ms: object
     ) -> _Plan:
         if not isinstance(policy_result, ReleasePolicyResult):
-            raise TypeError(
-                f"policy_result must be a ReleasePolicyResult, not {type(policy_result).__name__}"
+            raise FieldTypeError(
+                "policy_result",
+                f"policy_result must be a ReleasePolicyResult, not {type(policy_result).__name__}",
             )
         if override is not None and not isinstance(override, ReleaseOverride):
-            raise TypeError(
-                f"override must be a ReleaseOverride or None, not {type(override).__name__}"
+            raise FieldTypeError(
+                "override",
+                f"override must be a ReleaseOverride or None, not {type(override).__name__}",
             )
-        scope = _check_text("release_scope", release_scope, required=False)
-        now = _check_int("now_ms", now_ms, minimum=0)
+        scope = check_release_scope(release_scope)
+        now = check_now_ms(now_ms)
         allowed, applied, breach, tokens = _decide(policy_result, override, scope, now)
         return _Plan(policy_result, override, scope, now, allowed, applied, breach, tokens)
 

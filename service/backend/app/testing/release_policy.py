@@ -7,6 +7,9 @@ Every reason carries a minimum verdict (:data:`REASON_VERDICTS`): missing tier o
 failed ops gate and any guard violation block; failing tiers, flaky tests, a drift alert, a
 breaking canary and missing drift or canary data hold. A result's verdict is never below the
 minimum of its reasons, so no hand-built result can dress a block up as an overridable hold.
+
+Every refused argument raises a :class:`~backend.app.testing.fields.FieldError` (a
+``TypeError`` or ``ValueError``) naming the field and the rule it broke.
 """
 
 from __future__ import annotations
@@ -16,6 +19,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum, unique
 from types import MappingProxyType
 from typing import Any
+
+from backend.app.testing.fields import (
+    INCONSISTENT_RESULT,
+    UNKNOWN_REASON,
+    UNKNOWN_VERDICT,
+    FieldTypeError,
+    FieldValueError,
+    shown,
+)
 
 __all__ = [
     "ABSOLUTE_BLOCK_REASONS",
@@ -122,38 +134,49 @@ def _coerce_verdict(value: object) -> ReleaseVerdict:
     if isinstance(value, ReleaseVerdict):
         return value
     if not isinstance(value, str):
-        raise TypeError(
-            f"verdict must be a ReleaseVerdict or its value, not {type(value).__name__}"
+        raise FieldTypeError(
+            "verdict", f"verdict must be a ReleaseVerdict or its value, not {type(value).__name__}"
         )
     try:
         return ReleaseVerdict(value)
     except ValueError:
         valid = ", ".join(v.value for v in ReleaseVerdict)
-        raise ValueError(f"unknown verdict {value!r}; expected one of {valid}") from None
+        raise FieldValueError(
+            "verdict",
+            f"unknown verdict {shown(value)}; expected one of {valid}",
+            code=UNKNOWN_VERDICT,
+        ) from None
 
 
 def _coerce_reasons(reasons: object) -> tuple[BlockReasonCode, ...]:
     """``reasons`` as distinct :class:`BlockReasonCode` members in declaration order.
 
-    Accepts any iterable (but not a lone string) of members or their values. Raises
-    :class:`TypeError` for a non-iterable, a string, or a non-string item, and
-    :class:`ValueError` naming an unknown reason.
+    Accepts any iterable (but not a lone string or a mapping) of members or their values. Raises
+    :class:`FieldTypeError` for a non-iterable, a string, or a non-string item (field
+    ``reasons[i]``, ``i`` counting the items as iterated), and :class:`FieldValueError` (code
+    ``unknown_reason``) naming an unknown reason.
     """
-    if isinstance(reasons, str | bytes) or not isinstance(reasons, Iterable):
-        raise TypeError(
-            f"reasons must be an iterable of BlockReasonCode, not {type(reasons).__name__}"
+    # A mapping iterates its keys: surely a mistake (a JSON object where a list was meant).
+    if isinstance(reasons, str | bytes | Mapping) or not isinstance(reasons, Iterable):
+        raise FieldTypeError(
+            "reasons",
+            f"reasons must be an iterable of BlockReasonCode, not {type(reasons).__name__}",
         )
     found: set[BlockReasonCode] = set()
-    for item in reasons:
+    for i, item in enumerate(reasons):
         if isinstance(item, BlockReasonCode):
             found.add(item)
             continue
         if not isinstance(item, str):
-            raise TypeError(f"a reason must be a BlockReasonCode, not {type(item).__name__}")
+            raise FieldTypeError(
+                f"reasons[{i}]", f"a reason must be a BlockReasonCode, not {type(item).__name__}"
+            )
         try:
             found.add(BlockReasonCode(item))
         except ValueError:
-            raise ValueError(f"unknown block reason {item!r}") from None
+            raise FieldValueError(
+                f"reasons[{i}]", f"unknown block reason {shown(item)}", code=UNKNOWN_REASON
+            ) from None
     return tuple(sorted(found, key=_REASON_ORDER.__getitem__))
 
 
@@ -177,7 +200,8 @@ class ReleasePolicyResult:
       members in declaration order (so equal facts give equal results).
     - The verdict must be at least the minimum of its reasons (:data:`REASON_VERDICTS`): a
       RELEASE_OK carrying reasons, or a hold carrying a blocking reason, is a contradiction and
-      raises :class:`ValueError`. HOLD or BLOCK without reasons is allowed (a manual hold).
+      raises :class:`~backend.app.testing.fields.FieldValueError` (field ``reasons``, code
+      ``inconsistent_result``). HOLD or BLOCK without reasons is allowed (a manual hold).
     - ``required_actions``: strings, stored as a tuple.
     - ``details``: a mapping with string keys, copied into a read-only mapping (values are not
       deep-copied: keep them immutable).
@@ -204,26 +228,36 @@ class ReleasePolicyResult:
             else:
                 problem = f"verdict {checked_verdict.value} is below {floor.value}"
             names = ",".join(r.value for r in checked_reasons)
-            raise ValueError(f"{problem} (reasons: {names})")
+            raise FieldValueError(
+                "reasons", f"{problem} (reasons: {names})", code=INCONSISTENT_RESULT
+            )
         if isinstance(required_actions, str | bytes) or not isinstance(required_actions, Iterable):
-            raise TypeError(
+            raise FieldTypeError(
+                "required_actions",
                 "required_actions must be an iterable of str, "
-                f"not {type(required_actions).__name__}"
+                f"not {type(required_actions).__name__}",
             )
         actions = tuple(required_actions)
-        for action in actions:
+        for i, action in enumerate(actions):
             if not isinstance(action, str):
-                raise TypeError(f"a required action must be a str, not {type(action).__name__}")
+                raise FieldTypeError(
+                    f"required_actions[{i}]",
+                    f"a required action must be a str, not {type(action).__name__}",
+                )
         if details is None:
             frozen_details = _empty_details()
         elif isinstance(details, Mapping):
             copied = dict(details)
             for key in copied:
                 if not isinstance(key, str):
-                    raise TypeError(f"details keys must be str, not {type(key).__name__}")
+                    raise FieldTypeError(
+                        "details", f"details keys must be str, not {type(key).__name__}"
+                    )
             frozen_details = MappingProxyType(copied)
         else:
-            raise TypeError(f"details must be a mapping, not {type(details).__name__}")
+            raise FieldTypeError(
+                "details", f"details must be a mapping, not {type(details).__name__}"
+            )
         object.__setattr__(self, "verdict", checked_verdict)
         object.__setattr__(self, "reasons", checked_reasons)
         object.__setattr__(self, "required_actions", actions)
@@ -240,16 +274,16 @@ class ReleasePolicyResult:
 def _check_bool(name: str, value: object) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
-    raise TypeError(f"{name} must be a bool or None, not {type(value).__name__}")
+    raise FieldTypeError(name, f"{name} must be a bool or None, not {type(value).__name__}")
 
 
 def _check_count(name: str, value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
+        raise FieldTypeError(name, f"{name} must be an int or None, not {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise FieldValueError(name, f"{name} must be >= 0, got {value}")
     return value
 
 
@@ -257,13 +291,15 @@ def _check_names(name: str, values: object) -> tuple[str, ...] | None:
     if values is None:
         return None
     if isinstance(values, str | bytes) or not isinstance(values, Collection):
-        raise TypeError(f"{name} must be a collection of names, not {type(values).__name__}")
+        raise FieldTypeError(
+            name, f"{name} must be a collection of names, not {type(values).__name__}"
+        )
     names: set[str] = set()
     for item in values:
         if not isinstance(item, str):
-            raise TypeError(f"{name} must hold str names, not {type(item).__name__}")
+            raise FieldTypeError(name, f"{name} must hold str names, not {type(item).__name__}")
         if not item:
-            raise ValueError(f"{name} must not hold an empty name")
+            raise FieldValueError(name, f"{name} must not hold an empty name")
         names.add(item)
     return tuple(sorted(names))
 
@@ -272,17 +308,23 @@ def _check_tiers(value: object) -> dict[str, bool] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise TypeError(
-            f"tier_results must be a mapping of tier -> bool, not {type(value).__name__}"
+        raise FieldTypeError(
+            "tier_results",
+            f"tier_results must be a mapping of tier -> bool, not {type(value).__name__}",
         )
     tiers: dict[str, bool] = {}
     for tier, passed in value.items():
         if not isinstance(tier, str):
-            raise TypeError(f"tier_results keys must be str, not {type(tier).__name__}")
+            raise FieldTypeError(
+                "tier_results", f"tier_results keys must be str, not {type(tier).__name__}"
+            )
         if not tier:
-            raise ValueError("tier_results must not hold an empty tier name")
+            raise FieldValueError("tier_results", "tier_results must not hold an empty tier name")
         if not isinstance(passed, bool):
-            raise TypeError(f"tier_results[{tier!r}] must be a bool, not {type(passed).__name__}")
+            raise FieldTypeError(
+                f"tier_results[{tier!r}]",
+                f"tier_results[{tier!r}] must be a bool, not {type(passed).__name__}",
+            )
         tiers[tier] = passed
     return tiers
 
@@ -319,8 +361,9 @@ class ReleasePolicy:
         - ``ops_gate_passed``: anything but ``True``: OPS_GATE_FAIL (absolute block).
 
         The verdict is the maximum over the reasons, so adding a bad signal never lowers it,
-        and the reasons of all bad signals are merged. Wrong types raise :class:`TypeError`,
-        negative counts :class:`ValueError`.
+        and the reasons of all bad signals are merged. Wrong types raise
+        :class:`~backend.app.testing.fields.FieldTypeError`, negative counts and empty names
+        :class:`~backend.app.testing.fields.FieldValueError`, naming the argument.
         """
         tiers = _check_tiers(tier_results)
         flaky = _check_names("flaky_tests", flaky_tests)
