@@ -1,4 +1,4 @@
-"""Tests of gatemetrics._flock: the short-held exclusive flock with a timeout."""
+"""Tests of gatemetrics._flock: the one non-blocking flock attempt, and the short-held lock."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from gatemetrics import LockTimeoutError
+from gatemetrics import LockTimeoutError, flock_until, try_flock
 from gatemetrics._flock import exclusive_flock
 from tests.shard_tools import is_locked
 
@@ -117,3 +118,50 @@ def test_never_creates_a_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError), exclusive_flock(str(missing), timeout=1):
         pass
     assert not missing.parent.exists()
+
+
+# -- the one non-blocking attempt: gatemetrics.try_flock / gatemetrics.flock_until -------------
+
+
+def test_try_flock_is_true_when_taken_and_false_while_another_process_holds_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.lock"
+    proc = start_holder(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert try_flock(fd) is False  # contention is an answer, not an error
+        stop(proc)
+        assert try_flock(fd) is True
+        assert try_flock(fd) is True  # held through this description already: still ours
+    finally:
+        os.close(fd)
+        stop(proc)
+
+
+def test_try_flock_raises_for_an_error_that_is_not_contention(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        try_flock(fd)  # EBADF: the lock cannot work, so it must not read as "busy"
+
+
+def test_flock_until_makes_one_attempt_even_past_its_deadline_and_names_the_lock(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.lock"
+    path.touch()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flock_until(fd, time.monotonic() - 1, path="free", timeout=0)  # a free lock: taken
+    finally:
+        os.close(fd)
+    proc = start_holder(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(LockTimeoutError) as err:
+            flock_until(fd, time.monotonic() + 0.05, path="shown", timeout=7.5)
+        assert (err.value.path, err.value.timeout) == ("shown", 7.5)
+    finally:
+        os.close(fd)
+        stop(proc)

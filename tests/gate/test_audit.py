@@ -1415,3 +1415,12 @@ def test_a_partial_write_never_removes_lines_another_writer_appended_after_it_st
         )
         assert done.returncode == 0, done.stderr
         assert len(done.stdout.splitlines()) == 12
+
+
+def test_the_audit_log_takes_its_flocks_through_the_engines_public_helper() -> None:
+    # One non-blocking attempt and one classification of contention for the whole tree: the
+    # audit log uses the engine's public helper, not a copy of its own.
+    import backend.app.testing.audit as audit_module
+    import gatemetrics
+
+    assert audit_module.flock_until is gatemetrics.flock_until

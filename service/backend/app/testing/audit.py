@@ -106,7 +106,7 @@ from typing import Any, Literal, Protocol, TypedDict, cast
 
 import orjson
 
-from gatemetrics.errors import LockTimeoutError
+from gatemetrics import LockTimeoutError, flock_until
 
 __all__ = ["AuditEntry", "AuditLog", "InMemoryAuditLog", "JsonlAuditLog", "OverrideRecord"]
 
@@ -780,19 +780,14 @@ def _close(state: _ProcessState, fd: int) -> None:
 
 
 def _flock_until(fd: int, deadline: float, path: str, timeout: float) -> None:
-    """Take an exclusive ``flock`` on ``fd``, polling until ``deadline`` (at least one try)."""
-    wait = _FIRST_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise LockTimeoutError(path, timeout) from None
-            time.sleep(min(wait, remaining))
-            wait = min(wait * 2, _MAX_WAIT_S)
-        else:
-            return
+    """Take an exclusive ``flock`` on ``fd``, polling until ``deadline`` (at least one try).
+
+    The engine's one non-blocking attempt and its classification of contention
+    (:func:`gatemetrics.flock_until`), with the audit log's shorter back-off (see above).
+    """
+    flock_until(
+        fd, deadline, path=path, timeout=timeout, first_wait=_FIRST_WAIT_S, max_wait=_MAX_WAIT_S
+    )
 
 
 def _append(fd: int, lines: Sequence[bytes], *, sync: bool = False) -> list[int]:
