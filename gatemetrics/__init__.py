@@ -21,9 +21,12 @@ from gatemetrics.aggregate import (
     Aggregate,
     ArchiveReport,
     CompactionReport,
+    RecordedSchema,
     ShardReport,
     aggregate_dir,
+    default_namespace,
     pipeline_schema,
+    recorded_schema,
 )
 from gatemetrics.aio import asave, periodic_saver
 from gatemetrics.errors import GatemetricsError, LockTimeoutError, SchemaError, ShardWriteError
@@ -60,6 +63,7 @@ __all__ = [
     "LockTimeoutError",
     "Mode",
     "PersistedStore",
+    "RecordedSchema",
     "SaveState",
     "Schema",
     "SchemaError",
@@ -72,10 +76,12 @@ __all__ = [
     "bind",
     "check_seconds",
     "close_all_bindings",
+    "default_namespace",
     "flock_until",
     "new_identity",
     "periodic_saver",
     "pipeline_schema",
+    "recorded_schema",
     "render_json",
     "render_prometheus",
     "save_to_dir",
