@@ -32,7 +32,15 @@ from gatemetrics.aio import asave, periodic_saver
 from gatemetrics.errors import GatemetricsError, LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.exposition import CONTENT_TYPE, render_json, render_prometheus
 from gatemetrics.persistence import PersistedStore, SaveState
-from gatemetrics.schema import MAX_COUNT, Family, Schema
+from gatemetrics.schema import (
+    MAX_COUNT,
+    CountsDict,
+    Family,
+    Kind,
+    Schema,
+    check_generation,
+    check_timestamp,
+)
 from gatemetrics.shards import (
     Binding,
     Durability,
@@ -41,6 +49,7 @@ from gatemetrics.shards import (
     Shard,
     bind,
     close_all_bindings,
+    fsync_directory,
     new_identity,
     save_to_dir,
     shard_for,
@@ -56,10 +65,12 @@ __all__ = [
     "Binding",
     "CompactionReport",
     "CounterStore",
+    "CountsDict",
     "Durability",
     "Family",
     "GatemetricsError",
     "Identity",
+    "Kind",
     "LockTimeoutError",
     "Mode",
     "PersistedStore",
@@ -74,10 +85,13 @@ __all__ = [
     "aggregate_dir",
     "asave",
     "bind",
+    "check_generation",
     "check_seconds",
+    "check_timestamp",
     "close_all_bindings",
     "default_namespace",
     "flock_until",
+    "fsync_directory",
     "new_identity",
     "periodic_saver",
     "pipeline_schema",

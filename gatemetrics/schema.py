@@ -26,8 +26,12 @@ __all__ = [
     "GENERATION_KEY",
     "MAX_COUNT",
     "START_TIMESTAMP_KEY",
+    "CountsDict",
     "Family",
+    "Kind",
     "Schema",
+    "check_generation",
+    "check_timestamp",
 ]
 
 #: Largest count a store or file may hold: JSON writers and readers (orjson) stop at 64-bit ints.
@@ -40,7 +44,9 @@ _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 _KEY = re.compile(r"[a-z_][a-z0-9_]*\Z")
 
+#: What a family is: a ``counter`` (only goes up) or a ``gauge``.
 Kind: TypeAlias = Literal["counter", "gauge"]
+#: The dictionary layout's type (see the module documentation).
 CountsDict: TypeAlias = dict[str, Any]
 _T = TypeVar("_T")
 

@@ -88,9 +88,11 @@ __all__ = [
     "Shard",
     "bind",
     "close_all_bindings",
+    "fsync_directory",
     "new_identity",
     "save_to_dir",
     "shard_for",
+    "write_file_atomically",
 ]
 
 #: The named crash points of creating a shard, in order (see :mod:`gatemetrics._faults`).
