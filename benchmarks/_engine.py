@@ -45,7 +45,7 @@ def default_durability_name() -> str:
 
 def backend_defaults() -> dict[str, Any]:
     """The backend's persistence settings when none is configured (``Settings.from_env``)."""
-    from backend.app.main import Settings
+    from backend.app.settings import Settings
 
     settings = Settings.from_env({"GATEMETRICS_DIR": "/unused", "RELEASE_GATE_AUDIT_LOG": "/x"})
     return {

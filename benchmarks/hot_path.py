@@ -2,7 +2,7 @@
 
 ``record_outcome(allowed, reasons)`` is what ``ReleaseGate`` calls, once per check (it also
 takes the breach and audit-failure flags, off here); ``record_decision``, the older single-purpose
-recorder, is shown next to it. Both sides make the same labelled increments in one process,
+recorder (now ``record_outcome`` without the flags, one call deeper), is shown next to it. Both sides make the same labelled increments in one process,
 interleaved round by round:
 an ALLOW is one increment (``decision="ALLOW"``); a DENY with k reasons is 1 + k increments
 (``decision="DENY"`` and one ``reason`` each). prometheus_client runs in multiprocess mode
@@ -165,9 +165,11 @@ def run(ctx: Context) -> dict[str, Any]:
             )
         ],
         "notes": [
-            "`record_outcome` builds the list of slots to increment before taking the store's "
-            "lock (it also handles the breach and audit-failure flags); `record_decision` is "
-            "unrolled by hand. The target is on `record_outcome`, the call the gate makes.",
+            "`record_outcome` resolves the slots to increment from the schema's constants and "
+            "adds them through the store's one write (`CounterStore._add`: one lock, one change "
+            "notification), the mechanism every recorder and `increment_slots` share; "
+            "`record_decision` is `record_outcome` without the flags. The target is on "
+            "`record_outcome`, the call the gate makes.",
             "Against children cached in advance (not how its documentation writes it, but "
             "possible with bounded labels) the ratio is lower; it is shown, not hidden.",
             f"prometheus_client wrote {files[0]} in `PROMETHEUS_MULTIPROC_DIR` (checked).",

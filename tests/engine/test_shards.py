@@ -44,7 +44,8 @@ from tests.processes import Reaper, read_line, run_python, wait_until
 from tests.shard_tools import dead_shard, in_forked_child, is_locked
 
 SHARD_NAME = re.compile(r"v2-[0-9a-f]{8}-\d+-[0-9a-f]+-[0-9a-f]{16}\.shard\Z")
-CLEAN = ["aggregate.lock", "archive.json"]  # a directory whose every shard was absorbed
+# A directory whose every shard was absorbed (compaction also records the schema it holds).
+CLEAN = ["aggregate.lock", "archive.json", "schema.json"]
 
 
 def agg(directory: Path, *, compact: bool = False) -> Aggregate:
@@ -663,7 +664,7 @@ def test_saving_after_close_starts_a_new_incarnation_with_only_new_counts(tmp_pa
     assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
     agg(tmp_path, compact=True)
     assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
-    assert files(tmp_path, ".json") == ["archive.json"]
+    assert files(tmp_path, ".json") == ["archive.json", "schema.json"]
     assert owned(tmp_path) == [(v2_names(shard.identity.incarnation)[0], "v2")]  # the live one
     shard.close()
     assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
