@@ -1,0 +1,274 @@
+"""Binding a store to a directory: write-through saves once per public write, periodic saves
+from a thread, exit saves, bad options refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import (
+    Durability,
+    GatemetricsError,
+    Shard,
+    ShardWriteError,
+    _faults,
+    bind,
+)
+from tests.engine.shard_helpers import (
+    agg,
+    files,
+    raise_at,
+    read_shard,
+    totals,
+)
+from tests.processes import Reaper, read_line, run_python, wait_until
+
+# -- binding ---------------------------------------------------------------------------------
+
+
+def test_write_through_saves_once_per_public_write(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path)
+    calls: list[Callable[[], None]] = [
+        lambda: store.record_decision(True),
+        lambda: store.record_decision(False, ["TIER_FAIL", "DRIFT_ALERT"]),
+        lambda: store.record_outcome(False, ["GUARD_VIOLATION"], breach=True),
+        store.record_breach,
+        store.record_audit_write_failure,
+        store.record_metric_write_failure,
+        lambda: store.increment("decision_counts", "ALLOW"),
+        lambda: store.increment_slots([0]),
+    ]
+    for i, call in enumerate(calls, 1):
+        call()
+        assert store.store_generation == i  # exactly one save per call
+        (name,) = files(tmp_path, ".shard")
+        record = read_shard(tmp_path / name)
+        assert (record.seq, record.generation) == (i, i)
+        assert record.counts == store.snapshot().counts
+    binding.close()
+
+
+class _CountingLock:
+    """A lock that counts how often it was taken (to know when threads reached a point)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.taken = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.taken += 1
+
+    def __exit__(self, *_: object) -> None:
+        self._lock.release()
+
+
+def _queued_behind_a_blocked_save(
+    store: GateMetricStore,
+    shard: Shard,
+    fault: Callable[[Callable[[str], None]], None],
+    *,
+    waiters: int,
+    then: Callable[[], None],
+) -> None:
+    """One write-through call whose save stops inside the save lock, and ``waiters`` more calls
+    queued behind it (each has counted and drawn its wait ticket); then the blocked save goes
+    on (running ``then`` first) and every call finishes."""
+    entered, release = threading.Event(), threading.Event()
+    first = [True]
+
+    def hook(step: str) -> None:
+        if step == "save.written" and first[0]:
+            first[0] = False
+            entered.set()
+            assert release.wait(timeout=30)
+            then()
+
+    counting = _CountingLock()
+    shard._ticket_lock = counting  # type: ignore[assignment]
+    fault(hook)
+    threads = [threading.Thread(target=store.record_decision, args=(True,))]
+    threads[0].start()
+    assert entered.wait(timeout=30)
+    threads += [
+        threading.Thread(target=store.record_decision, args=(True,)) for _ in range(waiters)
+    ]
+    for t in threads[1:]:
+        t.start()
+    # The blocked save took the ticket lock twice (its wait ticket, its save ticket); each
+    # waiter once, after counting: then every waiter is queued on the save lock.
+    wait_until(lambda: counting.taken == 2 + waiters)
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+
+
+def test_write_through_calls_queued_behind_a_save_share_the_next_save(
+    tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
+) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path)
+    _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=lambda: None)
+    # The blocked save, then one save for all five waiters (each counted before it began).
+    assert store.store_generation == 2
+    assert totals(tmp_path) == {"ALLOW": 6, "DENY": 0}
+    binding.close()
+
+
+def test_write_through_callers_save_themselves_when_the_save_they_waited_for_fails(
+    tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
+) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path)
+
+    def fail() -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=fail)
+    assert store.metric_write_failures() == 1
+    assert store.store_generation == 1  # the failed save rolled back; one save served the rest
+    assert totals(tmp_path) == {"ALLOW": 6, "DENY": 0}
+    binding.close()
+
+
+def test_write_through_is_durable_when_each_concurrent_call_returns(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path, durability=Durability.PROCESS_CRASH)
+    returned = [0]
+    lock = threading.Lock()
+    problems: list[str] = []
+
+    def worker() -> None:
+        for _ in range(25):
+            store.record_decision(False, ["TIER_FAIL"])
+            with lock:
+                returned[0] += 1
+                done = returned[0]
+            # Every call that returned before this read is in the file (the shard only grows).
+            on_disk = totals(tmp_path)["DENY"]
+            if on_disk < done:
+                problems.append(f"{done} calls returned, {on_disk} on disk")
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert problems == []
+    assert totals(tmp_path) == {"ALLOW": 0, "DENY": 200}
+    assert store.store_generation <= 200
+    binding.close()
+
+
+def test_write_through_failures_are_counted_without_recursion(
+    tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
+) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path)
+    fault(raise_at("save.locked", OSError(errno.EIO, "I/O error")))
+    for _ in range(5):
+        store.record_decision(True)  # never raises
+    assert store.metric_write_failures() == 5
+    assert store.decision_counts()["ALLOW"] == 5
+    assert totals(tmp_path) == {"ALLOW": 0, "DENY": 0}
+    _faults.HOOK = None
+    assert binding.close()
+    snap = agg(tmp_path).snapshot()
+    assert snap.get("metric_write_failures") == 5
+    assert snap.family("decision_counts") == {"ALLOW": 5, "DENY": 0}
+
+
+def test_write_through_is_exact_when_sigkilled_right_after_the_call_returned(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    proc = reaper.python(
+        """
+        from backend.app.testing.gate_metrics import GateMetricStore
+        store = GateMetricStore()
+        store.bind_to_dir(sys.argv[1])
+        for i in range(137):
+            store.record_outcome(i % 3 == 0, ["NO_TIER_DATA"], breach=i % 10 == 0)
+        print("returned", flush=True)
+        sys.stdin.read()
+        """,
+        str(tmp_path),
+        stdin=True,
+    )
+    assert read_line(proc) == "returned"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    snap = agg(tmp_path).snapshot()
+    assert snap.family("decision_counts") == {"ALLOW": 46, "DENY": 91}
+    assert snap.get("reason_counts", "NO_TIER_DATA") == 91
+    assert snap.get("breach_counts", "NO_OVERRIDE") == 14
+
+
+def test_periodic_binding_saves_in_the_background_and_on_close(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    binding = store.bind_to_dir(tmp_path, mode="periodic", interval=0.02)
+    assert binding.mode == "periodic"
+    assert len(files(tmp_path, ".shard")) == 1  # created (and locked) at bind time
+    store.record_decision(True)
+    wait_until(lambda: totals(tmp_path)["ALLOW"] == 1)
+    generation = store.store_generation
+    store.record_decision(True)
+    wait_until(lambda: totals(tmp_path)["ALLOW"] == 2)
+    assert store.store_generation == generation + 1  # no saves while nothing changed
+    store.record_decision(False)
+    assert binding.close()
+    assert totals(tmp_path) == {"ALLOW": 2, "DENY": 1}
+    assert binding.close()  # idempotent
+    assert not any(t.name == "gatemetrics-periodic-save" for t in threading.enumerate())
+
+
+def test_atexit_saves_a_periodic_binding(tmp_path: Path, reaper: Reaper) -> None:
+    done = run_python(
+        """
+        from backend.app.testing.gate_metrics import GateMetricStore
+        store = GateMetricStore()
+        store.bind_to_dir(sys.argv[1], mode="periodic", interval=3600)
+        for _ in range(7):
+            store.record_decision(True)
+        """,
+        str(tmp_path),
+    )
+    code, _, err = done.returncode, done.stdout, done.stderr
+    assert code == 0, err
+    assert totals(tmp_path) == {"ALLOW": 7, "DENY": 0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"mode": "sometimes"}, ValueError),
+        ({"mode": "periodic", "interval": 0}, ValueError),
+        ({"mode": "periodic", "interval": -1.0}, ValueError),
+    ],
+)
+def test_bind_rejects_bad_options(tmp_path: Path, kwargs: dict[str, object], error: type) -> None:
+    with pytest.raises(error):
+        bind(GateMetricStore(), tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_store_can_be_bound_once(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    binding = bind(store, tmp_path)
+    with pytest.raises(GatemetricsError, match="already bound"):
+        bind(store, tmp_path / "other")
+    binding.close()
+    bind(store, tmp_path).close()
+
+
+def test_binding_an_unusable_directory_fails_loudly(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ShardWriteError):
+        GateMetricStore().bind_to_dir(tmp_path / "f" / "shards")

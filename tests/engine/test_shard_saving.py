@@ -1,0 +1,751 @@
+"""Saving a store as its shard: one fixed-size v2 file per incarnation, the lifetime lock on
+the data file itself, in-place saves, failures counted and never raised."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import gatemetrics.shards as shards_module
+from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
+from gatemetrics import (
+    Aggregate,
+    CounterStore,
+    Durability,
+    Identity,
+    Shard,
+    _faults,
+    aggregate_dir,
+    bind,
+    new_identity,
+    save_to_dir,
+    shard_for,
+)
+from gatemetrics._format import layout_for, v2_names
+from gatemetrics.shards import CREATE_STEPS
+from tests.engine.shard_helpers import (
+    SHARD_NAME,
+    agg,
+    files,
+    header_length,
+    interfere_after_create,
+    owned,
+    raise_at,
+    read_shard,
+    totals,
+)
+from tests.processes import Reaper, read_line, run_python
+from tests.shard_tools import is_locked
+
+# -- saving ----------------------------------------------------------------------------------
+
+
+def test_save_writes_one_fixed_size_v2_shard_with_its_identity_and_cumulative_counts(
+    tmp_path: Path,
+) -> None:
+    store = GateMetricStore(clock=lambda: 1234.5)
+    store.record_decision(False, ["TIER_FAIL"])
+    umask = os.umask(0o077)
+    try:
+        assert store.save_to_dir(tmp_path)
+    finally:
+        os.umask(umask)
+    (name,) = files(tmp_path, ".shard")
+    assert SHARD_NAME.match(name)
+    assert owned(tmp_path) == [(name, "v2")]  # no lock file, no temp file left
+    shard = shard_for(store, tmp_path)
+    ident = shard.identity
+    assert ident is not None
+    assert name == v2_names(ident.incarnation)[0]
+    assert shard.path == str(tmp_path / name)
+    record = read_shard(tmp_path / name)
+    assert (record.format, record.incarnation) == (2, ident.incarnation)
+    assert (record.pid, record.host) == (os.getpid(), ident.host)
+    assert (record.seq, record.generation, record.torn_slots) == (1, 1, 0)
+    assert record.counts == store.snapshot().counts
+    assert record.start == 1234.5
+    data = (tmp_path / name).read_bytes()
+    first = (tmp_path / name).stat()
+    assert first.st_size == layout_for(GATE_SCHEMA).file_size(header_length(data))
+    assert stat.S_IMODE(first.st_mode) == 0o644  # whatever the umask: other users aggregate
+    store.record_decision(True)
+    assert store.save_to_dir(tmp_path)
+    record = read_shard(tmp_path / name)
+    assert (record.seq, record.generation) == (2, 2)
+    assert store.store_generation == 2
+    assert record.counts == store.snapshot().counts
+    second = (tmp_path / name).stat()
+    # Written in place: the same inode at the same size, never renamed over or grown.
+    assert (second.st_ino, second.st_size) == (first.st_ino, first.st_size)
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
+    shard.close(save=False)
+
+
+def test_each_save_writes_the_other_slot_in_place_and_the_aggregate_never_goes_down(
+    tmp_path: Path,
+) -> None:
+    store = GateMetricStore(clock=lambda: 77.0)
+    shard = Shard(store, tmp_path, clock=lambda: 1000.0)
+    calls: list[Callable[[], None]] = [
+        lambda: store.record_decision(True),
+        lambda: store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True),
+        store.record_audit_write_failure,
+        lambda: store.increment("reason_counts", "NO_CANARY_DATA", 3),
+    ]
+    layout = layout_for(GATE_SCHEMA)
+    previous = tuple(GATE_SCHEMA.zeros())
+    previous_slot = layout.pack(0, 0, 0.0, 77.0, previous)  # both slots of a new file
+    inode = None
+    for seq, call in enumerate(calls * 3, 1):
+        call()
+        assert shard.save()
+        path = shard.path
+        assert path is not None
+        record = read_shard(path)
+        assert (record.seq, record.generation) == (seq, seq)
+        assert all(c >= p for c, p in zip(record.counts, previous, strict=True))
+        assert record.counts != previous
+        assert agg(tmp_path).counts == record.counts == store.snapshot().counts
+        # This save is in slot seq & 1, exactly; the other slot still holds the previous save
+        # whole (what a reader falls back to while the next save writes over it).
+        data = Path(path).read_bytes()
+        header = header_length(data)
+        slot = layout.pack(seq, seq, 1000.0, 77.0, record.counts)
+        at = layout.slot_offset(header, seq)
+        other = layout.slot_offset(header, seq - 1)
+        assert at != other
+        assert data[at : at + len(slot)] == slot
+        assert data[other : other + len(previous_slot)] == previous_slot
+        ino = os.stat(path).st_ino
+        assert inode in (None, ino)
+        inode, previous, previous_slot = ino, record.counts, slot
+    shard.close(save=False)
+
+
+@pytest.mark.parametrize("durability", list(Durability))
+def test_only_power_loss_durability_syncs_and_then_once_per_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: Durability
+) -> None:
+    syncs: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def fsync(fd: int) -> None:
+        syncs.append("fsync")
+        real_fsync(fd)
+
+    def fdatasync(fd: int) -> None:
+        syncs.append("fdatasync")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    store = GateMetricStore()
+    shard = shard_for(store, tmp_path, durability=durability)
+    assert shard.durability is durability
+    shard.open()
+    created, syncs[:] = list(syncs), []
+    for _ in range(3):
+        store.record_decision(True)
+        assert shard.save()
+    saved = list(syncs)
+    monkeypatch.undo()
+    if durability is Durability.POWER_LOSS:
+        assert created  # the new file and its directory entry
+        assert len(saved) == 3  # one data sync per save
+    else:
+        assert (created, saved) == ([], [])  # nothing on the request path waits for the disk
+    assert totals(tmp_path) == {"ALLOW": 3, "DENY": 0}
+    shard.close(save=False)
+
+
+def test_the_lifetime_lock_is_on_the_data_file_from_before_it_has_its_name(
+    tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
+) -> None:
+    store = GateMetricStore()
+    shard = shard_for(store, tmp_path)
+    seen: dict[str, tuple[list[str], bool]] = {}
+    during: list[Aggregate] = []
+
+    def hook(step: str) -> None:
+        if step not in CREATE_STEPS:
+            return
+        names = owned(tmp_path)
+        seen[step] = ([k for _, k in names], all(is_locked(tmp_path / n) for n, _ in names))
+        if step == "create.written":
+            during.append(agg(tmp_path, compact=True))  # must leave a live creator's file be
+
+    fault(hook)
+    ident = shard.open()
+    _faults.HOOK = None
+    assert seen == {
+        "create.locked": (["v2-creating"], True),
+        "create.written": (["v2-creating"], True),
+        "create.renamed": (["v2"], True),
+        "create.done": (["v2"], True),
+    }
+    (result,) = during
+    assert result.compaction is not None
+    assert result.compaction.removed_temp_files == 0
+    assert (result.live, result.dead, result.quarantined_total) == (0, 0, 0)
+    path = tmp_path / v2_names(ident.incarnation)[0]
+    assert owned(tmp_path) == [(path.name, "v2")]
+    assert is_locked(path)
+    store.record_decision(True)
+    assert shard.save()
+    assert is_locked(path)
+    assert shard.close()
+    assert not is_locked(path)
+    assert shard.identity is None
+    assert owned(tmp_path) == [(path.name, "v2")]  # the dead shard waits for compaction
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+
+
+def test_the_lifetime_lock_is_freed_when_the_owner_is_sigkilled(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    proc = reaper.python(
+        """
+        from backend.app.testing.gate_metrics import GateMetricStore
+        store = GateMetricStore()
+        store.record_decision(True)
+        assert store.save_to_dir(sys.argv[1])
+        print("saved", flush=True)
+        sys.stdin.read()
+        """,
+        str(tmp_path),
+        stdin=True,
+    )
+    assert read_line(proc) == "saved"
+    (name,) = files(tmp_path, ".shard")
+    assert is_locked(tmp_path / name)
+    assert agg(tmp_path).live == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert not is_locked(tmp_path / name)
+    result = agg(tmp_path)
+    assert (result.live, result.dead) == (0, 1)
+    assert result.snapshot().family("decision_counts") == {"ALLOW": 1, "DENY": 0}
+
+
+@pytest.mark.parametrize("step", ["save.locked", "save.written"])
+def test_a_failed_save_returns_false_counts_it_and_rolls_back(
+    tmp_path: Path, fault: Callable[[Callable[[str], None]], None], step: str
+) -> None:
+    # Simulated: a real EIO from fdatasync (after the slot was written) needs a failing device;
+    # a real write failure is tested in a child below (RLIMIT_FSIZE).
+    store = GateMetricStore()
+    store.record_decision(True)
+    fault(raise_at(step, OSError(errno.EIO, "Input/output error")))
+    assert store.save_to_dir(tmp_path) is False
+    assert store.metric_write_failures() == 1
+    assert store.store_generation == 0
+    assert files(tmp_path, ".creating") == []
+    # Written but not reported durable: a reader may see it; the store still has it, and the
+    # next save rewrites that very slot with at least as much.
+    assert totals(tmp_path) == {"ALLOW": int(step == "save.written"), "DENY": 0}
+    _faults.HOOK = None
+    assert store.save_to_dir(tmp_path)
+    assert store.store_generation == 1
+    (name,) = files(tmp_path, ".shard")
+    record = read_shard(tmp_path / name)
+    assert (record.seq, record.generation) == (1, 1)
+    assert record.counts == store.snapshot().counts
+    assert agg(tmp_path).snapshot().get("metric_write_failures") == 1  # persisted too
+    shard_for(store, tmp_path).close(save=False)
+
+
+FAILING_WRITER = """
+import json, logging, resource
+import gatemetrics.shards as shards
+from backend.app.testing.gate_metrics import GateMetricStore
+
+lines = []
+
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+
+
+logging.getLogger("gatemetrics.shards").addHandler(Keep())
+shards._LOG_EVERY_S = interval = float(sys.argv[2])
+store = GateMetricStore()
+binding = store.bind_to_dir(sys.argv[1])
+store.record_decision(True)
+# A real write failure without a special file system: the kernel refuses any write past
+# RLIMIT_FSIZE (EFBIG), and both slots lie past the shard's first 4 KiB page.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # otherwise that write kills the process
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+store.record_decision(False, ["TIER_FAIL"])  # never raises
+failed = 1
+logged_by = time.monotonic()
+while time.monotonic() < logged_by + interval:  # many more failures within one interval
+    store.record_decision(False, ["TIER_FAIL"])
+    failed += 1
+store.record_decision(False, ["TIER_FAIL"])  # the first failure of the next interval
+failed += 1
+report = {"failed": failed, "failures": store.metric_write_failures(),
+          "generation": store.store_generation, "lines": lines}
+print(json.dumps(report), flush=True)
+sys.stdin.readline()
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+store.record_decision(True)
+print(store.metric_write_failures(), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_saves_that_really_fail_never_raise_are_all_counted_and_logged_once_per_interval(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    proc = reaper.python(FAILING_WRITER, str(tmp_path), "0.2", stdin=True)
+    report = json.loads(read_line(proc))
+    failed = report["failed"]
+    assert failed > 2
+    assert report["failures"] == failed  # every failure counted
+    assert report["generation"] == 1  # each failed save rolled its generation back
+    lines = report["lines"]
+    assert len(lines) == 2, lines  # one line per interval, however many failures
+    assert all(os.strerror(errno.EFBIG) in line for line in lines)
+    snap = agg(tmp_path).snapshot()
+    assert snap.family("decision_counts") == {"ALLOW": 1, "DENY": 0}  # the last good save
+    assert snap.get("metric_write_failures") == 0
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert int(read_line(proc)) == failed
+    snap = agg(tmp_path).snapshot()
+    assert snap.family("decision_counts") == {"ALLOW": 2, "DENY": failed}
+    assert snap.get("reason_counts", "TIER_FAIL") == failed
+    assert snap.get("metric_write_failures") == failed  # the failures themselves persisted
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+
+
+READ_ONLY_DIRECTORIES = """
+import json, logging, os, sys
+from backend.app.testing.gate_metrics import GateMetricStore
+
+lines = []
+
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+
+
+logging.getLogger("gatemetrics.shards").addHandler(Keep())
+existing, fresh = sys.argv[1], sys.argv[2]
+store = GateMetricStore()
+binding = store.bind_to_dir(existing)
+store.record_decision(True)
+os.chmod(existing, 0o555)
+store.record_decision(True)
+store.record_decision(True)
+other = GateMetricStore()
+other.record_decision(False, ["TIER_FAIL"])
+results = [other.save_to_dir(fresh) for _ in range(3)]
+report = {"kept_failures": store.metric_write_failures(), "results": results,
+          "failures": other.metric_write_failures(), "lines": lines,
+          "listing": sorted(os.listdir(fresh))}
+print(json.dumps(report), flush=True)
+binding.close()
+"""
+
+
+def test_a_read_only_directory_fails_new_shards_quietly_but_not_an_existing_one(
+    tmp_path: Path,
+) -> None:
+    existing, fresh = tmp_path / "existing", tmp_path / "fresh"
+    existing.mkdir()
+    fresh.mkdir()
+    fresh.chmod(0o555)
+    done = run_python(READ_ONLY_DIRECTORIES, str(existing), str(fresh), honour_file_modes=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    # An existing shard keeps saving: a save writes through the open descriptor, never through
+    # the directory.
+    assert report["kept_failures"] == 0
+    assert totals(existing) == {"ALLOW": 3, "DENY": 0}
+    # A new one cannot be created: every save returns False, is counted, and is logged once.
+    assert report["results"] == [False, False, False]
+    assert report["failures"] == 3
+    assert len(report["lines"]) == 1
+    assert report["listing"] == []
+
+
+def unusable_directory(tmp_path: Path, kind: str) -> str:
+    (tmp_path / "f").write_text("x")
+    return {
+        "file-in-the-way": str(tmp_path / "f"),
+        "under-a-file": str(tmp_path / "f" / "shards"),
+        "nul-byte": str(tmp_path / "bad\0name"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["file-in-the-way", "under-a-file", "nul-byte"])
+def test_save_never_raises_for_an_unusable_directory(tmp_path: Path, kind: str) -> None:
+    target = unusable_directory(tmp_path, kind)
+    store = GateMetricStore()
+    store.record_decision(True)
+    for attempt in range(1, 4):
+        assert store.save_to_dir(target) is False
+        assert store.metric_write_failures() == attempt  # every failure counted
+    assert store.decision_counts()["ALLOW"] == 1  # counts stay in memory
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "file-in-the-way",
+        "under-a-file",
+        "nul-byte",
+    ],
+)
+def test_repeated_failures_for_an_unusable_directory_are_logged_once(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = unusable_directory(tmp_path, kind)
+    store = GateMetricStore()
+    store.record_decision(True)
+    with caplog.at_level(logging.WARNING, logger="gatemetrics.shards"):
+        for _ in range(3):
+            assert store.save_to_dir(target) is False
+    assert store.metric_write_failures() == 3
+    lines = [r for r in caplog.records if r.name == "gatemetrics.shards"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+@pytest.mark.parametrize("where", ["creating", "shard"])
+def test_a_symlink_planted_at_a_shard_name_is_never_followed(tmp_path: Path, where: str) -> None:
+    first, second = new_identity(), new_identity()
+    given = iter([first, second])
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    shard_name, creating_name = v2_names(first.incarnation)
+    planted = tmp_path / (creating_name if where == "creating" else shard_name)
+    planted.symlink_to(victim)
+    store = GateMetricStore()
+    shard = Shard(store, tmp_path, identity_factory=lambda: next(given))
+    store.record_decision(True)
+    assert shard.save()
+    ident = shard.identity
+    assert ident is not None
+    if where == "creating":
+        assert ident == second  # never opened through the link: a fresh incarnation instead
+        assert planted.is_symlink()
+    else:
+        assert ident == first  # the rename replaced the link itself, not its target
+        assert not planted.is_symlink()
+    assert victim.read_text() == "precious"
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    shard.close(save=False)
+
+
+def test_a_store_whose_counts_went_down_is_not_saved(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    for _ in range(3):
+        store.record_decision(True)
+    assert store.save_to_dir(tmp_path)
+    (name,) = files(tmp_path, ".shard")
+    before = (tmp_path / name).read_bytes()
+    store.restore(GateMetricStore().to_dict())  # all zero: less than what was saved
+    assert store.save_to_dir(tmp_path) is False
+    assert (tmp_path / name).read_bytes() == before
+    assert totals(tmp_path) == {"ALLOW": 3, "DENY": 0}
+    shard_for(store, tmp_path).close(save=False)
+
+
+def test_a_slot_torn_by_a_cut_short_write_falls_back_to_the_previous_save_whole(
+    tmp_path: Path,
+) -> None:
+    store = GateMetricStore()
+    shard = shard_for(store, tmp_path)
+    store.record_decision(True)
+    assert shard.save()
+    store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True)
+    assert shard.save()
+    assert shard.path is not None
+    path = Path(shard.path)
+    before = read_shard(path)
+    assert before.seq == 2
+    # What a write cut short would leave: the first half of save 3's slot over save 1's.
+    store.record_outcome(False, ["GUARD_VIOLATION"], breach=True)
+    layout = layout_for(GATE_SCHEMA)
+    data = path.read_bytes()
+    slot = layout.pack(3, before.generation + 1, time.time(), before.start, store.snapshot().counts)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, slot[: len(slot) // 2], layout.slot_offset(header_length(data), 3))
+    finally:
+        os.close(fd)
+    torn = read_shard(path)
+    assert (torn.seq, torn.counts, torn.torn_slots) == (2, before.counts, 1)
+    assert agg(tmp_path).counts == before.counts  # one check's counts: all of them or none
+    assert shard.save()  # the next save writes that slot whole
+    after = read_shard(path)
+    assert (after.seq, after.counts, after.torn_slots) == (3, store.snapshot().counts, 0)
+    shard.close(save=False)
+
+
+BUSY_WRITER = """
+from backend.app.testing.gate_metrics import GateMetricStore
+store = GateMetricStore()
+store.bind_to_dir(sys.argv[1])
+print("bound", flush=True)
+for _ in range(int(sys.argv[2])):
+    store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True)
+"""
+
+
+def test_readers_see_each_record_call_whole_while_its_writer_saves_in_place(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    proc = reaper.python(BUSY_WRITER, str(tmp_path), "20000")
+    assert read_line(proc) == "bound"
+    seen: list[tuple[int, int, int, int]] = []
+    deadline = time.monotonic() + 60
+    while proc.poll() is None:
+        assert time.monotonic() < deadline
+        snap = agg(tmp_path).snapshot()
+        seen.append(
+            (
+                snap.get("decision_counts", "DENY"),
+                snap.get("reason_counts", "TIER_FAIL"),
+                snap.get("reason_counts", "DRIFT_ALERT"),
+                snap.get("breach_counts", "NO_OVERRIDE"),
+            )
+        )
+    assert proc.wait(timeout=30) == 0
+    # Each call's four increments: all of them or none, in every read of the live shard.
+    assert [s for s in seen if len(set(s)) != 1] == []
+    denies = [s[0] for s in seen]
+    assert denies == sorted(denies)
+    assert len(set(denies)) > 2  # the reads really overlapped the saves
+    assert totals(tmp_path) == {"ALLOW": 0, "DENY": 20000}
+
+
+def test_saving_after_close_starts_a_new_incarnation_with_only_new_counts(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    store.record_decision(True)
+    shard = shard_for(store, tmp_path)
+    assert shard.save()
+    first = shard.identity
+    assert shard.close(save=True)
+    store.record_decision(False, ["DRIFT_ALERT"])
+    assert shard.save()
+    assert shard.identity is not None
+    assert first is not None
+    assert shard.identity.incarnation != first.incarnation
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
+    agg(tmp_path, compact=True)
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
+    assert files(tmp_path, ".json") == ["archive.json", "schema.json"]
+    assert owned(tmp_path) == [(v2_names(shard.identity.incarnation)[0], "v2")]  # the live one
+    shard.close()
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
+
+
+def test_one_shard_per_store_and_directory_whatever_the_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    store = GateMetricStore()
+    shard = shard_for(store, real)
+    assert shard_for(store, tmp_path / "link") is shard
+    assert shard_for(store, "real") is shard
+    assert shard_for(GateMetricStore(), real) is not shard
+    store.record_decision(True)
+    assert save_to_dir(store, "link")
+    assert save_to_dir(store, real)
+    assert len(files(real, ".shard")) == 1
+    assert totals(real) == {"ALLOW": 1, "DENY": 0}
+    shard.close(save=False)
+
+
+def test_a_file_already_at_the_creating_name_means_a_fresh_incarnation(tmp_path: Path) -> None:
+    first, second = new_identity(), new_identity()
+    given = iter([first, second])
+    stray = tmp_path / v2_names(first.incarnation)[1]
+    stray.write_bytes(b"someone else's")  # an id collision or a planted file
+    shard = Shard(GateMetricStore(), tmp_path, identity_factory=lambda: next(given))
+    assert shard.open() == second
+    assert stray.read_bytes() == b"someone else's"
+    assert is_locked(tmp_path / v2_names(second.incarnation)[0])
+    shard.close(save=False)
+
+
+def test_an_aggregator_probing_the_brand_new_file_means_a_fresh_incarnation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aggregator opened and flocked our new ``.creating`` file before we did: the owner
+    must not wait for it (it may be about to delete the file as an orphan)."""
+    first, second = new_identity(), new_identity()
+    given = iter([first, second])
+    probes: list[int] = []
+
+    def probe(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        probes.append(fd)
+
+    interfere_after_create(monkeypatch, v2_names(first.incarnation)[1], probe)
+    shard = Shard(GateMetricStore(), tmp_path, identity_factory=lambda: next(given))
+    try:
+        assert shard.open() == second
+    finally:
+        monkeypatch.undo()
+        for fd in probes:
+            os.close(fd)
+    assert len(probes) == 1
+    assert owned(tmp_path) == [(v2_names(second.incarnation)[0], "v2")]  # the first one removed
+    assert is_locked(tmp_path / v2_names(second.incarnation)[0])
+    shard.close(save=False)
+
+
+def test_a_brand_new_file_removed_before_our_flock_is_never_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up race: a compaction took the flock of our new ``.creating`` file before we
+    did and removed it as a dead creator's orphan; our flock then succeeds on an unlinked inode.
+    The owner must move on to a fresh incarnation, or it would write a file nobody can see."""
+    first, second = new_identity(), new_identity()
+    given = iter([first, second])
+    removed: list[str] = []
+
+    def remove_as_orphan(path: str) -> None:  # what compaction's _unlink_if_free does
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            removed.append(path)
+        finally:
+            os.close(fd)
+
+    interfere_after_create(monkeypatch, v2_names(first.incarnation)[1], remove_as_orphan)
+    store = GateMetricStore()
+    shard = Shard(store, tmp_path, identity_factory=lambda: next(given))
+    try:
+        assert shard.open() == second
+    finally:
+        monkeypatch.undo()
+    assert len(removed) == 1
+    assert owned(tmp_path) == [(v2_names(second.incarnation)[0], "v2")]
+    assert is_locked(tmp_path / v2_names(second.incarnation)[0])
+    store.record_decision(True)
+    assert shard.save()
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    shard.close(save=False)
+
+
+@pytest.mark.parametrize("compact_first", [True, False])
+@pytest.mark.parametrize("how", ["shard-removed", "directory-recreated", "replaced-by-a-copy"])
+def test_an_owner_whose_shard_vanished_goes_on_as_a_new_incarnation_never_counting_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, compact_first: bool
+) -> None:
+    monkeypatch.setattr(shards_module, "VANISHED_CHECK_S", 0.0)  # check at every save
+    directory = tmp_path / "shards"
+    store = GateMetricStore()
+    binding = store.bind_to_dir(directory)
+    for _ in range(3):
+        store.record_decision(True)
+    first = binding.shard.identity
+    assert first is not None
+    assert binding.shard.path is not None
+    path = Path(binding.shard.path)
+    if how == "shard-removed":
+        path.unlink()
+        expected = 2  # what was in the removed file is gone
+    elif how == "directory-recreated":
+        shutil.rmtree(directory)
+        directory.mkdir()
+        expected = 2  # the old shard went with the directory
+    else:
+        copy = directory / "copy"
+        shutil.copyfile(path, copy)
+        os.replace(copy, path)  # an unlocked file now: dead, so counted (or absorbed) once
+        expected = 5
+    # Whatever an aggregator does now, the owner must not write its 3 again. Without a
+    # compaction first, a replaced file is still at the path when the owner next saves: only
+    # its inode tells the owner that it is not its own any more.
+    if compact_first:
+        agg(directory, compact=True)
+    store.record_decision(True)
+    store.record_decision(True)
+    assert binding.shard.identity not in (None, first)
+    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
+    agg(directory, compact=True)
+    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
+    binding.close()
+    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
+
+
+def test_read_only_views_can_never_be_saved(tmp_path: Path) -> None:
+    store = GateMetricStore()
+    store.record_decision(True)
+    assert store.save_to_dir(tmp_path)
+    view = GateMetricStore.load_from_dir(tmp_path)
+    with pytest.raises(TypeError, match="read-only"):
+        save_to_dir(view, tmp_path)
+    with pytest.raises(TypeError, match="read-only"):
+        shard_for(view, tmp_path)
+    with pytest.raises(TypeError, match="read-only"):
+        Shard(view, tmp_path)
+    with pytest.raises(TypeError, match="read-only"):
+        bind(view, tmp_path)
+    assert len(files(tmp_path, ".shard")) == 1
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    shard_for(store, tmp_path).close(save=False)
+
+
+def test_identities_are_unique_and_validated() -> None:
+    a, b = new_identity(), new_identity()
+    assert a.incarnation != b.incarnation
+    assert a.pid == b.pid == os.getpid()
+    assert a.incarnation.split("-")[1] == str(os.getpid())
+    with pytest.raises(ValueError, match="malformed"):
+        Identity("../../etc/passwd", 1, "h", 0.0)
+
+
+def test_the_pid_guard_resets_a_copy_that_missed_the_fork_hook(tmp_path: Path) -> None:
+    # The state a hook-less fork leaves (simulated here; a real one is in a child below): the
+    # guard must start over at zero as a new incarnation instead of saving the counts again.
+    store = GateMetricStore()
+    store.record_decision(True)
+    shard = shard_for(store, tmp_path)
+    assert shard.save()
+    parent = shard.identity
+    store._pid = shard._pid = -1  # what a hook-less fork would leave behind
+    assert shard.save()
+    assert store.decision_counts() == {"ALLOW": 0, "DENY": 0}
+    assert shard.identity != parent
+    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    shard.close(save=False)
+
+
+def test_counter_store_of_any_schema_saves_too(tmp_path: Path) -> None:
+    from gatemetrics import Family, Schema
+
+    schema = Schema([Family("jobs_total", "Jobs.", key="jobs", label="kind", values=("a", "b"))])
+    store = CounterStore(schema)
+    store.increment("jobs", "b", 4)
+    assert save_to_dir(store, tmp_path)
+    result = aggregate_dir(tmp_path, schema, namespace="jobs")
+    assert result.snapshot().family("jobs") == {"a": 0, "b": 4}
+    assert 'jobs_shards{state="live"} 1' in result.render_prometheus()
+    shard_for(store, tmp_path).close(save=False)
