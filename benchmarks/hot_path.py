@@ -2,8 +2,8 @@
 
 ``record_outcome(allowed, reasons)`` is what ``ReleaseGate`` calls, once per check (it also
 takes the breach and audit-failure flags, off here); ``record_decision``, the older single-purpose
-recorder (now ``record_outcome`` without the flags, one call deeper), is shown next to it. Both sides make the same labelled increments in one process,
-interleaved round by round:
+recorder (now ``record_outcome`` without the flags, one call deeper), is shown next to it. Both
+sides make the same labelled increments in one process, interleaved round by round:
 an ALLOW is one increment (``decision="ALLOW"``); a DENY with k reasons is 1 + k increments
 (``decision="DENY"`` and one ``reason`` each). prometheus_client runs in multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR`` is set before it is imported; the figure checks that its

@@ -30,7 +30,13 @@ from gatemetrics.aggregate import (
 )
 from gatemetrics.aio import asave, periodic_saver
 from gatemetrics.errors import GatemetricsError, LockTimeoutError, SchemaError, ShardWriteError
-from gatemetrics.exposition import CONTENT_TYPE, render_json, render_prometheus
+from gatemetrics.exposition import (
+    CONTENT_TYPE,
+    escape_help,
+    escape_label_value,
+    render_json,
+    render_prometheus,
+)
 from gatemetrics.persistence import PersistedStore, SaveState
 from gatemetrics.schema import (
     MAX_COUNT,
@@ -90,6 +96,8 @@ __all__ = [
     "check_timestamp",
     "close_all_bindings",
     "default_namespace",
+    "escape_help",
+    "escape_label_value",
     "flock_until",
     "fsync_directory",
     "new_identity",

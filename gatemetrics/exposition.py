@@ -13,18 +13,24 @@ import orjson
 from gatemetrics.schema import Schema
 from gatemetrics.store import Snapshot
 
-__all__ = ["CONTENT_TYPE", "render_json", "render_prometheus"]
+__all__ = [
+    "CONTENT_TYPE",
+    "escape_help",
+    "escape_label_value",
+    "render_json",
+    "render_prometheus",
+]
 
 #: The HTTP ``Content-Type`` of :func:`render_prometheus` output.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _escape_help(text: str) -> str:
+def escape_help(text: str) -> str:
     r"""Escape HELP text per the text format: ``\`` and line feed."""
     return text.replace("\\", r"\\").replace("\n", r"\n")
 
 
-def _escape_label_value(value: str) -> str:
+def escape_label_value(value: str) -> str:
     r"""Escape a label value per the text format: ``\``, ``"`` and line feed."""
     return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
 
@@ -38,13 +44,13 @@ def _build_templates(schema: Schema) -> tuple[tuple[str, ...], tuple[str, ...]]:
     headers: list[str] = []
     prefixes: list[str] = []
     for fam in schema.families:
-        help_line = f"# HELP {fam.name} {_escape_help(fam.documentation)}\n"
+        help_line = f"# HELP {fam.name} {escape_help(fam.documentation)}\n"
         headers.append(f"{help_line}# TYPE {fam.name} {fam.kind}\n")
         if fam.label is None:
             prefixes.append(f"{fam.name} ")
         else:
             prefixes.extend(
-                f'{fam.name}{{{fam.label}="{_escape_label_value(v)}"}} ' for v in fam.values
+                f'{fam.name}{{{fam.label}="{escape_label_value(v)}"}} ' for v in fam.values
             )
     return tuple(headers), tuple(prefixes)
 
