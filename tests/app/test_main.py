@@ -1,19 +1,18 @@
-"""The backend ASGI app (service/backend/app/main.py), driven in-process through its ASGI interface.
+"""The backend app's routes and per-worker state (service/backend/app/main.py), driven in-process
+through its ASGI interface.
 
 Real parts: the real gate, a real shard directory and JSON-lines audit log on disk, the real
 aggregator behind GET /metrics, real file locks. Only the HTTP server is absent (tests/e2e/ runs
-the app under a real gunicorn).
+the app under a real gunicorn). The layers under the routes have their own modules:
+test_settings.py, test_asgi.py (headers, body limits, deadlines), test_request.py (the check
+body and its error table), test_openapi.py (the published document, and a fuzzer against it).
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import stat
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,176 +21,30 @@ import orjson
 import pytest
 from filelock import FileLock
 
-from backend.app.main import MAX_BODY_BYTES, ReleaseGateApp, Settings, create_app
+from backend.app.main import ReleaseGateApp, Settings, create_app
 from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import ReleaseGate
+from gatemetrics import Durability
 from gatemetrics._format import parse_name
 from gatemetrics.aggregate import LOCK_NAME
-from gatemetrics.shards import Durability
-from tests.app.clock import GATE_APP_CLOCK_MS
+from tests.app.asgi_client import (
+    CHECK,
+    NOTHING,
+    NOW,
+    OK,
+    Client,
+    Reply,
+    audit_lines,
+    counts,
+    dir_names,
+    lifespan,
+    override,
+)
 from tests.exposition_parser import parse
 from tests.processes import Reaper, read_line, run_python
 from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, is_locked
 
 pytestmark = pytest.mark.anyio
-
-CHECK = "/release-gate/check"
-NOW = GATE_APP_CLOCK_MS
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    receives: int  # how many times the app called receive()
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-@dataclass
-class Client:
-    """Sends one request through the app's ASGI interface, as a server would."""
-
-    app: ReleaseGateApp
-    sent: list[dict[str, Any]] = field(default_factory=list)
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes = b"",
-        *,
-        headers: Iterable[tuple[str, str]] | None = None,
-        chunks: Sequence[bytes] | None = None,
-        disconnect_after: int | None = None,
-    ) -> Reply:
-        """``chunks`` sends the body in pieces (as for ``Transfer-Encoding: chunked``);
-        ``disconnect_after`` makes the client vanish after that many chunks."""
-        pieces = list(chunks) if chunks is not None else [body]
-        if headers is None:
-            headers = [("content-type", "application/json")]
-            if chunks is None:
-                headers.append(("content-length", str(len(body))))
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
-            "client": ("127.0.0.1", 40000),
-            "server": ("127.0.0.1", 8000),
-        }
-        receives = 0
-
-        async def receive() -> dict[str, Any]:
-            nonlocal receives
-            receives += 1
-            index = receives - 1
-            if disconnect_after is not None and index >= disconnect_after:
-                return {"type": "http.disconnect"}
-            if index < len(pieces):
-                more = index < len(pieces) - 1
-                return {"type": "http.request", "body": pieces[index], "more_body": more}
-            return {"type": "http.disconnect"}
-
-        sent: list[dict[str, Any]] = []
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await self.app(scope, receive, send)
-        self.sent = sent
-        if not sent:
-            return Reply(0, {}, b"", receives)
-        start, *bodies = sent
-        assert start["type"] == "http.response.start"
-        assert [b["type"] for b in bodies] == ["http.response.body"]
-        out_headers = {k.decode(): v.decode() for k, v in start["headers"]}
-        assert len(out_headers) == len(start["headers"]), "a header was sent twice"
-        return Reply(start["status"], out_headers, bodies[0]["body"], receives)
-
-    async def check(self, doc: dict[str, Any]) -> Reply:
-        return await self.request("POST", CHECK, orjson.dumps(doc))
-
-
-async def lifespan(app: ReleaseGateApp, *events: str) -> list[dict[str, Any]]:
-    """Drive the ASGI lifespan protocol through ``events``; the messages the app sent back.
-
-    After the last event the app waits for the next one, as under a server: it is cancelled
-    once it has answered every event (or has returned).
-    """
-    inbox = [{"type": f"lifespan.{e}"} for e in events]
-    sent: list[dict[str, Any]] = []
-    answered = anyio.Event()
-
-    async def receive() -> dict[str, Any]:
-        if not inbox:
-            await anyio.sleep_forever()
-        return inbox.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if len(sent) == len(events):
-            answered.set()
-
-    async def run() -> None:
-        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
-        answered.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        await answered.wait()
-        tg.cancel_scope.cancel()
-    return sent
-
-
-def counts(app: ReleaseGateApp) -> dict[str, Any]:
-    """Everything counted in the app's shard directory (the merged view)."""
-    view = GateMetricStore.load_from_dir(app.settings.metrics_dir)
-    return {
-        "decisions": view.decision_counts(),
-        "reasons": {k: v for k, v in view.reason_counts().items() if v},
-        "breaches": view.breach_counts()["NO_OVERRIDE"],
-        "audit_failures": view.audit_write_failures(),
-        "metric_failures": view.metric_write_failures(),
-    }
-
-
-def dir_names(directory: str | Path) -> list[str]:
-    return sorted(os.listdir(directory))
-
-
-def audit_lines(app: ReleaseGateApp) -> list[dict[str, Any]]:
-    path = Path(app.settings.audit_log)
-    if not path.exists():
-        return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
-
-
-NOTHING = {
-    "decisions": {"ALLOW": 0, "DENY": 0},
-    "reasons": {},
-    "breaches": 0,
-    "audit_failures": 0,
-    "metric_failures": 0,
-}
-
-
-def override(**changes: Any) -> dict[str, Any]:
-    return {
-        "ttl_seconds": 3600,
-        "created_at_ms": NOW - 60_000,
-        "scope": "payments/prod",
-        "reason": "tier failure tracked in INC-1",
-        "created_by": "alice@example.com",
-    } | changes
 
 
 # -- state: created in the worker, never at import ---------------------------------------------
@@ -301,174 +154,6 @@ async def test_a_request_that_cannot_start_the_app_gets_503(tmp_path: Path) -> N
     assert health.status == 503
 
 
-# -- settings ------------------------------------------------------------------------------------
-
-
-def test_settings_come_from_the_environment_as_absolute_paths(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    settings = Settings.from_env({"GATEMETRICS_DIR": "shards", "RELEASE_GATE_AUDIT_LOG": "a.log"})
-    assert settings == Settings(str(tmp_path / "shards"), str(tmp_path / "a.log"), ())
-
-
-def test_settings_default_to_the_xdg_state_directory() -> None:
-    env = {"XDG_STATE_HOME": "/srv/state", "HOME": "/home/gate", "GATEMETRICS_DIR": ""}
-    settings = Settings.from_env(env)
-    assert settings.metrics_dir == "/srv/state/gatemetrics/shards"
-    assert settings.audit_log == "/srv/state/gatemetrics/release-gate-audit.jsonl"
-    assert settings.defaulted == ("GATEMETRICS_DIR", "RELEASE_GATE_AUDIT_LOG")
-    # A relative XDG_STATE_HOME is ignored, as the XDG spec says: ~/.local/state instead.
-    fallback = Settings.from_env({"XDG_STATE_HOME": "state", "HOME": "/home/gate"})
-    assert fallback.metrics_dir == "/home/gate/.local/state/gatemetrics/shards"
-
-
-def test_settings_refuse_to_guess_without_a_home(monkeypatch: pytest.MonkeyPatch) -> None:
-    # os.path.expanduser returns "~" unchanged when the user has no home directory at all;
-    # simulated here because the test user always has one.
-    monkeypatch.setattr(os.path, "expanduser", lambda path: path)
-    with pytest.raises(ValueError, match="set GATEMETRICS_DIR and RELEASE_GATE_AUDIT_LOG"):
-        Settings.from_env({"GATEMETRICS_DIR": "/srv/shards"})
-    # Nothing to guess when both are set.
-    assert (
-        Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"}).defaulted == ()
-    )
-
-
-def test_settings_default_to_write_through_with_process_crash_durability(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    with caplog.at_level(logging.WARNING):
-        settings = Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"})
-    assert (settings.persistence, settings.save_interval, settings.durability) == (
-        "write-through",
-        5.0,
-        Durability.PROCESS_CRASH,
-    )
-    assert Settings("/a", "/b").durability is Durability.PROCESS_CRASH
-    # Empty values count as unset, like the path variables.
-    empty = {"GATEMETRICS_PERSISTENCE": "", "GATEMETRICS_DURABILITY": ""}
-    with caplog.at_level(logging.WARNING):
-        assert Settings.from_env(
-            {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"} | empty
-        ) == (settings)
-    assert caplog.records == []  # nothing deprecated was used
-
-
-def test_settings_bound_scrapes_and_bodies_by_default_and_from_the_environment() -> None:
-    paths = {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"}
-    settings = Settings.from_env(paths)
-    assert (settings.metrics_lock_timeout, settings.metrics_concurrency) == (1.0, 2)
-    assert settings.body_timeout == 5.0
-    settings = Settings.from_env(
-        paths
-        | {
-            "RELEASE_GATE_METRICS_LOCK_TIMEOUT": "0.25",
-            "RELEASE_GATE_METRICS_CONCURRENCY": "3",
-            "RELEASE_GATE_BODY_TIMEOUT": "2",
-        }
-    )
-    assert (settings.metrics_lock_timeout, settings.metrics_concurrency) == (0.25, 3)
-    assert settings.body_timeout == 2.0
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("RELEASE_GATE_METRICS_LOCK_TIMEOUT", "61"),
-        ("RELEASE_GATE_METRICS_LOCK_TIMEOUT", "0"),
-        ("RELEASE_GATE_BODY_TIMEOUT", "nan"),
-        ("RELEASE_GATE_METRICS_CONCURRENCY", "0"),
-        ("RELEASE_GATE_METRICS_CONCURRENCY", "65"),
-        ("RELEASE_GATE_METRICS_CONCURRENCY", "two"),
-    ],
-)
-def test_settings_refuse_unusable_service_limits_naming_the_variable(name: str, value: str) -> None:
-    with pytest.raises(ValueError, match=name):
-        Settings.from_env({"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b", name: value})
-
-
-def test_settings_read_persistence_interval_and_durability(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    with caplog.at_level(logging.WARNING):
-        settings = Settings.from_env(
-            {
-                "GATEMETRICS_DIR": "/a",
-                "RELEASE_GATE_AUDIT_LOG": "/b",
-                "GATEMETRICS_PERSISTENCE": "periodic",
-                "GATEMETRICS_SAVE_INTERVAL": "2.5",
-                "GATEMETRICS_DURABILITY": "power-loss",
-            }
-        )
-    assert (settings.persistence, settings.save_interval, settings.durability) == (
-        "periodic",
-        2.5,
-        Durability.POWER_LOSS,
-    )
-    assert caplog.records == []
-
-
-@pytest.mark.parametrize(
-    ("legacy", "new"),
-    [
-        ("none", Durability.PROCESS_CRASH),
-        ("file", Durability.POWER_LOSS),
-        ("full", Durability.POWER_LOSS),
-    ],
-)
-def test_settings_accept_the_previous_durability_names_with_one_warning_line(
-    legacy: str, new: Durability, caplog: pytest.LogCaptureFixture
-) -> None:
-    env = {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b"}
-    # Logged (operators read logs), not a DeprecationWarning: pytest turns warnings into errors
-    # here, so this also checks that none is raised.
-    with caplog.at_level(logging.WARNING):
-        settings = Settings.from_env(env | {"GATEMETRICS_DURABILITY": legacy})
-    assert settings.durability is new
-    assert settings == Settings.from_env(env | {"GATEMETRICS_DURABILITY": new.value})
-    record = caplog.records[0]  # the first from_env call's; the second used the new name
-    assert (record.name, record.levelno) == ("backend.app.main", logging.WARNING)
-    message = record.getMessage()
-    assert "\n" not in message
-    assert "GATEMETRICS_DURABILITY" in message
-    assert f"{legacy!r}" in message
-    assert "deprecated" in message
-    assert f"it now means {new.value!r}" in message
-    assert len(caplog.records) == 1
-
-
-@pytest.mark.parametrize("value", ["FULL", "fsync", "power_loss", "Process-Crash", "sync"])
-def test_settings_refuse_an_unknown_durability_listing_the_choices(value: str) -> None:
-    env = {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b", "GATEMETRICS_DURABILITY": value}
-    with pytest.raises(ValueError, match="GATEMETRICS_DURABILITY") as info:
-        Settings.from_env(env)
-    assert "process-crash" in str(info.value)
-    assert "power-loss" in str(info.value)
-    assert repr(value) in str(info.value)
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("GATEMETRICS_PERSISTENCE", "write_through"),
-        ("GATEMETRICS_PERSISTENCE", "off"),
-        ("GATEMETRICS_DURABILITY", "FULL"),
-        ("GATEMETRICS_DURABILITY", "fsync"),
-        ("GATEMETRICS_SAVE_INTERVAL", "soon"),
-        ("GATEMETRICS_SAVE_INTERVAL", "0"),
-        ("GATEMETRICS_SAVE_INTERVAL", "-1"),
-        ("GATEMETRICS_SAVE_INTERVAL", "nan"),
-        ("GATEMETRICS_SAVE_INTERVAL", "inf"),
-        ("GATEMETRICS_SAVE_INTERVAL", "86401"),
-    ],
-)
-def test_settings_refuse_bad_persistence_values_naming_the_variable(name: str, value: str) -> None:
-    env = {"GATEMETRICS_DIR": "/a", "RELEASE_GATE_AUDIT_LOG": "/b", name: value}
-    with pytest.raises(ValueError, match=name):
-        Settings.from_env(env)
-
-
 async def test_periodic_persistence_saves_off_the_request_path(tmp_path: Path) -> None:
     settings = Settings(
         str(tmp_path / "shards"),
@@ -496,18 +181,6 @@ async def test_periodic_persistence_saves_off_the_request_path(tmp_path: Path) -
     finally:
         assert await lifespan(app, "shutdown") == [{"type": "lifespan.shutdown.complete"}]
     assert counts(app)["decisions"] == {"ALLOW": 1, "DENY": 0}
-
-
-async def test_default_paths_are_created_private_to_the_user(tmp_path: Path) -> None:
-    app = create_app(Settings.from_env({"XDG_STATE_HOME": str(tmp_path / "state")}))
-    assert await lifespan(app, "startup", "shutdown") == [
-        {"type": "lifespan.startup.complete"},
-        {"type": "lifespan.shutdown.complete"},
-    ]
-    root = tmp_path / "state" / "gatemetrics"
-    assert stat.S_IMODE(root.stat().st_mode) == 0o700
-    assert (root / "shards").is_dir()
-    assert (root / "release-gate-audit.jsonl").is_file()
 
 
 # -- POST /release-gate/check ------------------------------------------------------------------
@@ -590,387 +263,6 @@ async def test_check_without_now_ms_uses_the_server_clock(gate_app: ReleaseGateA
     null = await client.check(hold | {"override": override(created_at_ms=NOW), "now_ms": None})
     assert null.json()["override_applied"] is True
     assert [e["ts_ms"] for e in audit_lines(gate_app)] == [NOW, NOW - 1, NOW]
-
-
-@pytest.mark.parametrize(
-    "content_type",
-    [
-        "application/json",
-        "Application/JSON; charset=UTF-8",
-        'application/json; charset="utf-8"',
-        "application/vnd.release-gate+json",
-    ],
-)
-async def test_check_accepts_json_media_types(gate_app: ReleaseGateApp, content_type: str) -> None:
-    body = b'{"verdict": "release_ok", "reasons": []}'
-    reply = await Client(gate_app).request(
-        "POST", CHECK, body, headers=[("Content-Type", content_type)]
-    )
-    assert reply.status == 200
-
-
-async def test_a_body_of_exactly_the_limit_is_accepted(gate_app: ReleaseGateApp) -> None:
-    body = b'{"verdict": "release_ok", "reasons": []}'
-    body += b" " * (MAX_BODY_BYTES - len(body))
-    reply = await Client(gate_app).request("POST", CHECK, body)
-    assert reply.status == 200
-
-
-# -- refused requests: a clear JSON error, no counter changed, no audit entry -------------------
-
-OK = {"verdict": "release_ok", "reasons": []}
-
-
-def _int_body(literal: int | str, field: str = "now_ms") -> bytes:
-    """A check body with ``literal`` written as is (Python's ints become exact JSON integers,
-    beyond what orjson.dumps accepts) in ``field``: ``now_ms`` or an override field."""
-    if field == "now_ms":
-        return b'{"verdict":"release_ok","reasons":[],"now_ms":' + str(literal).encode() + b"}"
-    doc = orjson.dumps(OK | {"override": override(**{field: 0})})
-    return doc.replace(f'"{field}":0'.encode(), f'"{field}":{literal}'.encode())
-
-
-REFUSED: list[tuple[str, bytes, int, str, str | None]] = [
-    # (id, body, status, error code, field)
-    ("empty body", b"", 400, "malformed_json", None),
-    ("truncated JSON", b'{"verdict": "release_ok", "reasons": [', 400, "malformed_json", None),
-    ("not UTF-8", b'{"verdict": "release_ok\xff", "reasons": []}', 400, "malformed_json", None),
-    (
-        "lone surrogate",
-        b'{"verdict":"release_ok","reasons":[],"release_scope":"\\ud800"}',
-        400,
-        "malformed_json",
-        None,
-    ),
-    # A number beyond what a double holds is refused by the parser itself.
-    (
-        "integer beyond a double",
-        b'{"verdict":"release_ok","reasons":[],"now_ms":1' + b"0" * 400 + b"}",
-        400,
-        "malformed_json",
-        None,
-    ),
-    ("array", b"[]", 400, "invalid_request", None),
-    ("null", b"null", 400, "invalid_request", None),
-    ("missing verdict", b'{"reasons": []}', 400, "invalid_request", "verdict"),
-    ("missing reasons", b'{"verdict": "release_ok"}', 400, "invalid_request", "reasons"),
-    ("misspelt field", orjson.dumps(OK | {"overide": None}), 400, "invalid_request", "overide"),
-    (
-        "verdict not a string",
-        orjson.dumps({"verdict": 1, "reasons": []}),
-        400,
-        "invalid_request",
-        "verdict",
-    ),
-    (
-        "verdict null",
-        orjson.dumps({"verdict": None, "reasons": []}),
-        400,
-        "invalid_request",
-        "verdict",
-    ),
-    (
-        "reasons a string",
-        orjson.dumps({"verdict": "release_hold", "reasons": "TIER_FAIL"}),
-        400,
-        "invalid_request",
-        "reasons",
-    ),
-    (
-        "reason not a string",
-        orjson.dumps({"verdict": "release_hold", "reasons": [["TIER_FAIL"]]}),
-        400,
-        "invalid_request",
-        "reasons[0]",
-    ),
-    (
-        "unknown verdict",
-        orjson.dumps({"verdict": "release_maybe", "reasons": []}),
-        422,
-        "unknown_verdict",
-        "verdict",
-    ),
-    (
-        "verdict in the wrong case",
-        orjson.dumps({"verdict": "RELEASE_OK", "reasons": []}),
-        422,
-        "unknown_verdict",
-        "verdict",
-    ),
-    (
-        "unknown reason",
-        orjson.dumps({"verdict": "release_hold", "reasons": ["TIER_FAIL", "NOPE"]}),
-        422,
-        "unknown_reason",
-        "reasons[1]",
-    ),
-    (
-        "release_ok with reasons",
-        orjson.dumps({"verdict": "release_ok", "reasons": ["TIER_FAIL"]}),
-        422,
-        "inconsistent_result",
-        "reasons",
-    ),
-    (
-        "hold with an absolute reason",
-        orjson.dumps({"verdict": "release_hold", "reasons": ["GUARD_VIOLATION"]}),
-        422,
-        "inconsistent_result",
-        "reasons",
-    ),
-    ("override a list", orjson.dumps(OK | {"override": []}), 400, "invalid_request", "override"),
-    (
-        "override field null",
-        orjson.dumps(OK | {"override": override() | {"created_by": None}}),
-        400,
-        "invalid_request",
-        "override.created_by",
-    ),
-    (
-        "override field absent",
-        orjson.dumps(OK | {"override": {k: v for k, v in override().items() if k != "scope"}}),
-        400,
-        "invalid_request",
-        "override.scope",
-    ),
-    (
-        "override unknown field",
-        orjson.dumps(OK | {"override": override(ttl=1)}),
-        400,
-        "invalid_request",
-        "override.ttl",
-    ),
-    (
-        "ttl a string",
-        orjson.dumps(OK | {"override": override(ttl_seconds="3600")}),
-        400,
-        "invalid_request",
-        "override.ttl_seconds",
-    ),
-    (
-        "ttl a boolean",
-        orjson.dumps(OK | {"override": override(ttl_seconds=True)}),
-        400,
-        "invalid_request",
-        "override.ttl_seconds",
-    ),
-    (
-        "ttl a float",
-        orjson.dumps(OK | {"override": override(ttl_seconds=1.5)}),
-        400,
-        "invalid_request",
-        "override.ttl_seconds",
-    ),
-    (
-        "ttl zero",
-        orjson.dumps(OK | {"override": override(ttl_seconds=0)}),
-        422,
-        "invalid_value",
-        "override",
-    ),
-    (
-        "blank override reason",
-        orjson.dumps(OK | {"override": override(reason="  ")}),
-        422,
-        "invalid_value",
-        "override",
-    ),
-    (
-        "control character in created_by",
-        orjson.dumps(OK | {"override": override(created_by="a\x1bb")}),
-        422,
-        "invalid_value",
-        "override",
-    ),
-    (
-        "release_scope a number",
-        orjson.dumps(OK | {"release_scope": 7}),
-        400,
-        "invalid_request",
-        "release_scope",
-    ),
-    (
-        "release_scope with a newline",
-        orjson.dumps(OK | {"release_scope": "a\nb"}),
-        422,
-        "invalid_value",
-        None,
-    ),
-    ("now_ms a string", orjson.dumps(OK | {"now_ms": "1"}), 400, "invalid_request", "now_ms"),
-    ("now_ms a boolean", orjson.dumps(OK | {"now_ms": True}), 400, "invalid_request", "now_ms"),
-    ("now_ms a float", orjson.dumps(OK | {"now_ms": 1.5}), 400, "invalid_request", "now_ms"),
-    ("now_ms negative", orjson.dumps(OK | {"now_ms": -1}), 422, "invalid_value", None),
-    ("now_ms beyond int64", orjson.dumps(OK | {"now_ms": 2**63}), 422, "invalid_value", None),
-    # The edges of 64 bits: orjson keeps -2**63..2**64-1 as ints (the gate refuses what is out
-    # of its range) and turns the rest into floats; a client sees one answer either side.
-    *(
-        (f"now_ms {name}", _int_body(literal), 422, "invalid_value", field)
-        for name, literal, field in [
-            ("2**64-1", 2**64 - 1, None),
-            ("2**64", 2**64, "now_ms"),
-            ("-2**63", -(2**63), None),
-            ("-2**63-1", -(2**63) - 1, "now_ms"),
-            ("huge", 10**25, "now_ms"),
-            ("huge negative", -(10**25), "now_ms"),
-        ]
-    ),
-    (
-        "ttl_seconds 2**64",
-        _int_body(2**64, field="ttl_seconds"),
-        422,
-        "invalid_value",
-        "override.ttl_seconds",
-    ),
-    (
-        "created_at_ms -2**63-1",
-        _int_body(-(2**63) - 1, field="created_at_ms"),
-        422,
-        "invalid_value",
-        "override.created_at_ms",
-    ),
-    ("now_ms 1e5, a float", _int_body("1e5"), 400, "invalid_request", "now_ms"),
-]
-
-
-@pytest.mark.parametrize(
-    ("body", "status", "code", "field"),
-    [pytest.param(*case[1:], id=case[0]) for case in REFUSED],
-)
-async def test_bad_input_gets_a_clear_error_and_changes_nothing(
-    gate_app: ReleaseGateApp, body: bytes, status: int, code: str, field: str | None
-) -> None:
-    await gate_app.startup()
-    reply = await Client(gate_app).request("POST", CHECK, body)
-    assert reply.status == status
-    assert reply.headers["content-type"] == "application/json"
-    error = reply.json()
-    assert error["error"] == code
-    assert error["message"]
-    assert error.get("field") == field
-    assert counts(gate_app) == NOTHING
-    assert audit_lines(gate_app) == []
-
-
-async def test_integer_fields_take_the_largest_signed_64_bit_value(
-    gate_app: ReleaseGateApp,
-) -> None:
-    await gate_app.startup()
-    reply = await Client(gate_app).request("POST", CHECK, _int_body(2**63 - 1))
-    assert reply.status == 200, reply.body
-    assert reply.json()["allowed"] is True
-
-
-@pytest.mark.parametrize(
-    ("headers", "status", "code"),
-    [
-        pytest.param([], 415, "unsupported_media_type", id="no content type"),
-        pytest.param([("content-type", "text/plain")], 415, "unsupported_media_type", id="text"),
-        pytest.param(
-            [("content-type", "application/x-www-form-urlencoded")],
-            415,
-            "unsupported_media_type",
-            id="form (curl -d without -H)",
-        ),
-        pytest.param(
-            [("content-type", "application/json; charset=latin-1")],
-            415,
-            "unsupported_media_type",
-            id="not UTF-8",
-        ),
-        pytest.param(
-            [("content-type", "application/json"), ("content-type", "application/json")],
-            400,
-            "invalid_request",
-            id="content type twice",
-        ),
-        pytest.param(
-            [("content-type", "application/json"), ("content-length", "12x")],
-            400,
-            "invalid_request",
-            id="content length not a number",
-        ),
-        pytest.param(
-            [("content-type", "application/json"), ("content-length", "-1")],
-            400,
-            "invalid_request",
-            id="negative content length",
-        ),
-    ],
-)
-async def test_bad_headers_are_refused_before_the_body_is_read(
-    gate_app: ReleaseGateApp, headers: list[tuple[str, str]], status: int, code: str
-) -> None:
-    await gate_app.startup()
-    body = orjson.dumps(OK)
-    reply = await Client(gate_app).request("POST", CHECK, body, headers=headers)
-    assert (reply.status, reply.json()["error"]) == (status, code)
-    assert reply.receives == 0
-    # The unread body must not be taken for the next request on this connection.
-    assert reply.headers["connection"] == "close"
-    assert counts(gate_app) == NOTHING
-    assert audit_lines(gate_app) == []
-
-
-async def test_a_declared_length_over_the_limit_is_refused_unread(gate_app: ReleaseGateApp) -> None:
-    await gate_app.startup()
-    headers = [("content-type", "application/json"), ("content-length", str(MAX_BODY_BYTES + 1))]
-    reply = await Client(gate_app).request(
-        "POST", CHECK, b"x" * (MAX_BODY_BYTES + 1), headers=headers
-    )
-    assert reply.status == 413
-    assert reply.json()["error"] == "body_too_large"
-    assert reply.receives == 0  # refused before a single byte was read
-    assert reply.headers["connection"] == "close"
-    assert counts(gate_app) == NOTHING
-    assert audit_lines(gate_app) == []
-
-
-async def test_a_chunked_body_over_the_limit_is_refused_without_reading_on(
-    gate_app: ReleaseGateApp,
-) -> None:
-    await gate_app.startup()
-    chunk = b" " * (16 * 1024)
-    chunks = [b'{"verdict": "release_ok", "reasons": []}', *[chunk] * 20]  # about 320 KiB
-    reply = await Client(gate_app).request(
-        "POST", CHECK, headers=[("content-type", "application/json")], chunks=chunks
-    )
-    assert reply.status == 413
-    # Reading stops with the chunk that crosses the limit.
-    sizes = [sum(map(len, chunks[: i + 1])) for i in range(len(chunks))]
-    crossing = next(i for i, size in enumerate(sizes) if size > MAX_BODY_BYTES)
-    assert reply.receives == crossing + 1 < len(chunks)
-    assert reply.headers["connection"] == "close"
-    assert counts(gate_app) == NOTHING
-    assert audit_lines(gate_app) == []
-
-
-async def test_an_under_declared_body_is_counted_as_it_arrives(gate_app: ReleaseGateApp) -> None:
-    # A server normally enforces Content-Length framing; the app does not rely on it.
-    await gate_app.startup()
-    headers = [("content-type", "application/json"), ("content-length", "10")]
-    reply = await Client(gate_app).request(
-        "POST", CHECK, headers=headers, chunks=[b" " * MAX_BODY_BYTES, b"{}"]
-    )
-    assert reply.status == 413
-    assert reply.receives == 2
-
-
-async def test_a_client_that_vanishes_mid_body_gets_nothing_and_counts_nothing(
-    gate_app: ReleaseGateApp,
-) -> None:
-    await gate_app.startup()
-    client = Client(gate_app)
-    reply = await client.request(
-        "POST",
-        CHECK,
-        headers=[("content-type", "application/json")],
-        chunks=[b'{"verdict": "release_ok",', b' "reasons": []}'],
-        disconnect_after=1,
-    )
-    assert client.sent == []
-    assert reply.receives == 2
-    assert counts(gate_app) == NOTHING
-    assert audit_lines(gate_app) == []
 
 
 @pytest.mark.parametrize(
@@ -1210,6 +502,9 @@ async def test_a_check_waits_for_the_audit_lock_off_the_event_loop(
     assert ticks >= 20
 
 
+# -- a worker started before a fork, and a start that fails ----------------------------------
+
+
 def test_a_worker_forked_after_startup_counts_in_a_shard_of_its_own(tmp_path: Path) -> None:
     # The app started and used before a fork, as a server might do by mistake: the child keeps
     # the state, but the engine has made its store a new incarnation that never counts the
@@ -1217,7 +512,7 @@ def test_a_worker_forked_after_startup_counts_in_a_shard_of_its_own(tmp_path: Pa
     result = run_python(
         "import os, anyio\n"
         "from backend.app.main import Settings, create_app\n"
-        "from tests.app.test_main import Client, OK\n"
+        "from tests.app.asgi_client import Client, OK\n"
         f"app = create_app(Settings({str(tmp_path / 'shards')!r}, {str(tmp_path / 'a.jsonl')!r}))\n"
         "assert anyio.run(Client(app).check, OK).status == 200\n"
         "pid = os.fork()\n"
@@ -1259,50 +554,6 @@ def test_a_symlinked_audit_log_stops_the_worker_and_is_left_alone(tmp_path: Path
     assert info.value.errno == errno.ELOOP
     assert target.read_bytes() == b"keep\n"
     assert link.is_symlink()
-
-
-@pytest.mark.parametrize(
-    "doc",
-    [
-        pytest.param({"verdict": "x" * 60_000, "reasons": []}, id="verdict"),
-        pytest.param({"verdict": "release_hold", "reasons": ["R" * 60_000]}, id="reason"),
-        pytest.param(OK | {"y" * 60_000: 1}, id="field name"),
-        pytest.param(OK | {"release_scope": "\x00" * 10_000}, id="gate's own message"),
-    ],
-)
-async def test_error_messages_never_echo_a_huge_request(
-    gate_app: ReleaseGateApp, doc: dict[str, Any]
-) -> None:
-    reply = await Client(gate_app).check(doc)
-    assert reply.status in (400, 422)
-    assert len(reply.body) < 1000
-    assert reply.json()["message"]
-
-
-async def test_a_body_that_never_arrives_times_out_with_408(tmp_path: Path) -> None:
-    settings = Settings(str(tmp_path / "shards"), str(tmp_path / "audit.jsonl"), body_timeout=0.1)
-    app = create_app(settings)
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:  # a client that sent its headers, then stalled
-        await anyio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": CHECK,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
-    }
-    with anyio.fail_after(10):
-        await app(scope, receive, send)
-    assert sent[0]["status"] == 408
-    assert (b"connection", b"close") in sent[0]["headers"]
-    assert orjson.loads(sent[1]["body"])["error"] == "request_timeout"
-    assert not app.started  # nothing was decided, counted or audited
 
 
 async def test_metrics_without_any_usable_location_answer_503(

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from backend.app.testing import release_gate
 from backend.app.testing.audit import InMemoryAuditLog, JsonlAuditLog
+from backend.app.testing.fields import FieldTypeError, FieldValueError
 from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import GateDecision, ReleaseGate, ReleaseOverride
 from backend.app.testing.release_policy import (
@@ -1372,3 +1373,54 @@ def test_the_readme_wiring_example_runs(tmp_path: Path, monkeypatch: pytest.Monk
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})  # noqa: S102
     entries = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     assert [e["audit_detail"] for e in entries] == ["OVERRIDE_APPLIED", "OVERRIDE_APPLIED"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "kind", "field"),
+    [
+        ({"ttl_seconds": "60"}, FieldTypeError, "ttl_seconds"),
+        ({"ttl_seconds": True}, FieldTypeError, "ttl_seconds"),
+        ({"ttl_seconds": 0}, FieldValueError, "ttl_seconds"),
+        ({"created_at_ms": -1}, FieldValueError, "created_at_ms"),
+        ({"created_at_ms": 2**63 - 1}, FieldValueError, "ttl_seconds"),  # the expiry overflows
+        ({"created_by": None}, FieldTypeError, "created_by"),
+        ({"reason": " "}, FieldValueError, "reason"),
+        ({"scope": "a\nb"}, FieldValueError, "scope"),
+        # Every type is checked before any value: the wrong type is the one reported.
+        ({"ttl_seconds": 0, "created_by": None}, FieldTypeError, "created_by"),
+    ],
+)
+def test_a_refused_override_names_its_field(
+    changes: dict[str, Any], kind: type[Exception], field: str
+) -> None:
+    fields = {
+        "ttl_seconds": 60,
+        "created_at_ms": 0,
+        "scope": "s",
+        "reason": "r",
+        "created_by": "c",
+    }
+    with pytest.raises(kind) as info:
+        ReleaseOverride(**(fields | changes))
+    assert getattr(info.value, "field", None) == field
+
+
+@pytest.mark.parametrize(
+    ("release_scope", "now_ms", "kind", "field"),
+    [
+        (7, 0, FieldTypeError, "release_scope"),
+        ("a\x00", 0, FieldValueError, "release_scope"),
+        ("", 1.5, FieldTypeError, "now_ms"),
+        ("", -1, FieldValueError, "now_ms"),
+        ("", 2**63, FieldValueError, "now_ms"),
+    ],
+)
+def test_refused_check_arguments_are_named_before_anything_is_audited(
+    release_scope: Any, now_ms: Any, kind: type[Exception], field: str
+) -> None:
+    gate = ReleaseGate()
+    with pytest.raises(kind) as info:
+        gate.check(OK_RESULT, None, release_scope, now_ms)
+    assert getattr(info.value, "field", None) == field
+    assert list(gate.audit_log.entries) == []  # type: ignore[attr-defined]
+    assert gate.metric_store.decision_counts() == {"ALLOW": 0, "DENY": 0}  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from backend.app.testing.fields import FieldError, FieldTypeError, FieldValueError
 from backend.app.testing.release_policy import (
     ABSOLUTE_BLOCK_REASONS,
     REASON_VERDICTS,
@@ -361,3 +362,58 @@ def test_the_verdict_is_the_most_severe_verdict_of_the_reasons(sig: dict[str, An
     """The verdict is exactly what the reasons require: no stricter, no looser."""
     result = ReleasePolicy().evaluate(**sig)
     assert result.verdict is max((REASON_VERDICTS[r] for r in result.reasons), default=OK)
+
+
+HOLD_WITH = {"verdict": "release_hold"}
+OK_WITH = {"verdict": "release_ok", "reasons": []}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind", "field", "code"),
+    [
+        ({"verdict": 1, "reasons": []}, FieldTypeError, "verdict", "wrong_type"),
+        ({"verdict": "maybe", "reasons": []}, FieldValueError, "verdict", "unknown_verdict"),
+        (HOLD_WITH | {"reasons": {"TIER_FAIL": 1}}, FieldTypeError, "reasons", "wrong_type"),
+        (HOLD_WITH | {"reasons": ["TIER_FAIL", 3]}, FieldTypeError, "reasons[1]", "wrong_type"),
+        (
+            HOLD_WITH | {"reasons": ["TIER_FAIL", "NOPE"]},
+            FieldValueError,
+            "reasons[1]",
+            "unknown_reason",
+        ),
+        (
+            {"verdict": "release_ok", "reasons": ["TIER_FAIL"]},
+            FieldValueError,
+            "reasons",
+            "inconsistent_result",
+        ),
+        (
+            OK_WITH | {"required_actions": [1]},
+            FieldTypeError,
+            "required_actions[0]",
+            "wrong_type",
+        ),
+        (OK_WITH | {"details": {1: 2}}, FieldTypeError, "details", "wrong_type"),
+    ],
+)
+def test_a_refused_result_names_its_field_and_rule(
+    kwargs: dict[str, Any], kind: type[FieldError], field: str, code: str
+) -> None:
+    # One structured error, so callers (the HTTP app) report it without re-checking the rules;
+    # still a TypeError or ValueError for everyone else.
+    with pytest.raises(kind) as info:
+        ReleasePolicyResult(**kwargs)
+    assert isinstance(info.value, TypeError if kind is FieldTypeError else ValueError)
+    assert (info.value.field, info.value.code) == (field, code)
+    assert str(info.value) == info.value.message
+    copy = pickle.loads(pickle.dumps(info.value))  # noqa: S301 - our own bytes
+    assert (type(copy), copy.field, copy.code, str(copy)) == (kind, field, code, str(info.value))
+
+
+def test_policy_signals_of_the_wrong_kind_name_the_argument() -> None:
+    with pytest.raises(FieldTypeError) as info:
+        ReleasePolicy().evaluate(drift_alert="false")  # type: ignore[arg-type]
+    assert info.value.field == "drift_alert"
+    with pytest.raises(FieldValueError) as value:
+        ReleasePolicy().evaluate(canary_breaking=-1)
+    assert value.value.field == "canary_breaking"
