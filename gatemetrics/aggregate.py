@@ -130,9 +130,13 @@ from gatemetrics.store import Snapshot
 __all__ = [
     "ARCHIVE_NAME",
     "COMPACT_STEPS",
+    "FALLBACK_NAMESPACE",
     "LOCK_NAME",
     "MAX_SHARD_BYTES",
+    "PIPELINE_QUARANTINED_KEY",
+    "PIPELINE_SHARDS_KEY",
     "QUARANTINE_DIR",
+    "QUARANTINE_KEEP",
     "SCHEMA_NAME",
     "Aggregate",
     "ArchiveReport",
@@ -171,7 +175,7 @@ COMPACT_STEPS = (
 _log = logging.getLogger("gatemetrics.aggregate")
 _NAMESPACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]*\Z")
 
-State = Literal["live", "dead", "absorbed"]
+_State = Literal["live", "dead", "absorbed"]
 _CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 _OPEN_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -335,7 +339,7 @@ class ShardReport:
 
     name: str
     incarnation: str | None
-    state: State | None  # None: no owner can be named (a hostile name)
+    state: _State | None  # None: no owner can be named (a hostile name)
     action: Literal["counted", "absorbed", "quarantined", "skipped"]
     pid: int | None = None
     host: str | None = None
@@ -546,7 +550,7 @@ class _Run:
         self.reports: list[ShardReport] = []
         self.absorb: dict[str, tuple[int, ...]] = {}
         # Shards read and valid, not yet summed: (report index, name, incarnation, state, record).
-        self.counted: list[tuple[int, str, str, State, ShardRecord]] = []
+        self.counted: list[tuple[int, str, str, _State, ShardRecord]] = []
         self.problems: dict[str, str] = {}  # file name -> why it is to be quarantined
         self.live = self.dead = 0
         self.saturated = False  # some archive total had to be held at MAX_COUNT
@@ -731,7 +735,7 @@ class _Run:
     def _count_v1(self, inc: str) -> None:
         name = v1_names(inc)[0]
         # Liveness beats the archive here too: absorbing needs the owner's lock to be free.
-        state: State = self.states[inc]
+        state: _State = self.states[inc]
         if state == "dead" and inc in self.archive.absorbed:
             state = "absorbed"
         if state == "live":
@@ -758,7 +762,7 @@ class _Run:
             return
         self._add(name, inc, state, record)
 
-    def _add(self, name: str, inc: str, state: State, record: ShardRecord) -> None:
+    def _add(self, name: str, inc: str, state: _State, record: ShardRecord) -> None:
         # Summed once all shards are read (see _settle): one pass over columns in C instead of
         # one Python addition per cell per shard.
         self.counted.append((len(self.reports), name, inc, state, record))
@@ -829,10 +833,12 @@ class _Run:
             if state == "dead" and self.compact:
                 self.absorb[inc] = record.counts
 
-    def _bad(self, name: str, inc: str, state: State, problem: str, fmt: int) -> None:
+    def _bad(self, name: str, inc: str, state: _State, problem: str, fmt: int) -> None:
         self.reports.append(self._bad_report(name, inc, state, problem, fmt))
 
-    def _bad_report(self, name: str, inc: str, state: State, problem: str, fmt: int) -> ShardReport:
+    def _bad_report(
+        self, name: str, inc: str, state: _State, problem: str, fmt: int
+    ) -> ShardReport:
         form = fmt or (2 if name.startswith("v2-") else 1)
         if state == "live":
             _log.warning("skipped %s (its owner is alive): %s", name, problem)

@@ -47,7 +47,17 @@ from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.schema import Schema
 from gatemetrics.shards import write_file_atomically
 
-__all__ = ["COMMANDS_GROUP", "STATUS_JSON_VERSION", "format_status", "main", "status_document"]
+__all__ = [
+    "COMMANDS_GROUP",
+    "EXIT_FAILURE",
+    "EXIT_LOCK_TIMEOUT",
+    "EXIT_USAGE",
+    "ORPHAN_TEMP_AGE_S",
+    "STATUS_JSON_VERSION",
+    "format_status",
+    "main",
+    "status_document",
+]
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
