@@ -35,6 +35,7 @@ from gatemetrics import (
     shard_for,
 )
 from tests.exposition_parser import parse
+from tests.processes import run_python
 from tests.shard_tools import GATE_FAMILIES, GATE_SERIES, REASONS, in_forked_child
 from tests.strategies import any_reason, store_ops, valid_reason
 
@@ -496,18 +497,13 @@ def test_a_view_survives_a_fork_unchanged(tmp_path: Path) -> None:
     shard_for(store, tmp_path).close(save=False)
 
 
-@pytest.mark.parametrize("kind", ["missing", "a file", "unreadable", "lock busy"])
+@pytest.mark.parametrize("kind", ["missing", "a file", "lock busy"])
 def test_load_from_dir_is_fail_open_and_says_why_once(
     tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     target = tmp_path / "shards"
     if kind == "a file":
         target.write_text("")
-    elif kind == "unreadable":
-        target.mkdir()
-        target.chmod(0o000)
-        if os.access(target, os.R_OK):  # root reads anything: nothing to test
-            pytest.skip("running as a user that can read a mode-000 directory")
     elif kind == "lock busy":
         target.mkdir()
         fd = os.open(target, os.O_RDONLY)  # the directory's own flock is the aggregation lock
@@ -526,10 +522,34 @@ def test_load_from_dir_is_fail_open_and_says_why_once(
             f"gate metrics: an empty view of {target}: {views[0].problem}"
         ) == 1  # logged once, not once per call
     finally:
-        if kind == "unreadable":
-            target.chmod(0o755)
         if kind == "lock busy":
             os.close(fd)
+
+
+def test_load_from_dir_of_an_unreadable_directory_is_an_empty_view_that_says_why(
+    tmp_path: Path,
+) -> None:
+    # A real process for which file modes apply even when the suite runs as root.
+    target = tmp_path / "shards"
+    target.mkdir()
+    target.chmod(0o000)
+    try:
+        result = run_python(
+            """
+            import sys
+            from backend.app.testing.gate_metrics import GateMetricStore
+            view = GateMetricStore.load_from_dir(sys.argv[1], lock_timeout=0)
+            assert view.decision_counts() == {"ALLOW": 0, "DENY": 0}
+            print(view.problem)
+            """,
+            str(target),
+            honour_file_modes=True,
+        )
+    finally:
+        target.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert "Permission denied" in result.stdout
+    assert str(target) in result.stdout
 
 
 def test_load_from_dir_strict_keeps_the_loud_errors(tmp_path: Path) -> None:
