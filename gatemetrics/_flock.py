@@ -7,12 +7,11 @@ is raised). Shards (the lifetime lock), the aggregator (the directory lock, thro
 :func:`flock_fd` and :func:`exclusive_flock`) and the release gate's audit log (through
 :func:`flock_until`, exported as ``gatemetrics.flock_until``) all classify with it.
 
-filelock costs about 170 µs per acquire+release on a reused lock object and about 300 µs with a
-new one, here, with filelock 4.3 (fork bookkeeping and path handling in Python); a bare
-``flock`` costs about 7 µs. The directory lock is taken by every aggregation and every
-``GET /metrics``, so it uses this. (Shards hold their lifetime ``flock`` on their own data file,
-see :mod:`gatemetrics.shards`; the audit log locks its own descriptors.) Semantics match
-filelock's with ``fallback_to_soft=False``:
+filelock costs tens of times a bare ``flock`` per acquire and release (fork bookkeeping and path
+handling in Python; figures in benchmarks/PROFILE.md, "Costs behind design choices"). The
+directory lock is taken by every aggregation and every ``GET /metrics``, so it uses this.
+(Shards hold their lifetime ``flock`` on their own data file, see :mod:`gatemetrics.shards`; the
+audit log locks its own descriptors.) Semantics match filelock's with ``fallback_to_soft=False``:
 
 * the lock is the kernel's ``flock`` on a file that is created if missing (never its directory)
   and never deleted; the kernel frees it when the holder dies, SIGKILL included;

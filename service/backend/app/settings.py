@@ -55,8 +55,8 @@ class Settings:
     ``persistence``, ``save_interval`` and ``durability`` choose how the worker's store saves
     its shard (:meth:`GateMetricStore.bind_to_dir`). The default, write-through with
     ``process-crash`` durability, makes every answered decision survive a SIGKILL of its worker
-    at the cost of one in-place ``pwrite`` per check (a few microseconds; benchmarks/RESULTS.md
-    figure 5 measures what it costs in throughput). ``power-loss`` adds an ``fdatasync`` per
+    at the cost of one in-place ``pwrite`` per check (benchmarks/RESULTS.md: figure 2 measures
+    a save, figure 5 what it costs in throughput). ``power-loss`` adds an ``fdatasync`` per
     check, so counts also survive a kernel crash or power loss. ``periodic`` saves every
     ``save_interval`` seconds instead: a worker that is SIGKILLed loses up to one interval of
     counts (the audit log still holds every decision).

@@ -189,7 +189,7 @@ class InMemoryAuditLog:
 _SYNC_FAILED_EVENT = "AUDIT_SYNC_FAILED"
 
 # Polling for the flock (the kernel's blocking flock cannot time out). Group commit holds the
-# lock for one write, tens of microseconds, so the first retry comes soon; the cap keeps a
+# lock for one short write, so the first retry comes soon; the cap keeps a
 # stuck holder from costing more than 200 attempts a second per waiting process.
 _FIRST_WAIT_S = 0.0001
 _MAX_WAIT_S = 0.005

@@ -134,7 +134,8 @@ _REASON_SLOTS: dict[str, int] = {
     r.value: GATE_SCHEMA.slot("reason_counts", r.value) for r in BlockReasonCode
 }
 # The hot path looks members up by identity: hashing a StrEnum member runs Enum.__hash__ in
-# Python (about 0.25 µs here), five times the cost of an int key. Members live as long as the
+# Python, several times the cost of an int key (benchmarks/PROFILE.md, "Costs behind design
+# choices"). Members live as long as the
 # interpreter, so no other object can share their id.
 _MEMBER_SLOTS: dict[int, int] = {id(r): _REASON_SLOTS[r.value] for r in BlockReasonCode}
 _MEMBER_GET = _MEMBER_SLOTS.get
