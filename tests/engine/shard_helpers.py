@@ -1,5 +1,9 @@
-"""Helpers shared by the shard tests (saving, binding, fork, crash points): reading a shard
-directory back, stopped processes, injected races."""
+"""Helpers shared by the shard tests (saving, binding, fork, crash points): the shop's
+recorders, reading a shard directory back, stopped processes, injected races.
+
+The recorders are importable in the tests' child processes too (``from tests.engine.shard_helpers
+import pay, refuse, shop_store``), so a child counts exactly as the test process does.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +16,33 @@ from pathlib import Path
 
 import pytest
 
-from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA, GateMetricStore
 from gatemetrics import (
     Aggregate,
+    CounterStore,
     aggregate_dir,
 )
 from gatemetrics._format import Layout, ShardRecord, decode_v2, parse_name
+from tests.engine.schema import SHOP_NAMESPACE, SHOP_SCHEMA
 from tests.processes import wait_until
 
 __all__ = [
     "CLEAN",
+    "FAILURES",
     "SHARD_NAME",
+    "WHYS",
     "agg",
     "files",
-    "gate_counts",
     "header_length",
     "interfere_after_create",
     "owned",
+    "pay",
     "poll_while_running",
     "process_state",
     "raise_at",
     "read_shard",
+    "refuse",
+    "shop_counts",
+    "shop_store",
     "totals",
     "wait_stopped",
 ]
@@ -41,13 +51,52 @@ SHARD_NAME = re.compile(r"v2-[0-9a-f]{8}-\d+-[0-9a-f]+-[0-9a-f]{16}\.shard\Z")
 # A directory whose every shard was absorbed (compaction also records the schema it holds).
 CLEAN = ["aggregate.lock", "archive.json", "schema.json"]
 
+#: The shop's unlabelled family, given as ``failure_key``: where failed saves are counted.
+FAILURES = "errors"
+#: Every reason a refusal can have: ``refuse(store, *WHYS)`` adds four series in one step.
+WHYS: tuple[str, ...] = SHOP_SCHEMA.families[1].values
+_REFUSED = SHOP_SCHEMA.slot("orders", "refused")
+
+
+# -- the shop's recorders --------------------------------------------------------------------
+
+
+def shop_store(*, clock: Callable[[], float] = time.time) -> CounterStore:
+    return CounterStore(SHOP_SCHEMA, clock=clock)
+
+
+def pay(store: CounterStore) -> None:
+    """Count one paid order (one public write: a bound store saves once)."""
+    store.increment("orders", "paid")
+
+
+def refuse(store: CounterStore, *whys: str) -> None:
+    """Count one refused order and each distinct reason given, in one atomic step: readers see
+    all of its increments or none, and a bound store saves once for it."""
+    slots = [_REFUSED, *(SHOP_SCHEMA.slot("refusals", why) for why in dict.fromkeys(whys))]
+    store.increment_slots(slots)
+
+
+def shop_counts(paid: int, *, refusal: bool) -> tuple[int, ...]:
+    """The counts of ``paid`` paid orders, then optionally one refusal for every reason."""
+    store = shop_store()
+    for _ in range(paid):
+        pay(store)
+    if refusal:
+        refuse(store, *WHYS)
+    return store.snapshot().counts
+
+
+# -- reading a directory back ----------------------------------------------------------------
+
 
 def agg(directory: Path, *, compact: bool = False) -> Aggregate:
-    return aggregate_dir(directory, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=compact)
+    return aggregate_dir(directory, SHOP_SCHEMA, namespace=SHOP_NAMESPACE, compact=compact)
 
 
 def totals(directory: Path) -> dict[str, int]:
-    return agg(directory).snapshot().family("decision_counts")
+    """The merged ``orders`` of ``directory``: ``{"paid": n, "refused": n}``."""
+    return agg(directory).snapshot().family("orders")
 
 
 def files(directory: Path, suffix: str) -> list[str]:
@@ -65,22 +114,12 @@ def read_shard(path: str | Path) -> ShardRecord:
     parsed = parse_name(path.name)
     assert parsed is not None
     assert parsed[1] == "v2"
-    return decode_v2(path.read_bytes(), GATE_SCHEMA, parsed[0])
+    return decode_v2(path.read_bytes(), SHOP_SCHEMA, parsed[0])
 
 
 def header_length(data: bytes) -> int:
     length: int = Layout.PREFIX.unpack_from(data)[3]
     return length
-
-
-def gate_counts(allows: int, *, outcome: bool) -> tuple[int, ...]:
-    """The counts of ``allows`` ALLOW decisions, then optionally one DENY check outcome."""
-    store = GateMetricStore()
-    for _ in range(allows):
-        store.record_decision(True)
-    if outcome:
-        store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True)
-    return store.snapshot().counts
 
 
 def process_state(pid: int) -> str:

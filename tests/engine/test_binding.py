@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.app.testing.gate_metrics import GateMetricStore
 from gatemetrics import (
+    CounterStore,
     Durability,
     GatemetricsError,
     Shard,
@@ -22,10 +22,15 @@ from gatemetrics import (
     bind,
 )
 from tests.engine.shard_helpers import (
+    FAILURES,
+    WHYS,
     agg,
     files,
+    pay,
     raise_at,
     read_shard,
+    refuse,
+    shop_store,
     totals,
 )
 from tests.processes import Reaper, read_line, run_python, wait_until
@@ -34,21 +39,21 @@ from tests.processes import Reaper, read_line, run_python, wait_until
 
 
 def test_write_through_saves_once_per_public_write(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path)
+    store = shop_store()
+    binding = bind(store, tmp_path)
     calls: list[Callable[[], None]] = [
-        lambda: store.record_decision(True),
-        lambda: store.record_decision(False, ["TIER_FAIL", "DRIFT_ALERT"]),
-        lambda: store.record_outcome(False, ["GUARD_VIOLATION"], breach=True),
-        store.record_breach,
-        store.record_audit_write_failure,
-        store.record_metric_write_failure,
-        lambda: store.increment("decision_counts", "ALLOW"),
+        lambda: pay(store),
+        lambda: refuse(store, "no_stock", "no_money"),
+        lambda: refuse(store, *WHYS),
+        lambda: store.increment("refusals", "fraud", 3),
+        lambda: store.increment("errors"),
+        lambda: store.increment_slots([store.schema.slot("errors")]),
+        lambda: store.increment("orders", "paid"),
         lambda: store.increment_slots([0]),
     ]
     for i, call in enumerate(calls, 1):
         call()
-        assert store.store_generation == i  # exactly one save per call
+        assert store.generation == i  # exactly one save per call
         (name,) = files(tmp_path, ".shard")
         record = read_shard(tmp_path / name)
         assert (record.seq, record.generation) == (i, i)
@@ -72,7 +77,7 @@ class _CountingLock:
 
 
 def _queued_behind_a_blocked_save(
-    store: GateMetricStore,
+    store: CounterStore,
     shard: Shard,
     fault: Callable[[Callable[[str], None]], None],
     *,
@@ -95,12 +100,10 @@ def _queued_behind_a_blocked_save(
     counting = _CountingLock()
     shard._ticket_lock = counting  # type: ignore[assignment]
     fault(hook)
-    threads = [threading.Thread(target=store.record_decision, args=(True,))]
+    threads = [threading.Thread(target=pay, args=(store,))]
     threads[0].start()
     assert entered.wait(timeout=30)
-    threads += [
-        threading.Thread(target=store.record_decision, args=(True,)) for _ in range(waiters)
-    ]
+    threads += [threading.Thread(target=pay, args=(store,)) for _ in range(waiters)]
     for t in threads[1:]:
         t.start()
     # The blocked save took the ticket lock twice (its wait ticket, its save ticket); each
@@ -115,46 +118,46 @@ def _queued_behind_a_blocked_save(
 def test_write_through_calls_queued_behind_a_save_share_the_next_save(
     tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
 ) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path)
+    store = shop_store()
+    binding = bind(store, tmp_path)
     _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=lambda: None)
     # The blocked save, then one save for all five waiters (each counted before it began).
-    assert store.store_generation == 2
-    assert totals(tmp_path) == {"ALLOW": 6, "DENY": 0}
+    assert store.generation == 2
+    assert totals(tmp_path) == {"paid": 6, "refused": 0}
     binding.close()
 
 
 def test_write_through_callers_save_themselves_when_the_save_they_waited_for_fails(
     tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
 ) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path)
+    store = shop_store()
+    binding = bind(store, tmp_path, failure_key=FAILURES)
 
     def fail() -> None:
         raise OSError(errno.EIO, "I/O error")
 
     _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=fail)
-    assert store.metric_write_failures() == 1
-    assert store.store_generation == 1  # the failed save rolled back; one save served the rest
-    assert totals(tmp_path) == {"ALLOW": 6, "DENY": 0}
+    assert store.get(FAILURES) == 1
+    assert store.generation == 1  # the failed save rolled back; one save served the rest
+    assert totals(tmp_path) == {"paid": 6, "refused": 0}
     binding.close()
 
 
 def test_write_through_is_durable_when_each_concurrent_call_returns(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path, durability=Durability.PROCESS_CRASH)
+    store = shop_store()
+    binding = bind(store, tmp_path, durability=Durability.PROCESS_CRASH)
     returned = [0]
     lock = threading.Lock()
     problems: list[str] = []
 
     def worker() -> None:
         for _ in range(25):
-            store.record_decision(False, ["TIER_FAIL"])
+            refuse(store, "no_stock")
             with lock:
                 returned[0] += 1
                 done = returned[0]
             # Every call that returned before this read is in the file (the shard only grows).
-            on_disk = totals(tmp_path)["DENY"]
+            on_disk = totals(tmp_path)["refused"]
             if on_disk < done:
                 problems.append(f"{done} calls returned, {on_disk} on disk")
 
@@ -164,27 +167,27 @@ def test_write_through_is_durable_when_each_concurrent_call_returns(tmp_path: Pa
     for t in threads:
         t.join(timeout=60)
     assert problems == []
-    assert totals(tmp_path) == {"ALLOW": 0, "DENY": 200}
-    assert store.store_generation <= 200
+    assert totals(tmp_path) == {"paid": 0, "refused": 200}
+    assert store.generation <= 200
     binding.close()
 
 
 def test_write_through_failures_are_counted_without_recursion(
     tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
 ) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path)
+    store = shop_store()
+    binding = bind(store, tmp_path, failure_key=FAILURES)
     fault(raise_at("save.locked", OSError(errno.EIO, "I/O error")))
     for _ in range(5):
-        store.record_decision(True)  # never raises
-    assert store.metric_write_failures() == 5
-    assert store.decision_counts()["ALLOW"] == 5
-    assert totals(tmp_path) == {"ALLOW": 0, "DENY": 0}
+        pay(store)  # never raises
+    assert store.get(FAILURES) == 5
+    assert store.get("orders", "paid") == 5
+    assert totals(tmp_path) == {"paid": 0, "refused": 0}
     _faults.HOOK = None
     assert binding.close()
     snap = agg(tmp_path).snapshot()
-    assert snap.get("metric_write_failures") == 5
-    assert snap.family("decision_counts") == {"ALLOW": 5, "DENY": 0}
+    assert snap.get(FAILURES) == 5
+    assert snap.family("orders") == {"paid": 5, "refused": 0}
 
 
 def test_write_through_is_exact_when_sigkilled_right_after_the_call_returned(
@@ -192,11 +195,17 @@ def test_write_through_is_exact_when_sigkilled_right_after_the_call_returned(
 ) -> None:
     proc = reaper.python(
         """
-        from backend.app.testing.gate_metrics import GateMetricStore
-        store = GateMetricStore()
-        store.bind_to_dir(sys.argv[1])
+        from gatemetrics import bind
+        from tests.engine.schema import SHOP_SCHEMA as S
+        from tests.engine.shard_helpers import shop_store
+        store = shop_store()
+        bind(store, sys.argv[1])
+        paid = [S.slot("orders", "paid")]
+        refused = [S.slot("orders", "refused"), S.slot("refusals", "no_stock")]
         for i in range(137):
-            store.record_outcome(i % 3 == 0, ["NO_TIER_DATA"], breach=i % 10 == 0)
+            # One public write per order, with an error counted alongside for some.
+            error = [S.slot("errors")] if i % 10 == 0 else []
+            store.increment_slots((paid if i % 3 == 0 else refused) + error)
         print("returned", flush=True)
         sys.stdin.read()
         """,
@@ -207,25 +216,25 @@ def test_write_through_is_exact_when_sigkilled_right_after_the_call_returned(
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     snap = agg(tmp_path).snapshot()
-    assert snap.family("decision_counts") == {"ALLOW": 46, "DENY": 91}
-    assert snap.get("reason_counts", "NO_TIER_DATA") == 91
-    assert snap.get("breach_counts", "NO_OVERRIDE") == 14
+    assert snap.family("orders") == {"paid": 46, "refused": 91}
+    assert snap.get("refusals", "no_stock") == 91
+    assert snap.get("errors") == 14
 
 
 def test_periodic_binding_saves_in_the_background_and_on_close(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path, mode="periodic", interval=0.02)
+    store = shop_store()
+    binding = bind(store, tmp_path, mode="periodic", interval=0.02)
     assert binding.mode == "periodic"
     assert len(files(tmp_path, ".shard")) == 1  # created (and locked) at bind time
-    store.record_decision(True)
-    wait_until(lambda: totals(tmp_path)["ALLOW"] == 1)
-    generation = store.store_generation
-    store.record_decision(True)
-    wait_until(lambda: totals(tmp_path)["ALLOW"] == 2)
-    assert store.store_generation == generation + 1  # no saves while nothing changed
-    store.record_decision(False)
+    pay(store)
+    wait_until(lambda: totals(tmp_path)["paid"] == 1)
+    generation = store.generation
+    pay(store)
+    wait_until(lambda: totals(tmp_path)["paid"] == 2)
+    assert store.generation == generation + 1  # no saves while nothing changed
+    refuse(store)
     assert binding.close()
-    assert totals(tmp_path) == {"ALLOW": 2, "DENY": 1}
+    assert totals(tmp_path) == {"paid": 2, "refused": 1}
     assert binding.close()  # idempotent
     assert not any(t.name == "gatemetrics-periodic-save" for t in threading.enumerate())
 
@@ -233,17 +242,18 @@ def test_periodic_binding_saves_in_the_background_and_on_close(tmp_path: Path) -
 def test_atexit_saves_a_periodic_binding(tmp_path: Path, reaper: Reaper) -> None:
     done = run_python(
         """
-        from backend.app.testing.gate_metrics import GateMetricStore
-        store = GateMetricStore()
-        store.bind_to_dir(sys.argv[1], mode="periodic", interval=3600)
+        from gatemetrics import bind
+        from tests.engine.shard_helpers import pay, shop_store
+        store = shop_store()
+        bind(store, sys.argv[1], mode="periodic", interval=3600)
         for _ in range(7):
-            store.record_decision(True)
+            pay(store)
         """,
         str(tmp_path),
     )
     code, _, err = done.returncode, done.stdout, done.stderr
     assert code == 0, err
-    assert totals(tmp_path) == {"ALLOW": 7, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 7, "refused": 0}
 
 
 @pytest.mark.parametrize(
@@ -256,11 +266,11 @@ def test_atexit_saves_a_periodic_binding(tmp_path: Path, reaper: Reaper) -> None
 )
 def test_bind_rejects_bad_options(tmp_path: Path, kwargs: dict[str, object], error: type) -> None:
     with pytest.raises(error):
-        bind(GateMetricStore(), tmp_path, **kwargs)  # type: ignore[arg-type]
+        bind(shop_store(), tmp_path, **kwargs)  # type: ignore[arg-type]
 
 
 def test_a_store_can_be_bound_once(tmp_path: Path) -> None:
-    store = GateMetricStore()
+    store = shop_store()
     binding = bind(store, tmp_path)
     with pytest.raises(GatemetricsError, match="already bound"):
         bind(store, tmp_path / "other")
@@ -271,4 +281,4 @@ def test_a_store_can_be_bound_once(tmp_path: Path) -> None:
 def test_binding_an_unusable_directory_fails_loudly(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(ShardWriteError):
-        GateMetricStore().bind_to_dir(tmp_path / "f" / "shards")
+        bind(shop_store(), tmp_path / "f" / "shards")

@@ -12,42 +12,43 @@ from pathlib import Path
 
 import pytest
 
-from backend.app.testing.gate_metrics import GATE_SCHEMA
 from gatemetrics import (
     Aggregate,
     Durability,
 )
 from gatemetrics.shards import CREATE_STEPS, SAVE_STEPS
+from tests.engine.schema import SHOP_SCHEMA, dead_shop_shard
 from tests.engine.shard_helpers import (
     CLEAN,
     agg,
-    gate_counts,
     owned,
     poll_while_running,
     read_shard,
+    shop_counts,
     totals,
     wait_stopped,
 )
 from tests.processes import Reaper, read_line
-from tests.shard_tools import dead_shard, is_locked
+from tests.shard_tools import is_locked
 
 # -- crash points: a real SIGKILL at every step of creating a shard and of a save ---------------
 
 KILLED_WRITER = """
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import bind, save_to_dir
+from tests.engine.shard_helpers import WHYS, pay, refuse, shop_store
 directory, step, durability = sys.argv[1:4]
-store = GateMetricStore()
-binding = store.bind_to_dir(directory, durability=durability)
+store = shop_store()
+binding = bind(store, directory, durability=durability)
 for _ in range(3):
-    store.record_decision(True)
+    pay(store)
 if step.startswith("create."):
     binding.close()  # a dead incarnation holding the 3; the next save creates a new one
-    store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True)
+    refuse(store, *WHYS)
     _faults.install_kill_at(step)
-    store.save_to_dir(directory, durability=durability)
+    save_to_dir(store, directory, durability=durability)
 else:
     _faults.install_kill_at(step)
-    store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True)  # killed in its save
+    refuse(store, *WHYS)  # killed in its save
 print("not killed", flush=True)
 """
 
@@ -60,9 +61,9 @@ def test_a_writer_killed_at_any_step_leaves_an_exact_directory_that_compacts_cle
     proc = reaper.python(KILLED_WRITER, str(tmp_path), step, durability.value)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL, out + err
-    # One check's increments (a decision, two reasons, a breach) are all there or none.
+    # One refusal's increments (the order and its three reasons) are all there or none.
     completed = step in ("save.written", "save.done")
-    expected = gate_counts(3, outcome=completed)
+    expected = shop_counts(3, refusal=completed)
     leftovers = {
         "create.locked": ["v2", "v2-creating"],
         "create.written": ["v2", "v2-creating"],
@@ -89,16 +90,17 @@ def test_a_writer_killed_at_any_step_leaves_an_exact_directory_that_compacts_cle
 STOPPABLE_WRITER = """
 import json
 import gatemetrics.shards as shards
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import bind
+from tests.engine.shard_helpers import pay, shop_store
 
 directory, step, after, check = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 until_switched = check < 0  # keep the real VANISHED_CHECK_S and record until it noticed
 if not until_switched:
     shards.VANISHED_CHECK_S = check
-store = GateMetricStore()
-binding = store.bind_to_dir(directory)
+store = shop_store()
+binding = bind(store, directory)
 for _ in range(3):
-    store.record_decision(True)
+    pay(store)
 first = binding.shard.identity.incarnation
 print(binding.shard.path, flush=True)
 calls = 3
@@ -113,12 +115,12 @@ else:
             os.kill(os.getpid(), signal.SIGSTOP)  # inside a save, between two of its steps
 
     _faults.HOOK = stop_at
-    store.record_decision(True)
+    pay(store)
     calls += 1
 switched = None
 deadline = time.monotonic() + 30
 while after > 0:
-    store.record_decision(True)
+    pay(store)
     calls += 1
     ident = binding.shard.identity
     if switched is None and ident is not None and ident.incarnation != first:
@@ -150,7 +152,7 @@ def stop_then_resume(
     path = Path(read_line(proc))
     wait_stopped(proc)
     assert is_locked(path)  # a stopped owner still holds its lifetime lock
-    held = read_shard(path).counts[GATE_SCHEMA.slot("decision_counts", "ALLOW")]
+    held = read_shard(path).counts[SHOP_SCHEMA.slot("orders", "paid")]
     while_stopped(path)
     os.kill(proc.pid, signal.SIGCONT)
     seen = poll_while_running(proc, directory)
@@ -169,8 +171,8 @@ def test_a_writer_stopped_at_any_step_never_brings_back_counts_that_are_gone(
     shard is removed (as compaction removes an absorbed one) or its directory recreated, and
     a compaction runs; resumed, it must never make those counts reappear."""
     directory = tmp_path / "shards"
-    dead_shard(directory, allows=0, denies=2)  # so that compaction has work while it is stopped
-    deny = 0 if variant == "directory-recreated" else 2
+    dead_shop_shard(directory, paid=0, refused=2)  # so that compaction has work while stopped
+    refused = 0 if variant == "directory-recreated" else 2
     compacted: list[Aggregate] = []
 
     def while_stopped(path: Path) -> None:
@@ -188,14 +190,14 @@ def test_a_writer_stopped_at_any_step_never_brings_back_counts_that_are_gone(
     assert held == (4 if step in ("save.written", "save.done") else 3)
     gone = 0 if variant == "kept" else held
     (during,) = compacted
-    assert during.snapshot().family("decision_counts") == {"ALLOW": held - gone, "DENY": deny}
+    assert during.snapshot().family("orders") == {"paid": held - gone, "refused": refused}
     assert during.live == int(variant == "kept")  # a stopped owner's shard is never absorbed
     calls = report["calls"]
     assert calls == begun + 20
-    allows = [s["ALLOW"] for s in seen]
-    assert all(a <= calls - gone for a in allows), allows  # never above the calls made
-    assert allows == sorted(allows)  # and never going down
-    assert all(s["DENY"] == deny for s in seen)
+    paid = [s["paid"] for s in seen]
+    assert all(a <= calls - gone for a in paid), paid  # never above the calls made
+    assert paid == sorted(paid)  # and never going down
+    assert all(s["refused"] == refused for s in seen)
     if variant == "kept":
         assert report["switched"] is None
         expected = calls
@@ -206,22 +208,23 @@ def test_a_writer_stopped_at_any_step_never_brings_back_counts_that_are_gone(
         assert report["switched"] == begun
         expected = calls - begun
     final = agg(directory, compact=True)
-    assert final.snapshot().family("decision_counts") == {"ALLOW": expected, "DENY": deny}
+    assert final.snapshot().family("orders") == {"paid": expected, "refused": refused}
     assert sorted(os.listdir(directory)) == CLEAN
-    assert totals(directory) == {"ALLOW": expected, "DENY": deny}
+    assert totals(directory) == {"paid": expected, "refused": refused}
 
 
 STOPPABLE_CREATOR = """
 import json
 import gatemetrics.shards as shards
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import save_to_dir
+from tests.engine.shard_helpers import pay, shop_store
 
 directory, step = sys.argv[1], sys.argv[2]
 shards.VANISHED_CHECK_S = 0.0
-store = GateMetricStore()
+store = shop_store()
 for _ in range(3):
-    store.record_decision(True)
-assert store.save_to_dir(directory)
+    pay(store)
+assert save_to_dir(store, directory)
 shard = shards.shard_for(store, directory)
 old = os.path.basename(shard.path)
 shard.close(save=False)  # a dead incarnation holding the 3; the next save creates a new one
@@ -238,8 +241,8 @@ _faults.HOOK = stop_at
 print(old, flush=True)
 results = []
 for _ in range(5):
-    store.record_decision(True)
-    results.append(store.save_to_dir(directory))  # the first stops while creating a shard
+    pay(store)
+    results.append(save_to_dir(store, directory))  # the first stops while creating a shard
 print(json.dumps(results), flush=True)
 shard.close()
 """
@@ -262,22 +265,22 @@ def test_a_creator_stopped_at_any_step_is_never_absorbed_and_never_counts_twice(
     result = agg(tmp_path, compact=True)
     assert result.compaction is not None
     assert result.compaction.removed_temp_files == 0  # never a live creator's file
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 3, "DENY": 0}
+    assert result.snapshot().family("orders") == {"paid": 3, "refused": 0}
     assert [n for n, _ in owned(tmp_path)] == ([new[0]] if variant == "kept" else [])
     os.kill(proc.pid, signal.SIGCONT)
     seen = poll_while_running(proc, tmp_path)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert json.loads(out.splitlines()[-1]) == [True] * 5
-    allows = [s["ALLOW"] for s in seen]
-    assert all(a <= 8 for a in allows), allows  # 8 record calls in all
-    assert allows == sorted(allows)
+    paid = [s["paid"] for s in seen]
+    assert all(a <= 8 for a in paid), paid  # 8 record calls in all
+    assert paid == sorted(paid)
     # A temp file removed under its creator makes it start over as a fresh incarnation (its
     # rename fails): nothing lost. A shard removed after its rename takes the save that
     # created it along (module doc: saves into a removed file are lost, never counted twice).
     expected = 7 if variant == "file-removed" and renamed else 8
     final = agg(tmp_path, compact=True)
-    assert final.snapshot().family("decision_counts") == {"ALLOW": expected, "DENY": 0}
+    assert final.snapshot().family("orders") == {"paid": expected, "refused": 0}
     assert sorted(os.listdir(tmp_path)) == CLEAN
 
 
@@ -300,12 +303,9 @@ def test_saves_into_a_removed_shard_before_its_owner_notices_are_lost_never_coun
     assert switched is not None
     assert switched >= 4
     assert calls == switched + 3
-    allows = [s["ALLOW"] for s in seen]
-    assert all(a <= calls - held for a in allows), allows
-    assert allows == sorted(allows)
-    assert totals(tmp_path) == {"ALLOW": calls - switched, "DENY": 0}
-    assert agg(tmp_path, compact=True).snapshot().family("decision_counts") == {
-        "ALLOW": 3,
-        "DENY": 0,
-    }
+    paid = [s["paid"] for s in seen]
+    assert all(a <= calls - held for a in paid), paid
+    assert paid == sorted(paid)
+    assert totals(tmp_path) == {"paid": calls - switched, "refused": 0}
+    assert agg(tmp_path, compact=True).snapshot().family("orders") == {"paid": 3, "refused": 0}
     assert sorted(os.listdir(tmp_path)) == CLEAN

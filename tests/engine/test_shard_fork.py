@@ -13,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import CounterStore, bind
 from gatemetrics._format import v2_names
 from tests.engine.shard_helpers import (
     CLEAN,
     agg,
     files,
     owned,
+    pay,
     read_shard,
+    refuse,
+    shop_store,
     totals,
 )
 from tests.processes import Reaper, read_line, run_python
@@ -30,44 +33,44 @@ from tests.shard_tools import in_forked_child, is_locked
 
 
 def test_a_forked_child_starts_at_zero_as_a_new_incarnation(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path)
+    store = shop_store()
+    binding = bind(store, tmp_path)
     for _ in range(3):
-        store.record_decision(True)
+        pay(store)
     parent = binding.shard.identity
 
     def child() -> bool:
-        zero = store.decision_counts() == {"ALLOW": 0, "DENY": 0}
-        store.record_decision(False)
-        store.record_decision(False)
+        zero = store.snapshot().family("orders") == {"paid": 0, "refused": 0}
+        refuse(store)
+        refuse(store)
         return zero and binding.shard.identity not in (None, parent)
 
     assert in_forked_child(child)
     assert binding.shard.identity == parent
     assert parent is not None
     assert is_locked(tmp_path / v2_names(parent.incarnation)[0])  # still ours
-    assert totals(tmp_path) == {"ALLOW": 3, "DENY": 2}
+    assert totals(tmp_path) == {"paid": 3, "refused": 2}
     assert len(files(tmp_path, ".shard")) == 2
     binding.close()
 
 
 def test_a_forked_child_never_releases_the_parents_lifetime_lock(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path)
+    store = shop_store()
+    binding = bind(store, tmp_path)
     for _ in range(3):
-        store.record_decision(True)
+        pay(store)
     parent = binding.shard.path
     assert parent is not None
 
     def close_in_child() -> bool:
-        store.record_decision(False)
+        refuse(store)
         mine = binding.shard.path
         closed = binding.close()  # saves, then unlocks the child's own shard only
         assert mine is not None
         return closed and mine != parent and is_locked(parent) and not is_locked(mine)
 
     def killed_in_child() -> bool:
-        store.record_decision(False)
+        refuse(store)
         os.kill(os.getpid(), signal.SIGKILL)
         return True  # pragma: no cover - never reached
 
@@ -76,33 +79,34 @@ def test_a_forked_child_never_releases_the_parents_lifetime_lock(tmp_path: Path)
     assert not in_forked_child(killed_in_child)  # its exit status is the SIGKILL
     assert is_locked(parent)
     result = agg(tmp_path, compact=True)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 3, "DENY": 2}
+    assert result.snapshot().family("orders") == {"paid": 3, "refused": 2}
     assert (result.live, result.dead) == (1, 2)
     assert owned(tmp_path) == [(os.path.basename(parent), "v2")]  # only the children absorbed
-    store.record_decision(True)  # the parent goes on saving in place
+    pay(store)  # the parent goes on saving in place
     assert read_shard(parent).counts == store.snapshot().counts
-    assert totals(tmp_path) == {"ALLOW": 4, "DENY": 2}
+    assert totals(tmp_path) == {"paid": 4, "refused": 2}
     binding.close()
 
 
 HOOKLESS_FORK = """
 import ctypes
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import bind
+from tests.engine.shard_helpers import pay, refuse, shop_store
 from tests.shard_tools import is_locked
 
-store = GateMetricStore()
-binding = store.bind_to_dir(sys.argv[1])
+store = shop_store()
+binding = bind(store, sys.argv[1])
 for _ in range(3):
-    store.record_decision(True)
+    pay(store)
 parent = binding.shard.path
 pid = ctypes.CDLL(None, use_errno=True).fork()  # libc's fork: no os.register_at_fork hooks
 if pid == 0:
     ok = False
     try:
         assert binding.save()  # the pid guard: a new incarnation, counts reset
-        zero = store.decision_counts() == {"ALLOW": 0, "DENY": 0}
-        store.record_decision(False)
-        store.record_decision(False)
+        zero = store.snapshot().family("orders") == {"paid": 0, "refused": 0}
+        refuse(store)
+        refuse(store)
         mine = binding.shard.path
         ok = zero and mine != parent and is_locked(parent)
     finally:
@@ -119,12 +123,12 @@ def test_the_pid_guard_catches_a_real_fork_that_bypassed_the_fork_hooks(
     proc = reaper.python(HOOKLESS_FORK, str(tmp_path), stdin=True)
     assert read_line(proc) == "0 True"  # the child passed; the parent still holds its lock
     result = agg(tmp_path)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 3, "DENY": 2}
+    assert result.snapshot().family("orders") == {"paid": 3, "refused": 2}
     assert (result.live, result.dead) == (1, 1)
     assert proc.stdin is not None
     proc.stdin.close()
     assert proc.wait(timeout=30) == 0
-    assert totals(tmp_path) == {"ALLOW": 3, "DENY": 2}
+    assert totals(tmp_path) == {"paid": 3, "refused": 2}
 
 
 def test_preload_style_fork_after_counts_never_double_counts(
@@ -133,50 +137,51 @@ def test_preload_style_fork_after_counts_never_double_counts(
     """Like gunicorn --preload: the app (and its bound store) exists before the workers fork."""
     done = run_python(
         """
-        from backend.app.testing.gate_metrics import GateMetricStore
-        store = GateMetricStore()
-        store.bind_to_dir(sys.argv[1], mode="periodic", interval=3600)
+        from gatemetrics import bind
+        from tests.engine.shard_helpers import pay, refuse, shop_store
+        store = shop_store()
+        bind(store, sys.argv[1], mode="periodic", interval=3600)
         for _ in range(5):
-            store.record_decision(True)
+            pay(store)
         children = []
         for n in range(3):
             pid = os.fork()
             if pid == 0:
                 # A worker: starts at zero, recycles gracefully (atexit saves it).
                 for _ in range(n + 1):
-                    store.record_decision(False, ["FLAKY_TESTS"])
+                    refuse(store, "no_money")
                 sys.exit(0)
             children.append(pid)
         for pid in children:
             assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-        store.record_decision(True)
-        print(store.decision_counts(), flush=True)
+        pay(store)
+        print(store.snapshot().family("orders"), flush=True)
         """,
         str(tmp_path),
     )
     code, out, err = done.returncode, done.stdout, done.stderr
     assert code == 0, err
-    assert out.strip() == "{'ALLOW': 6, 'DENY': 0}"
-    assert totals(tmp_path) == {"ALLOW": 6, "DENY": 6}
+    assert out.strip() == "{'paid': 6, 'refused': 0}"
+    assert totals(tmp_path) == {"paid": 6, "refused": 6}
     assert len(files(tmp_path, ".shard")) == 4
 
 
 def _mp_worker(directory: str, n: int) -> None:
     # The store inherited from the parent (module global below) must be empty here.
     assert _INHERITED is not None
-    assert _INHERITED.decision_counts() == {"ALLOW": 0, "DENY": 0}
+    assert _INHERITED.snapshot().family("orders") == {"paid": 0, "refused": 0}
     for _ in range(n):
-        _INHERITED.record_decision(False, ["CANARY_BREAKING"])
+        refuse(_INHERITED, "fraud")
 
 
-_INHERITED: GateMetricStore | None = None
+_INHERITED: CounterStore | None = None
 
 
 def test_multiprocessing_fork_children_are_new_incarnations(tmp_path: Path) -> None:
     global _INHERITED  # noqa: PLW0603 - inherited by the forked children on purpose
-    store = _INHERITED = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path)
-    store.record_decision(True)
+    store = _INHERITED = shop_store()
+    binding = bind(store, tmp_path)
+    pay(store)
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_mp_worker, args=(str(tmp_path), n)) for n in (1, 2, 3)]
     try:
@@ -191,15 +196,15 @@ def test_multiprocessing_fork_children_are_new_incarnations(tmp_path: Path) -> N
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(10)
         _INHERITED = None
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 6}
-    assert store.decision_counts() == {"ALLOW": 1, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 1, "refused": 6}
+    assert store.snapshot().family("orders") == {"paid": 1, "refused": 0}
     assert len(files(tmp_path, ".shard")) == 4
     binding.close()
 
 
 def test_periodic_threads_stop_before_a_fork_and_restart_on_both_sides(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path, mode="periodic", interval=0.02)
+    store = shop_store()
+    binding = bind(store, tmp_path, mode="periodic", interval=0.02)
     before = binding._thread
     assert before is not None
     assert before.is_alive()
@@ -207,7 +212,7 @@ def test_periodic_threads_stop_before_a_fork_and_restart_on_both_sides(tmp_path:
     def child() -> bool:
         threads = [t for t in threading.enumerate() if t.name == "gatemetrics-periodic-save"]
         restarted = len(threads) == 1 and threads[0] is not before and threads[0].is_alive()
-        store.record_decision(True)
+        pay(store)
         return restarted and binding.close()
 
     assert in_forked_child(child)
@@ -216,16 +221,20 @@ def test_periodic_threads_stop_before_a_fork_and_restart_on_both_sides(tmp_path:
     assert after is not None
     assert after is not before
     assert after.is_alive()
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}  # the child's count, saved by the child
+    assert totals(tmp_path) == {"paid": 1, "refused": 0}  # the child's count, saved by the child
     binding.close()
 
 
 OWNER = """
-from backend.app.testing.gate_metrics import GateMetricStore
-store = GateMetricStore()
-binding = store.bind_to_dir(sys.argv[1])
+from gatemetrics import bind
+from tests.engine.shard_helpers import pay, refuse, shop_store
+store = shop_store()
+binding = bind(store, sys.argv[1])
 for _ in range(int(sys.argv[2])):
-    store.record_decision(sys.argv[3] == "allow", ["NO_DRIFT_DATA"])
+    if sys.argv[3] == "pay":
+        pay(store)
+    else:
+        refuse(store, "no_money")
 print(binding.shard.identity.incarnation, flush=True)
 sys.stdin.read()
 """
@@ -256,12 +265,12 @@ def start_with_pid(
 def test_a_new_process_with_a_dead_owners_pid_is_a_new_incarnation(
     tmp_path: Path, reaper: Reaper
 ) -> None:
-    first = reaper.python(OWNER, str(tmp_path), "3", "allow", stdin=True)
+    first = reaper.python(OWNER, str(tmp_path), "3", "pay", stdin=True)
     first_inc = read_line(first)
     os.kill(first.pid, signal.SIGKILL)
     assert first.wait(timeout=10) == -signal.SIGKILL
     second = start_with_pid(
-        first.pid, lambda: reaper.python(OWNER, str(tmp_path), "2", "deny", stdin=True)
+        first.pid, lambda: reaper.python(OWNER, str(tmp_path), "2", "refuse", stdin=True)
     )
     if second is None:
         pytest.skip("cannot make the kernel reuse a pid here (needs root for ns_last_pid)")
@@ -270,7 +279,7 @@ def test_a_new_process_with_a_dead_owners_pid_is_a_new_incarnation(
     records = [read_shard(tmp_path / v2_names(i)[0]) for i in (first_inc, second_inc)]
     assert [r.pid for r in records] == [first.pid, first.pid]  # the same pid, reused
     result = agg(tmp_path, compact=True)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 3, "DENY": 2}
+    assert result.snapshot().family("orders") == {"paid": 3, "refused": 2}
     assert (result.live, result.dead) == (1, 1)
     assert [r.incarnation for r in result.shards if r.state == "dead"] == [first_inc]
     assert owned(tmp_path) == [(v2_names(second_inc)[0], "v2")]  # only the dead one absorbed
@@ -279,5 +288,5 @@ def test_a_new_process_with_a_dead_owners_pid_is_a_new_incarnation(
     second.stdin.close()
     assert second.wait(timeout=30) == 0
     result = agg(tmp_path, compact=True)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 3, "DENY": 2}
+    assert result.snapshot().family("orders") == {"paid": 3, "refused": 2}
     assert sorted(os.listdir(tmp_path)) == CLEAN

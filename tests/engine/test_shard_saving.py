@@ -14,11 +14,11 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import gatemetrics.shards as shards_module
-from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
 from gatemetrics import (
     Aggregate,
     CounterStore,
@@ -34,15 +34,21 @@ from gatemetrics import (
 )
 from gatemetrics._format import layout_for, v2_names
 from gatemetrics.shards import CREATE_STEPS
+from tests.engine.schema import SHOP_SCHEMA
 from tests.engine.shard_helpers import (
+    FAILURES,
     SHARD_NAME,
+    WHYS,
     agg,
     files,
     header_length,
     interfere_after_create,
     owned,
+    pay,
     raise_at,
     read_shard,
+    refuse,
+    shop_store,
     totals,
 )
 from tests.processes import Reaper, read_line, run_python
@@ -54,11 +60,11 @@ from tests.shard_tools import is_locked
 def test_save_writes_one_fixed_size_v2_shard_with_its_identity_and_cumulative_counts(
     tmp_path: Path,
 ) -> None:
-    store = GateMetricStore(clock=lambda: 1234.5)
-    store.record_decision(False, ["TIER_FAIL"])
+    store = shop_store(clock=lambda: 1234.5)
+    refuse(store, "no_stock")
     umask = os.umask(0o077)
     try:
-        assert store.save_to_dir(tmp_path)
+        assert save_to_dir(store, tmp_path)
     finally:
         os.umask(umask)
     (name,) = files(tmp_path, ".shard")
@@ -77,34 +83,34 @@ def test_save_writes_one_fixed_size_v2_shard_with_its_identity_and_cumulative_co
     assert record.start == 1234.5
     data = (tmp_path / name).read_bytes()
     first = (tmp_path / name).stat()
-    assert first.st_size == layout_for(GATE_SCHEMA).file_size(header_length(data))
+    assert first.st_size == layout_for(SHOP_SCHEMA).file_size(header_length(data))
     assert stat.S_IMODE(first.st_mode) == 0o644  # whatever the umask: other users aggregate
-    store.record_decision(True)
-    assert store.save_to_dir(tmp_path)
+    pay(store)
+    assert save_to_dir(store, tmp_path)
     record = read_shard(tmp_path / name)
     assert (record.seq, record.generation) == (2, 2)
-    assert store.store_generation == 2
+    assert store.generation == 2
     assert record.counts == store.snapshot().counts
     second = (tmp_path / name).stat()
     # Written in place: the same inode at the same size, never renamed over or grown.
     assert (second.st_ino, second.st_size) == (first.st_ino, first.st_size)
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
+    assert totals(tmp_path) == {"paid": 1, "refused": 1}
     shard.close(save=False)
 
 
 def test_each_save_writes_the_other_slot_in_place_and_the_aggregate_never_goes_down(
     tmp_path: Path,
 ) -> None:
-    store = GateMetricStore(clock=lambda: 77.0)
+    store = shop_store(clock=lambda: 77.0)
     shard = Shard(store, tmp_path, clock=lambda: 1000.0)
     calls: list[Callable[[], None]] = [
-        lambda: store.record_decision(True),
-        lambda: store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True),
-        store.record_audit_write_failure,
-        lambda: store.increment("reason_counts", "NO_CANARY_DATA", 3),
+        lambda: pay(store),
+        lambda: refuse(store, *WHYS),
+        lambda: store.increment("errors"),
+        lambda: store.increment("refusals", "no_money", 3),
     ]
-    layout = layout_for(GATE_SCHEMA)
-    previous = tuple(GATE_SCHEMA.zeros())
+    layout = layout_for(SHOP_SCHEMA)
+    previous = tuple(SHOP_SCHEMA.zeros())
     previous_slot = layout.pack(0, 0, 0.0, 77.0, previous)  # both slots of a new file
     inode = None
     for seq, call in enumerate(calls * 3, 1):
@@ -150,13 +156,13 @@ def test_only_power_loss_durability_syncs_and_then_once_per_save(
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
-    store = GateMetricStore()
+    store = shop_store()
     shard = shard_for(store, tmp_path, durability=durability)
     assert shard.durability is durability
     shard.open()
     created, syncs[:] = list(syncs), []
     for _ in range(3):
-        store.record_decision(True)
+        pay(store)
         assert shard.save()
     saved = list(syncs)
     monkeypatch.undo()
@@ -165,14 +171,14 @@ def test_only_power_loss_durability_syncs_and_then_once_per_save(
         assert len(saved) == 3  # one data sync per save
     else:
         assert (created, saved) == ([], [])  # nothing on the request path waits for the disk
-    assert totals(tmp_path) == {"ALLOW": 3, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 3, "refused": 0}
     shard.close(save=False)
 
 
 def test_the_lifetime_lock_is_on_the_data_file_from_before_it_has_its_name(
     tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
 ) -> None:
-    store = GateMetricStore()
+    store = shop_store()
     shard = shard_for(store, tmp_path)
     seen: dict[str, tuple[list[str], bool]] = {}
     during: list[Aggregate] = []
@@ -201,14 +207,14 @@ def test_the_lifetime_lock_is_on_the_data_file_from_before_it_has_its_name(
     path = tmp_path / v2_names(ident.incarnation)[0]
     assert owned(tmp_path) == [(path.name, "v2")]
     assert is_locked(path)
-    store.record_decision(True)
+    pay(store)
     assert shard.save()
     assert is_locked(path)
     assert shard.close()
     assert not is_locked(path)
     assert shard.identity is None
     assert owned(tmp_path) == [(path.name, "v2")]  # the dead shard waits for compaction
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 1, "refused": 0}
 
 
 def test_the_lifetime_lock_is_freed_when_the_owner_is_sigkilled(
@@ -216,10 +222,11 @@ def test_the_lifetime_lock_is_freed_when_the_owner_is_sigkilled(
 ) -> None:
     proc = reaper.python(
         """
-        from backend.app.testing.gate_metrics import GateMetricStore
-        store = GateMetricStore()
-        store.record_decision(True)
-        assert store.save_to_dir(sys.argv[1])
+        from gatemetrics import save_to_dir
+        from tests.engine.shard_helpers import pay, shop_store
+        store = shop_store()
+        pay(store)
+        assert save_to_dir(store, sys.argv[1])
         print("saved", flush=True)
         sys.stdin.read()
         """,
@@ -235,7 +242,7 @@ def test_the_lifetime_lock_is_freed_when_the_owner_is_sigkilled(
     assert not is_locked(tmp_path / name)
     result = agg(tmp_path)
     assert (result.live, result.dead) == (0, 1)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 1, "DENY": 0}
+    assert result.snapshot().family("orders") == {"paid": 1, "refused": 0}
 
 
 @pytest.mark.parametrize("step", ["save.locked", "save.written"])
@@ -244,31 +251,32 @@ def test_a_failed_save_returns_false_counts_it_and_rolls_back(
 ) -> None:
     # Simulated: a real EIO from fdatasync (after the slot was written) needs a failing device;
     # a real write failure is tested in a child below (RLIMIT_FSIZE).
-    store = GateMetricStore()
-    store.record_decision(True)
+    store = shop_store()
+    pay(store)
     fault(raise_at(step, OSError(errno.EIO, "Input/output error")))
-    assert store.save_to_dir(tmp_path) is False
-    assert store.metric_write_failures() == 1
-    assert store.store_generation == 0
+    assert save_to_dir(store, tmp_path, failure_key=FAILURES) is False
+    assert store.get(FAILURES) == 1
+    assert store.generation == 0
     assert files(tmp_path, ".creating") == []
     # Written but not reported durable: a reader may see it; the store still has it, and the
     # next save rewrites that very slot with at least as much.
-    assert totals(tmp_path) == {"ALLOW": int(step == "save.written"), "DENY": 0}
+    assert totals(tmp_path) == {"paid": int(step == "save.written"), "refused": 0}
     _faults.HOOK = None
-    assert store.save_to_dir(tmp_path)
-    assert store.store_generation == 1
+    assert save_to_dir(store, tmp_path, failure_key=FAILURES)
+    assert store.generation == 1
     (name,) = files(tmp_path, ".shard")
     record = read_shard(tmp_path / name)
     assert (record.seq, record.generation) == (1, 1)
     assert record.counts == store.snapshot().counts
-    assert agg(tmp_path).snapshot().get("metric_write_failures") == 1  # persisted too
+    assert agg(tmp_path).snapshot().get(FAILURES) == 1  # persisted too
     shard_for(store, tmp_path).close(save=False)
 
 
 FAILING_WRITER = """
 import json, logging, resource
 import gatemetrics.shards as shards
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import bind
+from tests.engine.shard_helpers import FAILURES, pay, refuse, shop_store
 
 lines = []
 
@@ -280,29 +288,29 @@ class Keep(logging.Handler):
 
 logging.getLogger("gatemetrics.shards").addHandler(Keep())
 shards._LOG_EVERY_S = interval = float(sys.argv[2])
-store = GateMetricStore()
-binding = store.bind_to_dir(sys.argv[1])
-store.record_decision(True)
+store = shop_store()
+binding = bind(store, sys.argv[1], failure_key=FAILURES)
+pay(store)
 # A real write failure without a special file system: the kernel refuses any write past
 # RLIMIT_FSIZE (EFBIG), and both slots lie past the shard's first 4 KiB page.
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # otherwise that write kills the process
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
-store.record_decision(False, ["TIER_FAIL"])  # never raises
+refuse(store, "no_stock")  # never raises
 failed = 1
 logged_by = time.monotonic()
 while time.monotonic() < logged_by + interval:  # many more failures within one interval
-    store.record_decision(False, ["TIER_FAIL"])
+    refuse(store, "no_stock")
     failed += 1
-store.record_decision(False, ["TIER_FAIL"])  # the first failure of the next interval
+refuse(store, "no_stock")  # the first failure of the next interval
 failed += 1
-report = {"failed": failed, "failures": store.metric_write_failures(),
-          "generation": store.store_generation, "lines": lines}
+report = {"failed": failed, "failures": store.get(FAILURES),
+          "generation": store.generation, "lines": lines}
 print(json.dumps(report), flush=True)
 sys.stdin.readline()
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-store.record_decision(True)
-print(store.metric_write_failures(), flush=True)
+pay(store)
+print(store.get(FAILURES), flush=True)
 sys.stdin.read()
 """
 
@@ -320,23 +328,24 @@ def test_saves_that_really_fail_never_raise_are_all_counted_and_logged_once_per_
     assert len(lines) == 2, lines  # one line per interval, however many failures
     assert all(os.strerror(errno.EFBIG) in line for line in lines)
     snap = agg(tmp_path).snapshot()
-    assert snap.family("decision_counts") == {"ALLOW": 1, "DENY": 0}  # the last good save
-    assert snap.get("metric_write_failures") == 0
+    assert snap.family("orders") == {"paid": 1, "refused": 0}  # the last good save
+    assert snap.get(FAILURES) == 0
     assert proc.stdin is not None
     proc.stdin.write("\n")
     proc.stdin.flush()
     assert int(read_line(proc)) == failed
     snap = agg(tmp_path).snapshot()
-    assert snap.family("decision_counts") == {"ALLOW": 2, "DENY": failed}
-    assert snap.get("reason_counts", "TIER_FAIL") == failed
-    assert snap.get("metric_write_failures") == failed  # the failures themselves persisted
+    assert snap.family("orders") == {"paid": 2, "refused": failed}
+    assert snap.get("refusals", "no_stock") == failed
+    assert snap.get(FAILURES) == failed  # the failures themselves persisted
     proc.stdin.close()
     assert proc.wait(timeout=30) == 0
 
 
 READ_ONLY_DIRECTORIES = """
 import json, logging, os, sys
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import bind, save_to_dir
+from tests.engine.shard_helpers import FAILURES, pay, refuse, shop_store
 
 lines = []
 
@@ -348,17 +357,17 @@ class Keep(logging.Handler):
 
 logging.getLogger("gatemetrics.shards").addHandler(Keep())
 existing, fresh = sys.argv[1], sys.argv[2]
-store = GateMetricStore()
-binding = store.bind_to_dir(existing)
-store.record_decision(True)
+store = shop_store()
+binding = bind(store, existing, failure_key=FAILURES)
+pay(store)
 os.chmod(existing, 0o555)
-store.record_decision(True)
-store.record_decision(True)
-other = GateMetricStore()
-other.record_decision(False, ["TIER_FAIL"])
-results = [other.save_to_dir(fresh) for _ in range(3)]
-report = {"kept_failures": store.metric_write_failures(), "results": results,
-          "failures": other.metric_write_failures(), "lines": lines,
+pay(store)
+pay(store)
+other = shop_store()
+refuse(other, "no_stock")
+results = [save_to_dir(other, fresh, failure_key=FAILURES) for _ in range(3)]
+report = {"kept_failures": store.get(FAILURES), "results": results,
+          "failures": other.get(FAILURES), "lines": lines,
           "listing": sorted(os.listdir(fresh))}
 print(json.dumps(report), flush=True)
 binding.close()
@@ -378,7 +387,7 @@ def test_a_read_only_directory_fails_new_shards_quietly_but_not_an_existing_one(
     # An existing shard keeps saving: a save writes through the open descriptor, never through
     # the directory.
     assert report["kept_failures"] == 0
-    assert totals(existing) == {"ALLOW": 3, "DENY": 0}
+    assert totals(existing) == {"paid": 3, "refused": 0}
     # A new one cannot be created: every save returns False, is counted, and is logged once.
     assert report["results"] == [False, False, False]
     assert report["failures"] == 3
@@ -398,12 +407,12 @@ def unusable_directory(tmp_path: Path, kind: str) -> str:
 @pytest.mark.parametrize("kind", ["file-in-the-way", "under-a-file", "nul-byte"])
 def test_save_never_raises_for_an_unusable_directory(tmp_path: Path, kind: str) -> None:
     target = unusable_directory(tmp_path, kind)
-    store = GateMetricStore()
-    store.record_decision(True)
+    store = shop_store()
+    pay(store)
     for attempt in range(1, 4):
-        assert store.save_to_dir(target) is False
-        assert store.metric_write_failures() == attempt  # every failure counted
-    assert store.decision_counts()["ALLOW"] == 1  # counts stay in memory
+        assert save_to_dir(store, target, failure_key=FAILURES) is False
+        assert store.get(FAILURES) == attempt  # every failure counted
+    assert store.get("orders", "paid") == 1  # counts stay in memory
 
 
 @pytest.mark.parametrize(
@@ -418,12 +427,12 @@ def test_repeated_failures_for_an_unusable_directory_are_logged_once(
     tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     target = unusable_directory(tmp_path, kind)
-    store = GateMetricStore()
-    store.record_decision(True)
+    store = shop_store()
+    pay(store)
     with caplog.at_level(logging.WARNING, logger="gatemetrics.shards"):
         for _ in range(3):
-            assert store.save_to_dir(target) is False
-    assert store.metric_write_failures() == 3
+            assert save_to_dir(store, target, failure_key=FAILURES) is False
+    assert store.get(FAILURES) == 3
     lines = [r for r in caplog.records if r.name == "gatemetrics.shards"]
     assert len(lines) == 1, [r.getMessage() for r in lines]
 
@@ -437,9 +446,9 @@ def test_a_symlink_planted_at_a_shard_name_is_never_followed(tmp_path: Path, whe
     shard_name, creating_name = v2_names(first.incarnation)
     planted = tmp_path / (creating_name if where == "creating" else shard_name)
     planted.symlink_to(victim)
-    store = GateMetricStore()
+    store = shop_store()
     shard = Shard(store, tmp_path, identity_factory=lambda: next(given))
-    store.record_decision(True)
+    pay(store)
     assert shard.save()
     ident = shard.identity
     assert ident is not None
@@ -450,40 +459,40 @@ def test_a_symlink_planted_at_a_shard_name_is_never_followed(tmp_path: Path, whe
         assert ident == first  # the rename replaced the link itself, not its target
         assert not planted.is_symlink()
     assert victim.read_text() == "precious"
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 1, "refused": 0}
     shard.close(save=False)
 
 
 def test_a_store_whose_counts_went_down_is_not_saved(tmp_path: Path) -> None:
-    store = GateMetricStore()
+    store = shop_store()
     for _ in range(3):
-        store.record_decision(True)
-    assert store.save_to_dir(tmp_path)
+        pay(store)
+    assert save_to_dir(store, tmp_path)
     (name,) = files(tmp_path, ".shard")
     before = (tmp_path / name).read_bytes()
-    store.restore(GateMetricStore().to_dict())  # all zero: less than what was saved
-    assert store.save_to_dir(tmp_path) is False
+    store.restore(shop_store().to_dict())  # all zero: less than what was saved
+    assert save_to_dir(store, tmp_path) is False
     assert (tmp_path / name).read_bytes() == before
-    assert totals(tmp_path) == {"ALLOW": 3, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 3, "refused": 0}
     shard_for(store, tmp_path).close(save=False)
 
 
 def test_a_slot_torn_by_a_cut_short_write_falls_back_to_the_previous_save_whole(
     tmp_path: Path,
 ) -> None:
-    store = GateMetricStore()
+    store = shop_store()
     shard = shard_for(store, tmp_path)
-    store.record_decision(True)
+    pay(store)
     assert shard.save()
-    store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True)
+    refuse(store, *WHYS)
     assert shard.save()
     assert shard.path is not None
     path = Path(shard.path)
     before = read_shard(path)
     assert before.seq == 2
     # What a write cut short would leave: the first half of save 3's slot over save 1's.
-    store.record_outcome(False, ["GUARD_VIOLATION"], breach=True)
-    layout = layout_for(GATE_SCHEMA)
+    refuse(store, "fraud")
+    layout = layout_for(SHOP_SCHEMA)
     data = path.read_bytes()
     slot = layout.pack(3, before.generation + 1, time.time(), before.start, store.snapshot().counts)
     fd = os.open(path, os.O_WRONLY)
@@ -493,7 +502,7 @@ def test_a_slot_torn_by_a_cut_short_write_falls_back_to_the_previous_save_whole(
         os.close(fd)
     torn = read_shard(path)
     assert (torn.seq, torn.counts, torn.torn_slots) == (2, before.counts, 1)
-    assert agg(tmp_path).counts == before.counts  # one check's counts: all of them or none
+    assert agg(tmp_path).counts == before.counts  # one save's counts: all of them or none
     assert shard.save()  # the next save writes that slot whole
     after = read_shard(path)
     assert (after.seq, after.counts, after.torn_slots) == (3, store.snapshot().counts, 0)
@@ -501,12 +510,13 @@ def test_a_slot_torn_by_a_cut_short_write_falls_back_to_the_previous_save_whole(
 
 
 BUSY_WRITER = """
-from backend.app.testing.gate_metrics import GateMetricStore
-store = GateMetricStore()
-store.bind_to_dir(sys.argv[1])
+from gatemetrics import bind
+from tests.engine.shard_helpers import WHYS, refuse, shop_store
+store = shop_store()
+bind(store, sys.argv[1])
 print("bound", flush=True)
 for _ in range(int(sys.argv[2])):
-    store.record_outcome(False, ["TIER_FAIL", "DRIFT_ALERT"], breach=True)
+    refuse(store, *WHYS)
 """
 
 
@@ -522,40 +532,40 @@ def test_readers_see_each_record_call_whole_while_its_writer_saves_in_place(
         snap = agg(tmp_path).snapshot()
         seen.append(
             (
-                snap.get("decision_counts", "DENY"),
-                snap.get("reason_counts", "TIER_FAIL"),
-                snap.get("reason_counts", "DRIFT_ALERT"),
-                snap.get("breach_counts", "NO_OVERRIDE"),
+                snap.get("orders", "refused"),
+                snap.get("refusals", "no_stock"),
+                snap.get("refusals", "no_money"),
+                snap.get("refusals", "fraud"),
             )
         )
     assert proc.wait(timeout=30) == 0
     # Each call's four increments: all of them or none, in every read of the live shard.
     assert [s for s in seen if len(set(s)) != 1] == []
-    denies = [s[0] for s in seen]
-    assert denies == sorted(denies)
-    assert len(set(denies)) > 2  # the reads really overlapped the saves
-    assert totals(tmp_path) == {"ALLOW": 0, "DENY": 20000}
+    refused = [s[0] for s in seen]
+    assert refused == sorted(refused)
+    assert len(set(refused)) > 2  # the reads really overlapped the saves
+    assert totals(tmp_path) == {"paid": 0, "refused": 20000}
 
 
 def test_saving_after_close_starts_a_new_incarnation_with_only_new_counts(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    store.record_decision(True)
+    store = shop_store()
+    pay(store)
     shard = shard_for(store, tmp_path)
     assert shard.save()
     first = shard.identity
     assert shard.close(save=True)
-    store.record_decision(False, ["DRIFT_ALERT"])
+    refuse(store, "fraud")
     assert shard.save()
     assert shard.identity is not None
     assert first is not None
     assert shard.identity.incarnation != first.incarnation
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
+    assert totals(tmp_path) == {"paid": 1, "refused": 1}
     agg(tmp_path, compact=True)
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
+    assert totals(tmp_path) == {"paid": 1, "refused": 1}
     assert files(tmp_path, ".json") == ["archive.json", "schema.json"]
     assert owned(tmp_path) == [(v2_names(shard.identity.incarnation)[0], "v2")]  # the live one
     shard.close()
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 1}
+    assert totals(tmp_path) == {"paid": 1, "refused": 1}
 
 
 def test_one_shard_per_store_and_directory_whatever_the_spelling(
@@ -565,16 +575,16 @@ def test_one_shard_per_store_and_directory_whatever_the_spelling(
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
     monkeypatch.chdir(tmp_path)
-    store = GateMetricStore()
+    store = shop_store()
     shard = shard_for(store, real)
     assert shard_for(store, tmp_path / "link") is shard
     assert shard_for(store, "real") is shard
-    assert shard_for(GateMetricStore(), real) is not shard
-    store.record_decision(True)
+    assert shard_for(shop_store(), real) is not shard
+    pay(store)
     assert save_to_dir(store, "link")
     assert save_to_dir(store, real)
     assert len(files(real, ".shard")) == 1
-    assert totals(real) == {"ALLOW": 1, "DENY": 0}
+    assert totals(real) == {"paid": 1, "refused": 0}
     shard.close(save=False)
 
 
@@ -583,7 +593,7 @@ def test_a_file_already_at_the_creating_name_means_a_fresh_incarnation(tmp_path:
     given = iter([first, second])
     stray = tmp_path / v2_names(first.incarnation)[1]
     stray.write_bytes(b"someone else's")  # an id collision or a planted file
-    shard = Shard(GateMetricStore(), tmp_path, identity_factory=lambda: next(given))
+    shard = Shard(shop_store(), tmp_path, identity_factory=lambda: next(given))
     assert shard.open() == second
     assert stray.read_bytes() == b"someone else's"
     assert is_locked(tmp_path / v2_names(second.incarnation)[0])
@@ -605,7 +615,7 @@ def test_an_aggregator_probing_the_brand_new_file_means_a_fresh_incarnation(
         probes.append(fd)
 
     interfere_after_create(monkeypatch, v2_names(first.incarnation)[1], probe)
-    shard = Shard(GateMetricStore(), tmp_path, identity_factory=lambda: next(given))
+    shard = Shard(shop_store(), tmp_path, identity_factory=lambda: next(given))
     try:
         assert shard.open() == second
     finally:
@@ -638,7 +648,7 @@ def test_a_brand_new_file_removed_before_our_flock_is_never_trusted(
             os.close(fd)
 
     interfere_after_create(monkeypatch, v2_names(first.incarnation)[1], remove_as_orphan)
-    store = GateMetricStore()
+    store = shop_store()
     shard = Shard(store, tmp_path, identity_factory=lambda: next(given))
     try:
         assert shard.open() == second
@@ -647,9 +657,9 @@ def test_a_brand_new_file_removed_before_our_flock_is_never_trusted(
     assert len(removed) == 1
     assert owned(tmp_path) == [(v2_names(second.incarnation)[0], "v2")]
     assert is_locked(tmp_path / v2_names(second.incarnation)[0])
-    store.record_decision(True)
+    pay(store)
     assert shard.save()
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 1, "refused": 0}
     shard.close(save=False)
 
 
@@ -660,10 +670,10 @@ def test_an_owner_whose_shard_vanished_goes_on_as_a_new_incarnation_never_counti
 ) -> None:
     monkeypatch.setattr(shards_module, "VANISHED_CHECK_S", 0.0)  # check at every save
     directory = tmp_path / "shards"
-    store = GateMetricStore()
-    binding = store.bind_to_dir(directory)
+    store = shop_store()
+    binding = bind(store, directory)
     for _ in range(3):
-        store.record_decision(True)
+        pay(store)
     first = binding.shard.identity
     assert first is not None
     assert binding.shard.path is not None
@@ -685,21 +695,24 @@ def test_an_owner_whose_shard_vanished_goes_on_as_a_new_incarnation_never_counti
     # its inode tells the owner that it is not its own any more.
     if compact_first:
         agg(directory, compact=True)
-    store.record_decision(True)
-    store.record_decision(True)
+    pay(store)
+    pay(store)
     assert binding.shard.identity not in (None, first)
-    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
+    assert totals(directory) == {"paid": expected, "refused": 0}
     agg(directory, compact=True)
-    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
+    assert totals(directory) == {"paid": expected, "refused": 0}
     binding.close()
-    assert totals(directory) == {"ALLOW": expected, "DENY": 0}
+    assert totals(directory) == {"paid": expected, "refused": 0}
 
 
-def test_read_only_views_can_never_be_saved(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    store.record_decision(True)
-    assert store.save_to_dir(tmp_path)
-    view = GateMetricStore.load_from_dir(tmp_path)
+@pytest.mark.parametrize("kind", ["aggregate", "snapshot"])
+def test_read_only_views_can_never_be_saved(tmp_path: Path, kind: str) -> None:
+    store = shop_store()
+    pay(store)
+    assert save_to_dir(store, tmp_path)
+    # The engine's merged views of a directory: they hold every shard's counts.
+    result = agg(tmp_path)
+    view: Any = result if kind == "aggregate" else result.snapshot()
     with pytest.raises(TypeError, match="read-only"):
         save_to_dir(view, tmp_path)
     with pytest.raises(TypeError, match="read-only"):
@@ -709,7 +722,7 @@ def test_read_only_views_can_never_be_saved(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="read-only"):
         bind(view, tmp_path)
     assert len(files(tmp_path, ".shard")) == 1
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 1, "refused": 0}
     shard_for(store, tmp_path).close(save=False)
 
 
@@ -725,16 +738,16 @@ def test_identities_are_unique_and_validated() -> None:
 def test_the_pid_guard_resets_a_copy_that_missed_the_fork_hook(tmp_path: Path) -> None:
     # The state a hook-less fork leaves (simulated here; a real one is in a child below): the
     # guard must start over at zero as a new incarnation instead of saving the counts again.
-    store = GateMetricStore()
-    store.record_decision(True)
+    store = shop_store()
+    pay(store)
     shard = shard_for(store, tmp_path)
     assert shard.save()
     parent = shard.identity
     store._pid = shard._pid = -1  # what a hook-less fork would leave behind
     assert shard.save()
-    assert store.decision_counts() == {"ALLOW": 0, "DENY": 0}
+    assert store.snapshot().family("orders") == {"paid": 0, "refused": 0}
     assert shard.identity != parent
-    assert totals(tmp_path) == {"ALLOW": 1, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 1, "refused": 0}
     shard.close(save=False)
 
 
