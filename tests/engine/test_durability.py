@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from backend.app.testing.gate_metrics import GateMetricStore
 from gatemetrics import Durability, shard_for
+from tests.engine.shard_helpers import pay, shop_store, totals
 
 LEGACY = [
     ("none", Durability.PROCESS_CRASH),
@@ -76,8 +76,8 @@ def test_an_unknown_value_is_refused(value: Any) -> None:
 
 
 def test_a_shard_given_a_legacy_name_warns_once_and_uses_the_new_member(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    store.record_decision(True)
+    store = shop_store()
+    pay(store)
     with pytest.warns(DeprecationWarning, match="'file'"):
         shard = shard_for(store, tmp_path, durability="file")
     assert shard.durability is Durability.POWER_LOSS
@@ -85,11 +85,11 @@ def test_a_shard_given_a_legacy_name_warns_once_and_uses_the_new_member(tmp_path
         assert shard.save()
     finally:
         shard.close()
-    assert GateMetricStore.load_from_dir(tmp_path).decision_counts() == {"ALLOW": 1, "DENY": 0}
+    assert totals(tmp_path) == {"paid": 1, "refused": 0}
 
 
 def test_the_default_durability_is_process_crash(tmp_path: Path) -> None:
-    store = GateMetricStore()
+    store = shop_store()
     shard = shard_for(store, tmp_path)
     assert shard.durability is Durability.PROCESS_CRASH
     shard.close(save=False)

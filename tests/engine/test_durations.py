@@ -1,8 +1,9 @@
 """Every interval and timeout the engine takes is checked by one function, the same way.
 
-``gatemetrics.check_seconds`` is used by ``bind``/``Binding``, ``periodic_saver`` and the gate's
-``load_from_dir`` (its ``lock_timeout``): a real ``int``/``float`` (not ``bool``, not a string),
-finite, positive (or non-negative where zero means one attempt), at most a thread's longest wait.
+``gatemetrics.check_seconds`` is used by ``bind``/``Binding``, ``periodic_saver`` and, being
+public, by applications for their own durations (a ``lock_timeout``, say): a real
+``int``/``float`` (not ``bool``, not a string), finite, positive (or non-negative where zero means
+one attempt), at most a thread's longest wait.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ def test_errors_subclass_their_builtin_and_our_base(error: Exception, builtin: t
 
 
 def test_errors_carry_data_and_say_it() -> None:
-    err = SchemaError("reason_counts.X", "unknown label value")
-    assert (err.field, err.problem) == ("reason_counts.X", "unknown label value")
-    assert str(err) == "reason_counts.X: unknown label value"
+    err = SchemaError("refusals.X", "unknown label value")
+    assert (err.field, err.problem) == ("refusals.X", "unknown label value")
+    assert str(err) == "refusals.X: unknown label value"
     assert str(SchemaError("", "whole document")) == "whole document"
     assert "2.5 s" in str(LockTimeoutError("/x.lock", 2.5))
     assert str(ShardWriteError("/d/s.json", "disk full")) == "/d/s.json: disk full"

@@ -97,10 +97,6 @@ def test_every_name_in_all_is_defined(name: str) -> None:
         "gatemetrics.gunicorn",
         "gatemetrics.pytest_plugin",
         "gatemetrics.cli",
-        "backend.app.testing.gate_metrics",
-        "backend.app.testing.release_policy",
-        "backend.app.testing.release_gate",
-        "backend.app.testing.audit",
     ],
 )
 def test_module_all_is_sorted(module: str) -> None:
@@ -112,4 +108,3 @@ def test_package_is_typed() -> None:
     from importlib.resources import files
 
     assert files("gatemetrics").joinpath("py.typed").is_file()
-    assert files("backend").joinpath("py.typed").is_file()
