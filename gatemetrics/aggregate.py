@@ -92,7 +92,8 @@ from typing import Literal
 import orjson
 
 from gatemetrics import _faults
-from gatemetrics._flock import HostileLockFile, exclusive_flock, flock_fd
+from gatemetrics._checks import check_seconds
+from gatemetrics._flock import HostileLockFile, exclusive_flock, flock_fd, try_flock
 from gatemetrics._format import (
     ARCHIVE_NAME,
     ARCHIVE_TMP,
@@ -176,7 +177,6 @@ _log = logging.getLogger("gatemetrics.aggregate")
 _NAMESPACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]*\Z")
 
 _State = Literal["live", "dead", "absorbed"]
-_CONTENTION = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 _OPEN_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_A_NAME = "not a shard file name"
@@ -432,8 +432,7 @@ def aggregate_dir(
     """
     path = os.path.abspath(os.fspath(directory))
     pipeline_schema(schema, namespace)  # a bad namespace fails before any I/O
-    if not math.isfinite(lock_timeout) or lock_timeout < 0:
-        raise ValueError(f"lock_timeout must be a finite number >= 0, not {lock_timeout!r}")
+    lock_timeout = check_seconds("lock_timeout", lock_timeout, allow_zero=True)
     run = _Run(path, schema, namespace, compact=compact, clock=clock)
     # Every name below is resolved against this descriptor, never against the path again: a
     # directory renamed or replaced while we work cannot redirect a write.
@@ -947,12 +946,10 @@ class _Run:
     def _probe(fd: int, name: str) -> Literal["live", "dead"]:
         """Dead if we can take the lifetime lock (then it stays ours), else live."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return "dead" if try_flock(fd) else "live"
         except OSError as exc:
-            if exc.errno not in _CONTENTION:
-                _log.warning("cannot probe %s (treated as live): %s", name, exc.strerror)
+            _log.warning("cannot probe %s (treated as live): %s", name, exc.strerror)
             return "live"
-        return "dead"
 
     def _read_whole(self, fd: int) -> bytes:
         """The bytes of a v2 shard's descriptor; :class:`BadFile` when it is too large.
@@ -1265,11 +1262,10 @@ class _Run:
             _log.warning("cannot remove %s: %s", name, exc.strerror)
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Held by someone (a live owner), or not lockable at all: leave it.
+            return try_flock(fd) and self._unlink(name)
         except OSError:
-            return False  # someone holds it: a live owner, leave it
-        else:
-            return self._unlink(name)
+            return False
         finally:
             os.close(fd)
 

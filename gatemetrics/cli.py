@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from gatemetrics._checks import check_seconds
 from gatemetrics._format import schema_fingerprint
 from gatemetrics.aggregate import (
     ARCHIVE_NAME,
@@ -228,9 +229,14 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 3600:
+    try:
+        # The engine's one duration rule (finite, not negative), then the CLI's own bound.
+        seconds = check_seconds("--lock-timeout", value, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds > 3600:
         raise argparse.ArgumentTypeError(f"must be between 0 and 3600: {text}")
-    return value
+    return seconds
 
 
 def _load_schema(parser: argparse.ArgumentParser, spec: str) -> Schema:

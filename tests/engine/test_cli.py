@@ -323,7 +323,7 @@ def test_missing_dir_option_is_a_usage_error() -> None:
     assert "GATEMETRICS_DIR" in result.stderr
 
 
-@pytest.mark.parametrize("value", ["-1", "nan", "soon", "99999"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf", "soon", "99999"])
 def test_bad_lock_timeout_is_a_usage_error(shard_dir: Path, value: str) -> None:
     result = run_cli("aggregate", "--dir", str(shard_dir), "--lock-timeout", value)
     assert result.returncode == 2

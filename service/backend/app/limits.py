@@ -59,6 +59,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from backend.app.settings import _env_count, _env_seconds
+
 __all__ = [
     "DescriptorPlan",
     "GuardStats",
@@ -105,32 +107,16 @@ class ServiceLimits:
         """Raises ``ValueError`` naming the variable for a value that is not usable."""
         env = os.environ if environ is None else environ
         return cls(
-            max_connections=_count(env, "RELEASE_GATE_MAX_CONNECTIONS", 256, 1, 1_000_000),
-            header_timeout=_seconds(env, "RELEASE_GATE_HEADER_TIMEOUT", 5.0),
-            fd_reserve=_count(env, "RELEASE_GATE_FD_RESERVE", 256, 16, 1_000_000),
+            max_connections=_env_count(
+                env, "RELEASE_GATE_MAX_CONNECTIONS", default=256, maximum=1_000_000
+            ),
+            header_timeout=_env_seconds(
+                env, "RELEASE_GATE_HEADER_TIMEOUT", default=5.0, maximum=300.0
+            ),
+            fd_reserve=_env_count(
+                env, "RELEASE_GATE_FD_RESERVE", default=256, minimum=16, maximum=1_000_000
+            ),
         )
-
-
-def _count(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    value = env.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit() or not low <= int(value) <= high:
-        raise ValueError(f"{name} must be a whole number from {low} to {high}; got {value[:40]!r}")
-    return int(value)
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    value = env.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds <= 300:  # also rejects nan and inf
-        raise ValueError(f"{name} must be more than 0 and at most 300 seconds; got {value[:40]!r}")
-    return seconds
 
 
 # -- descriptors -------------------------------------------------------------------------------

@@ -143,8 +143,11 @@ def _env_durability(env: Mapping[str, str]) -> Durability:
 def _env_seconds(
     env: Mapping[str, str], name: str, *, default: float, maximum: float = 86_400.0
 ) -> float:
-    """A positive, finite number of seconds (at most ``maximum``) from ``name``, or ``default``."""
-    value = env.get(name, "")
+    """A positive, finite number of seconds (at most ``maximum``) from ``name``, or ``default``.
+
+    The one parser of the service's durations from the environment (``limits`` uses it too).
+    """
+    value = env.get(name, "").strip()
     if not value:
         return default
     try:
@@ -158,13 +161,20 @@ def _env_seconds(
     return seconds
 
 
-def _env_count(env: Mapping[str, str], name: str, *, default: int, maximum: int = 64) -> int:
-    """A whole number from 1 to ``maximum`` from ``name``, or ``default``."""
+def _env_count(
+    env: Mapping[str, str], name: str, *, default: int, minimum: int = 1, maximum: int = 64
+) -> int:
+    """A whole number from ``minimum`` to ``maximum`` from ``name``, or ``default``.
+
+    The one parser of the service's counts from the environment (``limits`` uses it too).
+    """
     value = env.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= maximum:
-        raise ValueError(f"{name} must be a whole number from 1 to {maximum}; got {value[:40]!r}")
+    if not value.isdigit() or not minimum <= int(value) <= maximum:
+        raise ValueError(
+            f"{name} must be a whole number from {minimum} to {maximum}; got {value[:40]!r}"
+        )
     return int(value)
 
 
