@@ -25,6 +25,7 @@ from gatemetrics.aggregate import (
     ShardReport,
     aggregate_dir,
     default_namespace,
+    is_shard_file,
     pipeline_schema,
     recorded_schema,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "escape_label_value",
     "flock_until",
     "fsync_directory",
+    "is_shard_file",
     "new_identity",
     "periodic_saver",
     "pipeline_schema",

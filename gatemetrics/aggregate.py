@@ -146,6 +146,7 @@ __all__ = [
     "ShardReport",
     "aggregate_dir",
     "default_namespace",
+    "is_shard_file",
     "pipeline_schema",
     "recorded_schema",
 ]
@@ -183,6 +184,17 @@ _NOT_A_NAME = "not a shard file name"
 # Names the aggregator itself creates (quarantine/ is handled where it is opened).
 _FIXED_NAMES = (LOCK_NAME, ARCHIVE_TMP)
 _PIPELINE_CACHE: dict[tuple[Schema, str], Schema] = {}
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether ``name`` is the name of a shard-family file of either format: a shard, one being
+    created, or a previous-release shard's lock or temp file (what compaction reaps when dead).
+
+    For tools that list a shard directory (backups, a demo's summary) without knowing its
+    formats; the fixed names (``archive.json``, ``schema.json``, ``aggregate.lock``,
+    ``quarantine/``) are not shard files.
+    """
+    return parse_name(name) is not None
 
 
 def pipeline_schema(schema: Schema, namespace: str) -> Schema:

@@ -41,8 +41,7 @@ from backend.app.testing.release_policy import (
     ReleasePolicyResult,
     ReleaseVerdict,
 )
-from gatemetrics._format import parse_name
-from gatemetrics.aggregate import Aggregate, aggregate_dir
+from gatemetrics import Aggregate, aggregate_dir, is_shard_file
 
 __all__ = ["register", "run_demo"]
 
@@ -359,7 +358,7 @@ def _worker_count(text: str) -> int:
 def _shard_files(names: list[str]) -> int:
     """How many of ``names`` are shard files of either format (shards, v1 lock and temp files,
     v2 shards being created)."""
-    return sum(1 for name in names if parse_name(name) is not None)
+    return sum(1 for name in names if is_shard_file(name))
 
 
 def _summary(demo: _Demo, final: Aggregate, files: list[str], audited: int, out: TextIO) -> int:
