@@ -128,7 +128,7 @@ __all__ = ["MAX_BODY_BYTES", "ROUTES", "ReleaseGateApp", "Settings", "app", "cre
 
 _log = logging.getLogger("backend.app.main")
 
-#: The largest check body accepted, in bytes (design.md section 4).
+#: The largest check body accepted, in bytes (413 beyond it; the README and openapi.json say so).
 MAX_BODY_BYTES = 64 * 1024
 
 #: Every path the app serves and its methods (``openapi.json`` documents exactly these).
