@@ -1,5 +1,9 @@
-"""Helpers of the aggregator's tests: reading a directory back, the test process's own live
-owners, and the slots of a v2 shard."""
+"""Helpers of the aggregator's tests: reading a shop directory back, the test process's own live
+owners, and the slots of a v2 shard.
+
+The aggregator's tests count the engine's own small schema (:mod:`tests.engine.schema`), never
+the release gate's.
+"""
 
 from __future__ import annotations
 
@@ -9,52 +13,52 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA, GateMetricStore
-from gatemetrics import (
-    aggregate_dir,
-    shard_for,
-)
-from gatemetrics._format import (
-    Layout,
-    parse_name,
-)
+from gatemetrics import CounterStore, Schema, aggregate_dir, bind, shard_for
+from gatemetrics._format import Layout, parse_name
 from gatemetrics.aggregate import Aggregate
+from tests.engine.schema import SHOP_AGGREGATE_SERIES, SHOP_NAMESPACE, SHOP_SCHEMA, record_order
 from tests.exposition_parser import parse
-from tests.shard_tools import (
-    AGGREGATE_SERIES,
-    LegacyV1Shard,
-    legacy_bind,
-)
+from tests.shard_tools import LegacyV1Shard, legacy_bind
+
+#: Where a bound shop store counts its failed saves (as the gate counts its metric write failures).
+FAILURES = "errors"
 
 
-def agg(directory: Path, *, compact: bool = False, **kwargs: Any) -> Aggregate:
-    return aggregate_dir(
-        directory, GATE_SCHEMA, namespace=GATE_NAMESPACE, compact=compact, **kwargs
-    )
+def agg(
+    directory: Path, *, compact: bool = False, schema: Schema = SHOP_SCHEMA, **kwargs: Any
+) -> Aggregate:
+    return aggregate_dir(directory, schema, namespace=SHOP_NAMESPACE, compact=compact, **kwargs)
 
 
-def decisions(directory: Path) -> dict[str, int]:
-    return agg(directory).snapshot().family("decision_counts")
+def orders(directory: Path) -> dict[str, int]:
+    """The merged ``orders`` of ``directory``: ``{"paid": n, "refused": n}``."""
+    return agg(directory).snapshot().family("orders")
 
 
-def assert_bounded(result: Aggregate) -> None:
+def assert_bounded(
+    result: Aggregate, series: dict[str, set[tuple[str, str] | None]] = SHOP_AGGREGATE_SERIES
+) -> None:
     """Invariant 1: only declared series, each family once, in the documented order."""
     families = parse(result.render_prometheus())
-    assert list(families) == list(AGGREGATE_SERIES)
+    assert list(families) == list(series)
     for name, fam in families.items():
-        assert set(fam.samples) == AGGREGATE_SERIES[name]
+        assert set(fam.samples) == series[name]
 
 
-def live_stores() -> Iterator[Callable[[Path, int], GateMetricStore]]:
+def shop_store() -> CounterStore:
+    return CounterStore(SHOP_SCHEMA)
+
+
+def live_stores() -> Iterator[Callable[[Path, int], CounterStore]]:
     """A fixture's body: stores of this process bound to a directory (format v2), closed at
     teardown."""
     bindings = []
 
-    def make(directory: Path, allows: int) -> GateMetricStore:
-        store = GateMetricStore()
-        bindings.append(store.bind_to_dir(directory))
-        for _ in range(allows):
-            store.record_decision(True)
+    def make(directory: Path, paid: int) -> CounterStore:
+        store = shop_store()
+        bindings.append(bind(store, directory, failure_key=FAILURES))
+        for _ in range(paid):
+            record_order(store, True)
         return store
 
     yield make
@@ -66,12 +70,12 @@ def live_v1_owners() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
     """A fixture's body: previous-release owners living in this process (v1, write-through)."""
     shards: list[LegacyV1Shard] = []
 
-    def make(directory: Path, allows: int) -> LegacyV1Shard:
-        store = GateMetricStore()
+    def make(directory: Path, paid: int) -> LegacyV1Shard:
+        store = shop_store()
         shard = legacy_bind(store, directory, durability="none")
         shards.append(shard)
-        for _ in range(allows):
-            store.record_decision(True)
+        for _ in range(paid):
+            record_order(store, True)
         return shard
 
     yield make
@@ -91,7 +95,7 @@ def incarnation_of(name: str) -> str:
     return parsed[0]
 
 
-def live_v2_name(store: GateMetricStore, directory: Path) -> str:
+def live_v2_name(store: CounterStore, directory: Path) -> str:
     path = shard_for(store, directory).path
     assert path is not None
     return os.path.basename(path)

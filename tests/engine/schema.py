@@ -8,6 +8,7 @@ family names share the prefix ``shop``, which is the namespace the command line 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from gatemetrics import CounterStore, Family, Schema, shard_for
@@ -15,13 +16,20 @@ from gatemetrics import CounterStore, Family, Schema, shard_for
 __all__ = [
     "OTHER_SCHEMA",
     "OUTCOMES",
+    "SHOP_AGGREGATE_SERIES",
     "SHOP_FAMILIES",
     "SHOP_NAMESPACE",
     "SHOP_PIPELINE_FAMILIES",
     "SHOP_SCHEMA",
+    "SHOP_SERIES",
+    "TILLS",
+    "TILLS_AGGREGATE_SERIES",
+    "TILLS_SCHEMA",
+    "WHYS",
     "WIDER_SHOP_SCHEMA",
     "dead_shop_shard",
     "dead_shop_v1_shard",
+    "record_order",
 ]
 
 OUTCOMES = ("paid", "refused")
@@ -60,6 +68,57 @@ WIDER_SHOP_SCHEMA = Schema(
 )
 SHOP_FAMILIES = [f.name for f in SHOP_SCHEMA.families]
 SHOP_PIPELINE_FAMILIES = ["shop_quarantined_shards_total", "shop_shards"]
+#: Every reason a refusal can have.
+WHYS: tuple[str, ...] = ("no_stock", "no_money", "fraud")
+# Every series an exposition of shop shards may ever carry, written out rather than derived from
+# the schema under test (design.md section 4, invariant 1).
+SHOP_SERIES: dict[str, set[tuple[str, str] | None]] = {
+    "shop_orders_total": {("outcome", "paid"), ("outcome", "refused")},
+    "shop_refusals_total": {("why", w) for w in WHYS},
+    "shop_errors_total": {None},
+}
+SHOP_AGGREGATE_SERIES: dict[str, set[tuple[str, str] | None]] = {
+    **SHOP_SERIES,
+    "shop_quarantined_shards_total": {None},
+    "shop_shards": {("state", "live"), ("state", "dead")},
+}
+
+#: Ten tills, so that each of many concurrent writers counts under a label value of its own.
+TILLS = tuple(f"till{i}" for i in range(10))
+#: The shop with one more family, by till: a superset of SHOP_SCHEMA (its shards map into it).
+TILLS_SCHEMA = SHOP_SCHEMA.extend(
+    [Family("shop_till_orders_total", "Orders, by till.", key="tills", label="till", values=TILLS)]
+)
+TILLS_AGGREGATE_SERIES: dict[str, set[tuple[str, str] | None]] = {
+    **SHOP_SERIES,
+    "shop_till_orders_total": {("till", t) for t in TILLS},
+    "shop_quarantined_shards_total": {None},
+    "shop_shards": {("state", "live"), ("state", "dead")},
+}
+
+
+def record_order(
+    store: CounterStore,
+    paid: bool,
+    whys: Iterable[str] = (),
+    *,
+    error: bool = False,
+    till: str | None = None,
+) -> None:
+    """Count one order in one atomic step: paid, or refused with each distinct reason once;
+    optionally an error and (for a store of :data:`TILLS_SCHEMA`) its till.
+
+    Readers see all of its increments or none, and a bound store saves once for it.
+    """
+    schema = store.schema
+    slots = [schema.slot("orders", "paid" if paid else "refused")]
+    if not paid:
+        slots += [schema.slot("refusals", why) for why in dict.fromkeys(whys)]
+    if error:
+        slots.append(schema.slot("errors"))
+    if till is not None:
+        slots.append(schema.slot("tills", till))
+    store.increment_slots(slots)
 
 
 #: A schema that no shop shard fits (other families altogether).
@@ -82,14 +141,20 @@ def dead_shop_shard(directory: Path, paid: int = 1, refused: int = 0) -> str:
     return os.path.basename(path)
 
 
-def dead_shop_v1_shard(directory: Path, paid: int = 1) -> str:
+def dead_shop_v1_shard(
+    directory: Path, paid: int = 1, refused: int = 0, *, durability: str = "none"
+) -> str:
     """Like :func:`dead_shop_shard`, written by the previous release; returns the ``.json``
     name."""
     from tests.shard_tools import LegacyV1Shard
 
     store = CounterStore(SHOP_SCHEMA)
-    store.increment("orders", "paid", paid)
-    shard = LegacyV1Shard(store, directory, durability="none")
+    if paid:
+        store.increment("orders", "paid", paid)
+    if refused:
+        store.increment("orders", "refused", refused)
+        store.increment("refusals", "no_stock", refused)
+    shard = LegacyV1Shard(store, directory, durability=durability)
     shard.save()
     name: str = shard.names()[0]
     shard.close(save=False)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
 from gatemetrics import (
+    CounterStore,
     LockTimeoutError,
     SchemaError,
     aggregate_dir,
@@ -26,22 +26,25 @@ from gatemetrics._format import (
 from tests.engine.aggregate_helpers import (
     agg,
     assert_bounded,
-    decisions,
     incarnation_of,
     live_stores,
     live_v1_owners,
     live_v2_name,
+    orders,
     shard_names,
+)
+from tests.engine.schema import (
+    SHOP_SCHEMA,
+    dead_shop_shard,
+    dead_shop_v1_shard,
 )
 from tests.shard_tools import (
     LegacyV1Shard,
-    dead_shard,
-    dead_v1_shard,
 )
 
 
 @pytest.fixture
-def live() -> Iterator[Callable[[Path, int], GateMetricStore]]:
+def live() -> Iterator[Callable[[Path, int], CounterStore]]:
     """Stores of this live test process bound to a directory (format v2); closed at teardown."""
     yield from live_stores()
 
@@ -53,8 +56,8 @@ def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
 
 
 def test_the_shard_names_helper_sees_both_formats(tmp_path: Path) -> None:
-    v2 = dead_shard(tmp_path)
-    v1 = dead_v1_shard(tmp_path)
+    v2 = dead_shop_shard(tmp_path)
+    v1 = dead_shop_v1_shard(tmp_path)
     (tmp_path / "notes.txt").write_text("")
     assert v2 == v2_names(incarnation_of(v2))[0]
     assert shard_names(tmp_path) == sorted([v2, v1, v1_names(incarnation_of(v1))[1]])
@@ -65,7 +68,7 @@ def test_the_shard_names_helper_sees_both_formats(tmp_path: Path) -> None:
 
 def test_an_empty_directory_aggregates_to_zero_with_every_series(tmp_path: Path) -> None:
     result = agg(tmp_path)
-    assert result.counts == tuple(GATE_SCHEMA.zeros())
+    assert result.counts == tuple(SHOP_SCHEMA.zeros())
     assert (result.live, result.dead, result.quarantined_total, result.files_read) == (0, 0, 0, 0)
     assert_bounded(result)
     assert not result.archive.exists
@@ -82,7 +85,7 @@ def test_unusable_directories_raise_os_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("namespace", ["", "bad-name", "9lives"])
 def test_a_bad_namespace_is_a_schema_error(tmp_path: Path, namespace: str) -> None:
     with pytest.raises(SchemaError):
-        aggregate_dir(tmp_path, GATE_SCHEMA, namespace=namespace)
+        aggregate_dir(tmp_path, SHOP_SCHEMA, namespace=namespace)
 
 
 @pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
@@ -98,23 +101,23 @@ def test_a_held_directory_lock_times_out(tmp_path: Path) -> None:
     assert err.value.path == str(tmp_path / "aggregate.lock")
     assert err.value.timeout == 0.05
     assert isinstance(err.value, TimeoutError)
-    assert decisions(tmp_path) == {"ALLOW": 0, "DENY": 0}  # free again
+    assert orders(tmp_path) == {"paid": 0, "refused": 0}  # free again
 
 
 def test_live_and_dead_shards_of_both_formats_and_the_archive_are_summed(
     tmp_path: Path,
-    live: Callable[[Path, int], GateMetricStore],
+    live: Callable[[Path, int], CounterStore],
     live_v1: Callable[[Path, int], LegacyV1Shard],
 ) -> None:
-    dead_shard(tmp_path, allows=2, denies=1)
+    dead_shop_shard(tmp_path, paid=2, refused=1)
     agg(tmp_path, compact=True)  # into the archive
-    dead_v2 = dead_shard(tmp_path, allows=3)
-    dead_v1 = dead_v1_shard(tmp_path, allows=5)
+    dead_v2 = dead_shop_shard(tmp_path, paid=3)
+    dead_v1 = dead_shop_v1_shard(tmp_path, paid=5)
     live_v2 = live_v2_name(live(tmp_path, 4), tmp_path)
     old_owner = live_v1(tmp_path, 6)
     result = agg(tmp_path)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 20, "DENY": 1}
-    assert result.snapshot().get("reason_counts", "OPS_GATE_FAIL") == 1
+    assert result.snapshot().family("orders") == {"paid": 20, "refused": 1}
+    assert result.snapshot().get("refusals", "no_stock") == 1
     assert (result.live, result.dead) == (2, 2)
     assert result.files_read == 5  # the archive and four shards
     assert result.archive.exists
@@ -133,10 +136,10 @@ def test_equal_counts_give_byte_identical_output_whatever_the_split(tmp_path: Pa
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    dead_shard(one, allows=6, denies=3)
-    dead_shard(two, 1, 0)
-    dead_v1_shard(two, 2, 2)
-    dead_shard(two, 3, 1)
+    dead_shop_shard(one, paid=6, refused=3)
+    dead_shop_shard(two, 1, 0)
+    dead_shop_v1_shard(two, 2, 2)
+    dead_shop_shard(two, 3, 1)
     first, second = agg(one), agg(two)
     assert first.counts == second.counts
     text = first.render_prometheus().replace('dead"} 1', 'dead"} 3')

@@ -12,10 +12,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from backend.app.testing.gate_metrics import GateMetricStore
 from gatemetrics import (
+    CounterStore,
     ShardWriteError,
     _faults,
+    bind,
     new_identity,
     shard_for,
 )
@@ -25,25 +26,30 @@ from gatemetrics._format import (
 )
 from gatemetrics.aggregate import COMPACT_STEPS
 from tests.engine.aggregate_helpers import (
+    FAILURES,
     agg,
     assert_bounded,
-    decisions,
     incarnation_of,
     live_stores,
     live_v1_owners,
     live_v2_name,
+    orders,
     shard_names,
+    shop_store,
+)
+from tests.engine.schema import (
+    dead_shop_shard,
+    dead_shop_v1_shard,
+    record_order,
 )
 from tests.processes import Reaper, run_python
 from tests.shard_tools import (
     LegacyV1Shard,
-    dead_shard,
-    dead_v1_shard,
 )
 
 
 @pytest.fixture
-def live() -> Iterator[Callable[[Path, int], GateMetricStore]]:
+def live() -> Iterator[Callable[[Path, int], CounterStore]]:
     """Stores of this live test process bound to a directory (format v2); closed at teardown."""
     yield from live_stores()
 
@@ -59,13 +65,13 @@ def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
 
 def test_compaction_folds_dead_shards_of_both_formats_and_keeps_live_ones_and_their_files(
     tmp_path: Path,
-    live: Callable[[Path, int], GateMetricStore],
+    live: Callable[[Path, int], CounterStore],
     live_v1: Callable[[Path, int], LegacyV1Shard],
 ) -> None:
     for n in range(1, 4):
-        dead_shard(tmp_path, allows=n)
+        dead_shop_shard(tmp_path, paid=n)
     for n in (4, 5):
-        dead_v1_shard(tmp_path, allows=n)
+        dead_shop_v1_shard(tmp_path, paid=n)
     live_v2 = live_v2_name(live(tmp_path, 10), tmp_path)
     old_owner = live_v1(tmp_path, 20)
     v1_json, v1_lock, v1_tmp = old_owner.names()
@@ -81,7 +87,7 @@ def test_compaction_folds_dead_shards_of_both_formats_and_keeps_live_ones_and_th
     try:
         fcntl.flock(creator, fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = agg(tmp_path, compact=True)
-        assert result.snapshot().family("decision_counts") == {"ALLOW": 45, "DENY": 0}
+        assert result.snapshot().family("orders") == {"paid": 45, "refused": 0}
         assert (result.live, result.dead) == (2, 5)
         assert result.compaction is not None
         assert result.compaction.absorbed == 5
@@ -94,7 +100,7 @@ def test_compaction_folds_dead_shards_of_both_formats_and_keeps_live_ones_and_th
     archive = orjson.loads((tmp_path / "archive.json").read_bytes())
     assert archive["absorbed"] == []  # pruned: their files are gone
     assert archive["absorbed_total"] == 5
-    assert archive["counts"]["decision_counts"] == {"ALLOW": 15, "DENY": 0}
+    assert archive["counts"]["orders"] == {"paid": 15, "refused": 0}
     mtime = (tmp_path / "archive.json").stat().st_mtime_ns
     again = agg(tmp_path, compact=True)
     assert again.counts == result.counts
@@ -109,7 +115,7 @@ def test_a_shard_the_archive_already_absorbed_is_never_counted_again(
     tmp_path: Path, fmt: int
 ) -> None:
     """The crash window between writing the archive and deleting the shard."""
-    name = (dead_v1_shard if fmt == 1 else dead_shard)(tmp_path, allows=5)
+    name = (dead_shop_v1_shard if fmt == 1 else dead_shop_shard)(tmp_path, paid=5)
     kept = (tmp_path / name).read_bytes()
     agg(tmp_path, compact=True)
     assert shard_names(tmp_path) == []
@@ -118,10 +124,10 @@ def test_a_shard_the_archive_already_absorbed_is_never_counted_again(
     (tmp_path / "archive.json").write_bytes(orjson.dumps(archive))
     (tmp_path / name).write_bytes(kept)
     result = agg(tmp_path)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 5, "DENY": 0}
+    assert result.snapshot().family("orders") == {"paid": 5, "refused": 0}
     assert [(s.action, s.format) for s in result.shards] == [("absorbed", fmt)]
     result = agg(tmp_path, compact=True)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 5, "DENY": 0}
+    assert result.snapshot().family("orders") == {"paid": 5, "refused": 0}
     assert shard_names(tmp_path) == []
     assert orjson.loads((tmp_path / "archive.json").read_bytes())["absorbed"] == []
 
@@ -134,46 +140,46 @@ def _list_as_absorbed(directory: Path, incarnation: str) -> None:
 
 
 def test_liveness_beats_the_archive_for_a_v2_shard(
-    tmp_path: Path, live: Callable[[Path, int], GateMetricStore]
+    tmp_path: Path, live: Callable[[Path, int], CounterStore]
 ) -> None:
     """Absorbing needs the shard's own flock: an owner holding it was never absorbed."""
-    dead_shard(tmp_path, allows=1)
+    dead_shop_shard(tmp_path, paid=1)
     store = live(tmp_path, 3)
     name = live_v2_name(store, tmp_path)
     _list_as_absorbed(tmp_path, incarnation_of(name))
     for compact in (False, True, True):
         result = agg(tmp_path, compact=compact)
-        assert result.snapshot().family("decision_counts") == {"ALLOW": 4, "DENY": 0}
+        assert result.snapshot().family("orders") == {"paid": 4, "refused": 0}
         (report,) = result.shards
         assert (report.name, report.state, report.action) == (name, "live", "counted")
         assert (tmp_path / name).exists()  # never deleted while its owner lives
-    store.record_decision(True)
-    assert decisions(tmp_path) == {"ALLOW": 5, "DENY": 0}
+    record_order(store, True)
+    assert orders(tmp_path) == {"paid": 5, "refused": 0}
 
 
 def test_a_live_v2_shard_listed_as_absorbed_is_counted_once_after_its_owner_exits(
     tmp_path: Path,
 ) -> None:
-    dead_shard(tmp_path, allows=1)
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path)
+    dead_shop_shard(tmp_path, paid=1)
+    store = shop_store()
+    binding = bind(store, tmp_path, failure_key=FAILURES)
     for _ in range(3):
-        store.record_decision(True)
+        record_order(store, True)
     name = live_v2_name(store, tmp_path)
     _list_as_absorbed(tmp_path, incarnation_of(name))
-    assert agg(tmp_path, compact=True).snapshot().get("decision_counts", "ALLOW") == 4
+    assert agg(tmp_path, compact=True).snapshot().get("orders", "paid") == 4
     binding.close()
     result = agg(tmp_path, compact=True)  # invariant 3: never decreasing
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 4, "DENY": 0}
-    assert decisions(tmp_path) == {"ALLOW": 4, "DENY": 0}
+    assert result.snapshot().family("orders") == {"paid": 4, "refused": 0}
+    assert orders(tmp_path) == {"paid": 4, "refused": 0}
 
 
 def test_a_thousand_dead_incarnations_of_both_formats_compact_to_one_archive(
-    tmp_path: Path, live: Callable[[Path, int], GateMetricStore]
+    tmp_path: Path, live: Callable[[Path, int], CounterStore]
 ) -> None:
     for i in range(1000):
-        store = GateMetricStore()
-        store.record_outcome(i % 2 == 0, ["NO_DRIFT_DATA"])
+        store = shop_store()
+        record_order(store, i % 2 == 0, ["no_money"])
         if i % 10 == 0:  # one in ten from the previous release
             old = LegacyV1Shard(store, tmp_path, durability="none")
             old.save()
@@ -188,8 +194,8 @@ def test_a_thousand_dead_incarnations_of_both_formats_compact_to_one_archive(
     result = agg(tmp_path, compact=True)
     assert (result.live, result.dead) == (2, 1000)
     assert result.files_read == 1002
-    expected = {"ALLOW": 503, "DENY": 500}
-    assert result.snapshot().family("decision_counts") == expected
+    expected = {"paid": 503, "refused": 500}
+    assert result.snapshot().family("orders") == expected
     assert len(shard_names(tmp_path)) == 2  # the two live v2 shards, nothing else
     assert sorted(set(os.listdir(tmp_path)) - set(shard_names(tmp_path))) == [
         "aggregate.lock",
@@ -199,15 +205,15 @@ def test_a_thousand_dead_incarnations_of_both_formats_compact_to_one_archive(
     assert (tmp_path / "archive.json").stat().st_size < 2000  # the ids were pruned
     after = agg(tmp_path)
     assert after.files_read == 3  # the archive and one shard per live process
-    assert after.snapshot().family("decision_counts") == expected
+    assert after.snapshot().family("orders") == expected
     assert after.archive.absorbed_total == 1000
 
 
 def test_compaction_never_removes_anything_when_the_archive_cannot_be_written(
     tmp_path: Path,
 ) -> None:
-    dead_shard(tmp_path, allows=2)
-    dead_v1_shard(tmp_path, allows=3)
+    dead_shop_shard(tmp_path, paid=2)
+    dead_shop_v1_shard(tmp_path, paid=3)
     before = sorted(os.listdir(tmp_path))
 
     def disk_full(step: str) -> None:
@@ -224,7 +230,7 @@ def test_compaction_never_removes_anything_when_the_archive_cannot_be_written(
         _faults.HOOK = None
     # Nothing removed; schema.json, written before the archive, records the schema only.
     assert sorted(os.listdir(tmp_path)) == sorted([*before, "aggregate.lock", "schema.json"])
-    assert decisions(tmp_path) == {"ALLOW": 5, "DENY": 0}
+    assert orders(tmp_path) == {"paid": 5, "refused": 0}
 
 
 # -- crash points: a real SIGKILL at every step of a compaction ---------------------------------
@@ -246,36 +252,37 @@ _V2_ONLY_CRASH_CASES = [c for c in _CRASH_CASES if c[0] != "compact.lock_deleted
 def test_a_compaction_killed_at_any_step_leaves_an_exact_directory(
     tmp_path: Path,
     reaper: Reaper,
-    live: Callable[[Path, int], GateMetricStore],
+    live: Callable[[Path, int], CounterStore],
     live_v1: Callable[[Path, int], LegacyV1Shard],
     case: tuple[str, str, int],
 ) -> None:
     layout, step, skip = case
     for n in (1, 2, 4):
-        dead_shard(tmp_path, allows=n, denies=1)
+        dead_shop_shard(tmp_path, paid=n, refused=1)
     (tmp_path / v2_names(new_identity().incarnation)[1]).write_bytes(b"a dead creator's")
     (tmp_path / v2_names(new_identity().incarnation)[0]).write_bytes(b"hostile")
     (tmp_path / "v2-hostile-1.shard").write_text("x")
     live_files = [live_v2_name(live(tmp_path, 8), tmp_path)]
-    expected = {"ALLOW": 15, "DENY": 3}
+    expected = {"paid": 15, "refused": 3}
     dead, hostile = 3, 2
     if layout == "mixed":
         for n in (16, 32):
-            dead_v1_shard(tmp_path, allows=n, denies=1)
+            dead_shop_v1_shard(tmp_path, paid=n, refused=1)
         (tmp_path / v1_names(new_identity().incarnation)[2]).write_text("orphan")
         (tmp_path / v1_names(new_identity().incarnation)[1]).write_text("")
         (tmp_path / "shard-hostile-1.json").write_text("x")
         (tmp_path / "shard-hostile-2.json").write_text("y")
         live_files += live_v1(tmp_path, 64).names()[:2]
-        expected = {"ALLOW": 15 + 48 + 64, "DENY": 5}
+        expected = {"paid": 15 + 48 + 64, "refused": 5}
         dead, hostile = 5, 4
-    assert decisions(tmp_path) == expected
+    assert orders(tmp_path) == expected
 
     done = run_python(
         """
-        import backend.app.testing.gate_metrics as g, gatemetrics.aggregate as a
+        import gatemetrics.aggregate as a
+        from tests.engine.schema import SHOP_SCHEMA
         _faults.install_kill_at(sys.argv[2], skip=int(sys.argv[3]))
-        a.aggregate_dir(sys.argv[1], g.GATE_SCHEMA, namespace="release_gate", compact=True)
+        a.aggregate_dir(sys.argv[1], SHOP_SCHEMA, namespace="shop", compact=True)
         print("not killed", flush=True)
         """,
         str(tmp_path),
@@ -286,11 +293,11 @@ def test_a_compaction_killed_at_any_step_leaves_an_exact_directory(
     assert code == -signal.SIGKILL, out + err  # the step was reached and the kill was real
 
     result = agg(tmp_path)  # whatever the step: exact, no double count, nothing lost
-    assert result.snapshot().family("decision_counts") == expected
+    assert result.snapshot().family("orders") == expected
     assert result.quarantined_total == hostile
     assert_bounded(result)
     result = agg(tmp_path, compact=True)  # the next compaction finishes the job
-    assert result.snapshot().family("decision_counts") == expected
+    assert result.snapshot().family("orders") == expected
     assert result.quarantined_total == hostile
     assert shard_names(tmp_path) == sorted(live_files)  # the live shards (and a v1 lock)
     assert "archive.json.tmp" not in os.listdir(tmp_path)
@@ -298,15 +305,15 @@ def test_a_compaction_killed_at_any_step_leaves_an_exact_directory(
     assert archive["absorbed"] == []
     assert archive["quarantining"] == []
     assert archive["absorbed_total"] == dead
-    assert decisions(tmp_path) == expected
+    assert orders(tmp_path) == expected
 
 
 # -- hostile environments --------------------------------------------------------------------
 
 
 def test_a_crash_hook_that_raises_midway_is_a_crash_not_an_error(tmp_path: Path) -> None:
-    dead_shard(tmp_path, allows=3)
-    dead_v1_shard(tmp_path, allows=1)
+    dead_shop_shard(tmp_path, paid=3)
+    dead_shop_v1_shard(tmp_path, paid=1)
 
     def hook(step: str) -> None:
         if step == "archive.replaced":
@@ -318,9 +325,9 @@ def test_a_crash_hook_that_raises_midway_is_a_crash_not_an_error(tmp_path: Path)
             agg(tmp_path, compact=True)
     finally:
         _faults.HOOK = None
-    assert decisions(tmp_path) == {"ALLOW": 4, "DENY": 0}
-    assert agg(tmp_path, compact=True).snapshot().family("decision_counts") == {
-        "ALLOW": 4,
-        "DENY": 0,
+    assert orders(tmp_path) == {"paid": 4, "refused": 0}
+    assert agg(tmp_path, compact=True).snapshot().family("orders") == {
+        "paid": 4,
+        "refused": 0,
     }
     assert shard_names(tmp_path) == []
