@@ -20,7 +20,6 @@ import orjson
 import pytest
 
 import gatemetrics.aggregate as aggregate_module
-from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
 from gatemetrics import (
     MAX_COUNT,
     CounterStore,
@@ -41,25 +40,33 @@ from gatemetrics.aggregate import MAX_SHARD_BYTES, QUARANTINE_DIR
 from tests.engine.aggregate_helpers import (
     agg,
     assert_bounded,
-    decisions,
     incarnation_of,
     live_stores,
     live_v1_owners,
     live_v2_name,
+    orders,
     shard_names,
+    shop_store,
     tear,
     v2_slots,
+)
+from tests.engine.schema import (
+    SHOP_SCHEMA,
+    TILLS,
+    TILLS_AGGREGATE_SERIES,
+    TILLS_SCHEMA,
+    dead_shop_shard,
+    dead_shop_v1_shard,
+    record_order,
 )
 from tests.processes import Reaper, run_python
 from tests.shard_tools import (
     LegacyV1Shard,
-    dead_shard,
-    dead_v1_shard,
 )
 
 
 @pytest.fixture
-def live() -> Iterator[Callable[[Path, int], GateMetricStore]]:
+def live() -> Iterator[Callable[[Path, int], CounterStore]]:
     """Stores of this live test process bound to a directory (format v2); closed at teardown."""
     yield from live_stores()
 
@@ -77,7 +84,7 @@ HostileMaker = Callable[[Path, str, bytes], object]
 
 def _v1_source(directory: Path) -> tuple[str, bytes]:
     """A valid v1 shard's name and bytes (its files then removed): the material of a forgery."""
-    name = dead_v1_shard(directory, allows=1)
+    name = dead_shop_v1_shard(directory, paid=1)
     data = (directory / name).read_bytes()
     for leftover in v1_names(incarnation_of(name))[:2]:
         (directory / leftover).unlink()
@@ -85,7 +92,7 @@ def _v1_source(directory: Path) -> tuple[str, bytes]:
 
 
 def _v2_source(directory: Path) -> tuple[str, bytes]:
-    name = dead_shard(directory, allows=1)
+    name = dead_shop_shard(directory, paid=1)
     data = (directory / name).read_bytes()
     (directory / name).unlink()
     return name, data
@@ -103,7 +110,7 @@ def _v1_doc(mutate: Callable[[dict[str, Any]], None]) -> HostileMaker:
 
 def _v1_nan(path: Path, name: str, data: bytes) -> None:
     _v1_doc(lambda d: None)(path, name, data)
-    path.write_bytes(path.read_bytes().replace(b'"ALLOW":1', b'"ALLOW":NaN'))
+    path.write_bytes(path.read_bytes().replace(b'"paid":1', b'"paid":NaN'))
 
 
 def _raw(content: bytes) -> HostileMaker:
@@ -137,21 +144,21 @@ _COMMON: dict[str, HostileMaker] = {
 HOSTILE_V1: dict[str, HostileMaker] = {
     **_COMMON,
     "truncated": lambda path, _name, data: path.write_bytes(data[:40]),
-    "not-json": _raw(b"release_gate_decision_total 5\n"),
+    "not-json": _raw(b"shop_orders_total 5\n"),
     "not-utf8": _raw(b'{"format": "\xff\xfe"}'),
     "nan": _v1_nan,
     "json-array": _raw(b"[1, 2, 3]"),
-    "negative-count": _v1_doc(lambda d: d["counts"]["decision_counts"].update(ALLOW=-5)),
-    "float-count": _v1_doc(lambda d: d["counts"]["decision_counts"].update(ALLOW=1.5)),
-    "bool-count": _v1_doc(lambda d: d["counts"]["decision_counts"].update(ALLOW=True)),
-    "string-count": _v1_doc(lambda d: d["counts"].update(audit_write_failures="7")),
-    "overflowing-count": _v1_doc(lambda d: d["counts"].update(audit_write_failures=MAX_COUNT + 1)),
-    "wrongly-typed-family": _v1_doc(lambda d: d["counts"].update(reason_counts=[1, 2])),
+    "negative-count": _v1_doc(lambda d: d["counts"]["orders"].update(paid=-5)),
+    "float-count": _v1_doc(lambda d: d["counts"]["orders"].update(paid=1.5)),
+    "bool-count": _v1_doc(lambda d: d["counts"]["orders"].update(paid=True)),
+    "string-count": _v1_doc(lambda d: d["counts"].update(errors="7")),
+    "overflowing-count": _v1_doc(lambda d: d["counts"].update(errors=MAX_COUNT + 1)),
+    "wrongly-typed-family": _v1_doc(lambda d: d["counts"].update(refusals=[1, 2])),
     "unknown-family": _v1_doc(lambda d: d["counts"].update(evil_counts={"x": 1})),
-    "unknown-label-value": _v1_doc(lambda d: d["counts"]["decision_counts"].update(MAYBE=1)),
+    "unknown-label-value": _v1_doc(lambda d: d["counts"]["orders"].update(MAYBE=1)),
     "label-injection": _v1_doc(
-        lambda d: d["counts"]["reason_counts"].update(
-            {'TIER_FAIL"} 1\nrelease_gate_decision_total{decision="ALLOW': 1000}
+        lambda d: d["counts"]["refusals"].update(
+            {'no_money"} 1\nshop_orders_total{outcome="paid': 1000}
         )
     ),
     "missing-field": _v1_doc(lambda d: d.pop("saved_at")),
@@ -172,7 +179,7 @@ HOSTILE_V1: dict[str, HostileMaker] = {
 # header's crc32.
 _PREFIX = Layout.PREFIX
 _CRC = struct.Struct("<I")
-_LAYOUT = Layout(GATE_SCHEMA)
+_LAYOUT = Layout(SHOP_SCHEMA)
 _FIELDS = {"magic": 0, "version": 1, "flags": 2, "header_len": 3, "stride": 5, "fingerprint": -1}
 
 
@@ -259,8 +266,8 @@ def _v2_slot(
 
     def make(path: Path, _name: str, data: bytes) -> None:
         data = _v2_as_written_for(data, path)
-        values = [0] * GATE_SCHEMA.size
-        values[GATE_SCHEMA.slot("decision_counts", "ALLOW")] = 1
+        values = [0] * SHOP_SCHEMA.size
+        values[SHOP_SCHEMA.slot("orders", "paid")] = 1
         if counts is not None:
             counts(values)
         (offset, seq), _ = sorted(v2_slots(data), key=lambda s: -s[1])
@@ -288,14 +295,14 @@ def _written_with(schema: Schema) -> HostileMaker:
     return make
 
 
-def _gate_schema_with(key: str, **changes: Any) -> Schema:
-    """GATE_SCHEMA with family ``key`` changed (validated like any family)."""
+def _shop_schema_with(key: str, **changes: Any) -> Schema:
+    """SHOP_SCHEMA with family ``key`` changed (validated like any family)."""
     return Schema(
-        dataclasses.replace(f, **changes) if f.key == key else f for f in GATE_SCHEMA.families
+        dataclasses.replace(f, **changes) if f.key == key else f for f in SHOP_SCHEMA.families
     )
 
 
-_INJECTED = 'TIER_FAIL"} 1\nrelease_gate_decision_total{decision="ALLOW'
+_INJECTED = 'no_money"} 1\nshop_orders_total{outcome="paid'
 
 
 def _inject(record: Any) -> Any:
@@ -348,17 +355,15 @@ HOSTILE_V2: dict[str, HostileMaker] = {
     "negative-saved-at": _v2_slot(saved_at=-1.0),
     "label-injection-in-its-schema-record": _v2_with_ident(record=_inject, fingerprint=b"\0" * 16),
     "schema-with-an-unknown-label-value": _written_with(
-        _gate_schema_with("decision_counts", values=("ALLOW", "DENY", "MAYBE"))
+        _shop_schema_with("orders", values=("paid", "refused", "MAYBE"))
     ),
     "schema-with-an-unknown-family": _written_with(
-        GATE_SCHEMA.extend([Family("evil_total", "Not ours.", key="evil_counts")])
+        SHOP_SCHEMA.extend([Family("evil_total", "Not ours.", key="evil_counts")])
     ),
-    "schema-with-another-label-name": _written_with(
-        _gate_schema_with("decision_counts", label="verdict")
-    ),
-    "schema-with-another-kind": _written_with(_gate_schema_with("decision_counts", kind="gauge")),
+    "schema-with-another-label-name": _written_with(_shop_schema_with("orders", label="verdict")),
+    "schema-with-another-kind": _written_with(_shop_schema_with("orders", kind="gauge")),
     "schema-with-another-metric-name": _written_with(
-        _gate_schema_with("decision_counts", name="release_gate_decisions_total")
+        _shop_schema_with("orders", name="shop_order_total")
     ),
 }
 
@@ -369,7 +374,7 @@ def _assert_costs_only_itself(
     with caplog.at_level(logging.WARNING, logger="gatemetrics"):
         result = agg(tmp_path)
     # The good shards still count, the bad one does not, nothing out of schema appears.
-    assert result.snapshot().family("decision_counts") == expected
+    assert result.snapshot().family("orders") == expected
     assert result.quarantined_total == 1
     assert_bounded(result)
     (report,) = [s for s in result.shards if s.name == bad]
@@ -381,7 +386,7 @@ def _assert_costs_only_itself(
 
     with caplog.at_level(logging.WARNING, logger="gatemetrics"):
         result = agg(tmp_path, compact=True)
-    assert result.snapshot().family("decision_counts") == expected
+    assert result.snapshot().family("orders") == expected
     assert result.quarantined_total == 1
     lines = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
     assert len(lines) == 1
@@ -393,7 +398,7 @@ def _assert_costs_only_itself(
 
     later = agg(tmp_path)
     assert later.quarantined_total == 1  # persisted in the archive, never decreasing
-    assert later.snapshot().family("decision_counts") == expected
+    assert later.snapshot().family("orders") == expected
     assert_bounded(later)
 
 
@@ -401,12 +406,12 @@ def _assert_costs_only_itself(
 def test_a_hostile_v1_shard_costs_only_itself(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
-    dead_shard(tmp_path, allows=2, denies=1)
-    dead_v1_shard(tmp_path, allows=3)
+    dead_shop_shard(tmp_path, paid=2, refused=1)
+    dead_shop_v1_shard(tmp_path, paid=3)
     source, data = _v1_source(tmp_path)
     bad = v1_names(new_identity().incarnation)[0]
     HOSTILE_V1[case](tmp_path / bad, source, data)
-    expected = {"ALLOW": 5 + int(case == "symlink"), "DENY": 1}
+    expected = {"paid": 5 + int(case == "symlink"), "refused": 1}
     _assert_costs_only_itself(tmp_path, caplog, bad, expected)
 
 
@@ -429,8 +434,8 @@ V2_PROBLEMS = {
 def test_a_hostile_v2_shard_costs_only_itself(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
-    dead_shard(tmp_path, allows=2, denies=1)
-    dead_v1_shard(tmp_path, allows=3)
+    dead_shop_shard(tmp_path, paid=2, refused=1)
+    dead_shop_v1_shard(tmp_path, paid=3)
     source, data = _v2_source(tmp_path)
     bad = v2_names(new_identity().incarnation)[0]
     HOSTILE_V2[case](tmp_path / bad, source, data)
@@ -438,7 +443,7 @@ def test_a_hostile_v2_shard_costs_only_itself(
     assert report.problem is not None
     assert V2_PROBLEMS.get(case, "") in report.problem
     caplog.clear()
-    expected = {"ALLOW": 5 + int(case == "symlink"), "DENY": 1}
+    expected = {"paid": 5 + int(case == "symlink"), "refused": 1}
     _assert_costs_only_itself(tmp_path, caplog, bad, expected)
 
 
@@ -465,50 +470,50 @@ def test_the_v2_forgery_helpers_alone_break_nothing(tmp_path: Path) -> None:
         lambda path: _v2_with_ident()(path, source, data),
         lambda path: _v2_with_ident(record=lambda r: r, fingerprint=b"\0" * 16)(path, source, data),
         lambda path: _v2_slot()(path, source, data),
-        lambda path: _written_with(GATE_SCHEMA)(path, source, data),
+        lambda path: _written_with(SHOP_SCHEMA)(path, source, data),
     ):
         make(tmp_path / v2_names(new_identity().incarnation)[0])
     result = agg(tmp_path)
     assert result.quarantined_total == 0
     assert [s.action for s in result.shards] == ["counted"] * 6
-    assert result.snapshot().get("decision_counts", "ALLOW") == 1 + 1 + 1 + 1 + 1 + 7
+    assert result.snapshot().get("orders", "paid") == 1 + 1 + 1 + 1 + 1 + 7
 
 
 def test_a_torn_newest_slot_falls_back_to_the_previous_save(tmp_path: Path) -> None:
-    store = GateMetricStore()
+    store = shop_store()
     shard = shard_for(store, tmp_path)
-    store.record_decision(True)
-    store.record_decision(True)
+    record_order(store, True)
+    record_order(store, True)
     assert shard.save()
     first = store.generation
-    store.record_decision(False, ["TIER_FAIL"])
+    record_order(store, False, ["no_money"])
     assert shard.save()
     assert shard.path is not None
     path = Path(shard.path)
     shard.close(save=False)
     full = agg(tmp_path).snapshot()
-    assert full.family("decision_counts") == {"ALLOW": 2, "DENY": 1}
+    assert full.family("orders") == {"paid": 2, "refused": 1}
     data = path.read_bytes()
     (newest, seq), (_older, older_seq) = sorted(v2_slots(data), key=lambda s: -s[1])
     assert (seq, older_seq) == (2, 1)
     path.write_bytes(tear(data, newest))  # a save cut short, as a SIGKILL mid-pwrite leaves it
     result = agg(tmp_path)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 2, "DENY": 0}
-    assert result.snapshot().get("reason_counts", "TIER_FAIL") == 0
+    assert result.snapshot().family("orders") == {"paid": 2, "refused": 0}
+    assert result.snapshot().get("refusals", "no_money") == 0
     (report,) = result.shards
     assert (report.action, report.generation, report.format) == ("counted", first, 2)
     assert result.quarantined_total == 0  # a torn slot is no broken shard
     result = agg(tmp_path, compact=True)  # and it is absorbed with the older save's counts
     assert result.compaction is not None
     assert result.compaction.absorbed == 1
-    assert decisions(tmp_path) == {"ALLOW": 2, "DENY": 0}
+    assert orders(tmp_path) == {"paid": 2, "refused": 0}
 
 
 def test_a_live_shards_torn_newest_slot_is_read_again_then_the_previous_save_counts(
-    tmp_path: Path, live: Callable[[Path, int], GateMetricStore]
+    tmp_path: Path, live: Callable[[Path, int], CounterStore]
 ) -> None:
     store = live(tmp_path, 2)
-    store.record_decision(False, ["TIER_FAIL"])
+    record_order(store, False, ["no_money"])
     path = tmp_path / live_v2_name(store, tmp_path)
     data = path.read_bytes()
     newest, _ = max(v2_slots(data), key=lambda s: s[1])
@@ -519,12 +524,12 @@ def test_a_live_shards_torn_newest_slot_is_read_again_then_the_previous_save_cou
     finally:
         os.close(fd)
     result = agg(tmp_path, compact=True)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 2, "DENY": 0}
+    assert result.snapshot().family("orders") == {"paid": 2, "refused": 0}
     (report,) = result.shards
     assert (report.state, report.action) == ("live", "counted")
     assert path.exists()
-    store.record_decision(True)  # the owner's next save goes to the other slot, complete
-    assert decisions(tmp_path) == {"ALLOW": 3, "DENY": 1}
+    record_order(store, True)  # the owner's next save goes to the other slot, complete
+    assert orders(tmp_path) == {"paid": 3, "refused": 1}
 
 
 def test_a_shard_of_an_older_writer_with_a_subset_schema_maps_and_counts(
@@ -533,43 +538,44 @@ def test_a_shard_of_an_older_writer_with_a_subset_schema_maps_and_counts(
     """A v2 writer whose schema had fewer label values (in another order) and fewer families."""
     older = Schema(
         [
-            GATE_SCHEMA.family("decision_counts"),
+            SHOP_SCHEMA.family("orders"),
             Family(
-                "release_gate_reason_total",
-                "Reasons attached to DENY decisions.",
-                key="reason_counts",
-                label="reason",
-                values=("NO_CANARY_DATA", "TIER_FAIL"),
+                "shop_refusals_total",
+                "Refused orders, by why.",
+                key="refusals",
+                label="why",
+                values=("fraud", "no_money"),
             ),
-            GATE_SCHEMA.family("metric_write_failures"),
+            SHOP_SCHEMA.family("errors"),
         ]
     )
     store = CounterStore(older)
-    store.increment("decision_counts", "DENY", 3)
-    store.increment("reason_counts", "NO_CANARY_DATA", 2)
-    store.increment("reason_counts", "TIER_FAIL", 1)
-    store.increment("metric_write_failures", None, 5)
+    store.increment("orders", "refused", 3)
+    store.increment("refusals", "fraud", 2)
+    store.increment("refusals", "no_money", 1)
+    store.increment("errors", None, 5)
     shard = Shard(store, tmp_path)
     assert shard.save()
     shard.close(save=False)
-    dead_shard(tmp_path, allows=1, denies=1)
-    result = agg(tmp_path, compact=True)
+    dead_shop_shard(tmp_path, paid=1, refused=1)
+    # Read with the shop's superset by till: the older writer had no such family.
+    result = agg(tmp_path, compact=True, schema=TILLS_SCHEMA)
     assert result.quarantined_total == 0
     snap = result.snapshot()
-    assert snap.family("decision_counts") == {"ALLOW": 1, "DENY": 4}
-    reasons = snap.family("reason_counts")
-    assert (reasons["NO_CANARY_DATA"], reasons["TIER_FAIL"], reasons["OPS_GATE_FAIL"]) == (2, 1, 1)
+    assert snap.family("orders") == {"paid": 1, "refused": 4}
+    reasons = snap.family("refusals")
+    assert (reasons["fraud"], reasons["no_money"], reasons["no_stock"]) == (2, 1, 1)
     assert sum(reasons.values()) == 4
-    assert snap.get("metric_write_failures") == 5
-    assert snap.get("audit_write_failures") == 0
+    assert snap.get("errors") == 5
+    assert snap.family("tills") == dict.fromkeys(TILLS, 0)
     assert shard_names(tmp_path) == []  # absorbed like any other
-    assert agg(tmp_path).counts == result.counts
-    assert_bounded(result)
+    assert agg(tmp_path, schema=TILLS_SCHEMA).counts == result.counts
+    assert_bounded(result, TILLS_AGGREGATE_SERIES)
 
 
 def test_a_file_with_a_hostile_name_is_quarantined(tmp_path: Path) -> None:
-    dead_shard(tmp_path, allows=1)
-    dead_v1_shard(tmp_path, allows=2)
+    dead_shop_shard(tmp_path, paid=1)
+    dead_shop_v1_shard(tmp_path, paid=2)
     names = [
         "shard-evil.json",
         "shard-.lock",
@@ -588,7 +594,7 @@ def test_a_file_with_a_hostile_name_is_quarantined(tmp_path: Path) -> None:
         names
     )
     assert (tmp_path / "notes.txt").exists()
-    assert decisions(tmp_path) == {"ALLOW": 3, "DENY": 0}
+    assert orders(tmp_path) == {"paid": 3, "refused": 0}
 
 
 @pytest.mark.parametrize("fmt", [1, 2])
@@ -602,7 +608,7 @@ def test_an_unreadable_shard_costs_only_itself(tmp_path: Path, reaper: Reaper, f
     with tempfile.TemporaryDirectory(dir="/tmp") as top:
         directory = Path(top) / "shards"
         directory.mkdir()
-        dead_shard(directory, allows=3)
+        dead_shop_shard(directory, paid=3)
         if fmt == 1:
             source, data = _v1_source(directory)
             bad = directory / v1_names(new_identity().incarnation)[0]
@@ -618,12 +624,13 @@ def test_an_unreadable_shard_costs_only_itself(tmp_path: Path, reaper: Reaper, f
         drop = "os.setgroups([]); os.setgid(65534); os.setuid(65534)" if os.geteuid() == 0 else ""
         done = run_python(
             f"""
-            import backend.app.testing.gate_metrics as g, gatemetrics.aggregate as a
+            import gatemetrics.aggregate as a
+            from tests.engine.schema import SHOP_SCHEMA
             import gatemetrics.shards, gatemetrics.exposition, orjson, logging
             logging.basicConfig(level=logging.WARNING, format="%(message)s")
             {drop}
-            r = a.aggregate_dir(sys.argv[1], g.GATE_SCHEMA, namespace="release_gate", compact=True)
-            print(r.snapshot().get("decision_counts", "ALLOW"), r.quarantined_total, r.live)
+            r = a.aggregate_dir(sys.argv[1], SHOP_SCHEMA, namespace="shop", compact=True)
+            print(r.snapshot().get("orders", "paid"), r.quarantined_total, r.live)
             """,
             str(directory),
         )
@@ -656,7 +663,7 @@ def _break_v2_slots(path: Path) -> None:
 @pytest.mark.parametrize("damage", ["v1-json", "v2-slots", "v2-header"])
 def test_a_live_owners_broken_shard_is_skipped_not_quarantined(
     tmp_path: Path,
-    live: Callable[[Path, int], GateMetricStore],
+    live: Callable[[Path, int], CounterStore],
     live_v1: Callable[[Path, int], LegacyV1Shard],
     caplog: pytest.LogCaptureFixture,
     damage: str,
@@ -677,10 +684,10 @@ def test_a_live_owners_broken_shard_is_skipped_not_quarantined(
     assert result.live == 1
     assert path.exists()  # its owner rewrites it; moving it could lose a fresh save
     assert any("its owner is alive" in r.getMessage() for r in caplog.records)
-    assert isinstance(store, GateMetricStore)
-    store.record_decision(True)
+    assert isinstance(store, CounterStore)
+    record_order(store, True)
     if damage != "v2-header":  # the next save repairs it (a whole new file, or a whole slot)
-        assert decisions(tmp_path) == {"ALLOW": 4, "DENY": 0}
+        assert orders(tmp_path) == {"paid": 4, "refused": 0}
         return
     # A v2 save rewrites a slot, never the header: broken until its owner goes, then the
     # documented exception (a shard corrupt on disk is quarantined, its counts lost).
@@ -689,7 +696,7 @@ def test_a_live_owners_broken_shard_is_skipped_not_quarantined(
     result = agg(tmp_path, compact=True)
     assert result.quarantined_total == 1
     assert not path.exists()
-    assert decisions(tmp_path) == {"ALLOW": 0, "DENY": 0}
+    assert orders(tmp_path) == {"paid": 0, "refused": 0}
 
 
 @pytest.mark.parametrize(
@@ -698,32 +705,32 @@ def test_a_live_owners_broken_shard_is_skipped_not_quarantined(
 def test_a_broken_archive_is_quarantined_and_its_totals_lost(
     tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead_shard(tmp_path, allows=5)
+    dead_shop_shard(tmp_path, paid=5)
     agg(tmp_path, compact=True)
-    dead_shard(tmp_path, allows=2)
+    dead_shop_shard(tmp_path, paid=2)
     (tmp_path / "archive.json").write_bytes(content)
     with caplog.at_level(logging.ERROR, logger="gatemetrics"):
         result = agg(tmp_path)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 2, "DENY": 0}
+    assert result.snapshot().family("orders") == {"paid": 2, "refused": 0}
     assert result.quarantined_total == 1
     assert any("its totals are lost" in r.getMessage() for r in caplog.records)
     result = agg(tmp_path, compact=True)
     assert result.quarantined_total == 1
     assert [n.split(".")[0] for n in os.listdir(tmp_path / QUARANTINE_DIR)] == ["archive"]
     after = agg(tmp_path)
-    assert after.snapshot().family("decision_counts") == {"ALLOW": 2, "DENY": 0}
+    assert after.snapshot().family("orders") == {"paid": 2, "refused": 0}
     assert after.quarantined_total == 1
     assert after.archive.problem is None
 
 
 def test_an_archive_of_another_schema_stops_the_run_and_changes_nothing(tmp_path: Path) -> None:
-    dead_shard(tmp_path, allows=5)
+    dead_shop_shard(tmp_path, paid=5)
     agg(tmp_path, compact=True)
     archive = orjson.loads((tmp_path / "archive.json").read_bytes())
     archive["counts"]["jobs"] = {"a": 1}
     (tmp_path / "archive.json").write_bytes(orjson.dumps(archive))
-    dead_shard(tmp_path, allows=1)
-    dead_v1_shard(tmp_path, allows=1)
+    dead_shop_shard(tmp_path, paid=1)
+    dead_shop_v1_shard(tmp_path, paid=1)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(SchemaError, match="another schema"):
         agg(tmp_path, compact=True)
@@ -732,8 +739,8 @@ def test_an_archive_of_another_schema_stops_the_run_and_changes_nothing(tmp_path
 
 def test_the_archive_keeps_the_v1_layout_the_previous_release_reads(tmp_path: Path) -> None:
     """An old compactor may run during an upgrade: same fields, version 1, v1 counts layout."""
-    dead_shard(tmp_path, allows=2)
-    dead_v1_shard(tmp_path, allows=1, denies=1)
+    dead_shop_shard(tmp_path, paid=2)
+    dead_shop_v1_shard(tmp_path, paid=1, refused=1)
     (tmp_path / v2_names(new_identity().incarnation)[0]).write_bytes(b"hostile")
     agg(tmp_path, compact=True)
     archive = orjson.loads((tmp_path / "archive.json").read_bytes())
@@ -751,8 +758,8 @@ def test_the_archive_keeps_the_v1_layout_the_previous_release_reads(tmp_path: Pa
         ]
     )
     assert (archive["format"], archive["version"]) == ("gatemetrics-archive", 1)
-    assert GATE_SCHEMA.parse_counts(archive["counts"]) == list(agg(tmp_path).counts)
-    assert archive["counts"]["decision_counts"] == {"ALLOW": 3, "DENY": 1}
+    assert SHOP_SCHEMA.parse_counts(archive["counts"]) == list(agg(tmp_path).counts)
+    assert archive["counts"]["orders"] == {"paid": 3, "refused": 1}
     assert (archive["absorbed_total"], archive["quarantined_total"]) == (2, 1)
     assert archive["quarantining"] == [] == archive["absorbed"]
 
@@ -797,8 +804,8 @@ def test_counts_that_would_overflow_the_aggregate_are_quarantined(
     tmp_path: Path, formats: tuple[int, int]
 ) -> None:
     for fmt in formats:
-        store = GateMetricStore()
-        store.increment("audit_write_failures", None, MAX_COUNT - 10)
+        store = shop_store()
+        store.increment("errors", None, MAX_COUNT - 10)
         if fmt == 1:
             old = LegacyV1Shard(store, tmp_path, durability="none")
             old.save()
@@ -808,7 +815,7 @@ def test_counts_that_would_overflow_the_aggregate_are_quarantined(
             assert shard.save()
             shard.close(save=False)
     result = agg(tmp_path)
-    assert result.snapshot().get("audit_write_failures") == MAX_COUNT - 10
+    assert result.snapshot().get("errors") == MAX_COUNT - 10
     assert result.quarantined_total == 1
     assert sorted(s.action for s in result.shards) == ["counted", "quarantined"]
     assert_bounded(result)
@@ -818,7 +825,7 @@ def test_counts_that_would_overflow_the_aggregate_are_quarantined(
 def test_a_shard_vanishing_is_not_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: int
 ) -> None:
-    name = (dead_v1_shard if fmt == 1 else dead_shard)(tmp_path, allows=1)
+    name = (dead_shop_v1_shard if fmt == 1 else dead_shop_shard)(tmp_path, paid=1)
     real_open = os.open
 
     def vanishing_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
@@ -830,16 +837,16 @@ def test_a_shard_vanishing_is_not_fatal(
     # that under the directory lock); forcing the interleaving needs the open to fail here.
     monkeypatch.setattr("gatemetrics.aggregate.os.open", vanishing_open)
     result = agg(tmp_path)
-    assert result.counts == tuple(GATE_SCHEMA.zeros())
+    assert result.counts == tuple(SHOP_SCHEMA.zeros())
     assert [s.problem for s in result.shards] == ["vanished while being read"]
 
 
 def test_max_shard_bytes_is_generous_for_real_shards_of_both_formats(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    for slot in range(GATE_SCHEMA.size):
+    store = shop_store()
+    for slot in range(SHOP_SCHEMA.size):
         store.increment_slots([slot])
-    store.increment("decision_counts", "ALLOW", MAX_COUNT - 1)
-    store.increment("reason_counts", "NO_CANARY_DATA", MAX_COUNT - 1)
+    store.increment("orders", "paid", MAX_COUNT - 1)
+    store.increment("refusals", "no_stock", MAX_COUNT - 1)
     shard = shard_for(store, tmp_path)
     assert shard.save()
     assert shard.path is not None
