@@ -11,7 +11,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -19,7 +19,6 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
 from gatemetrics import (
     Identity,
     Shard,
@@ -35,35 +34,26 @@ from gatemetrics.shards import CREATE_STEPS, SAVE_STEPS
 from tests.engine.aggregate_helpers import (
     agg,
     assert_bounded,
-    live_stores,
-    live_v1_owners,
     shard_names,
+    shop_store,
+)
+from tests.engine.schema import (
+    SHOP_SCHEMA,
+    TILLS_SCHEMA,
+    WHYS,
+    record_order,
 )
 from tests.processes import Reaper, read_line
 from tests.shard_tools import (
     LEGACY_V1_SAVE_STEPS,
-    REASONS,
     LegacyV1Shard,
     in_forked_child,
 )
 
-
-@pytest.fixture
-def live() -> Iterator[Callable[[Path, int], GateMetricStore]]:
-    """Stores of this live test process bound to a directory (format v2); closed at teardown."""
-    yield from live_stores()
-
-
-@pytest.fixture
-def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
-    """Previous-release owners living in this test process (format v1, write-through)."""
-    yield from live_v1_owners()
-
-
 # -- the model: a RuleBasedStateMachine over real files -----------------------------------------
 
 
-reason_lists = st.lists(st.sampled_from(list(REASONS)), max_size=3)
+why_lists = st.lists(st.sampled_from(WHYS), max_size=3)
 
 
 class _Proc:
@@ -77,12 +67,12 @@ class _Proc:
 
         self.pid = pid
         self.fmt = fmt
-        self.store = GateMetricStore()
+        self.store = shop_store()
         self.shard = Shard(self.store, directory, identity_factory=identity)
         self.old = LegacyV1Shard(
             self.store, directory, durability="none", identity_factory=identity
         )
-        self.saved = [0] * GATE_SCHEMA.size
+        self.saved = [0] * SHOP_SCHEMA.size
         self.has_file = False  # whether its current incarnation's shard exists
 
     @property
@@ -127,11 +117,11 @@ class ShardDirectoryMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="gm-model-"))
         self.live: list[_Proc] = []
-        self.dead_total = [0] * GATE_SCHEMA.size
+        self.dead_total = [0] * SHOP_SCHEMA.size
         self.dead_pids: list[int] = []
         self.next_pid = 100_000
         self.quarantined = 0
-        self.last = [0] * GATE_SCHEMA.size
+        self.last = [0] * SHOP_SCHEMA.size
         self.forks = 0
 
     def teardown(self) -> None:
@@ -159,11 +149,11 @@ class ShardDirectoryMachine(RuleBasedStateMachine):
         self.live.append(_Proc(self.dir, pid, 1 if old_release else 2))
 
     @precondition(lambda self: self.live)
-    @rule(i=st.integers(0, 9), calls=st.lists(st.tuples(st.booleans(), reason_lists), max_size=4))
+    @rule(i=st.integers(0, 9), calls=st.lists(st.tuples(st.booleans(), why_lists), max_size=4))
     def record(self, i: int, calls: list[tuple[bool, list[str]]]) -> None:
         proc = self._pick(i)
-        for allowed, reasons in calls:
-            proc.store.record_outcome(allowed, reasons, breach=len(reasons) == 3)
+        for paid, whys in calls:
+            record_order(proc.store, paid, whys, error=len(whys) == 3)
 
     @precondition(lambda self: self.live)
     @rule(i=st.integers(0, 9))
@@ -220,8 +210,8 @@ class ShardDirectoryMachine(RuleBasedStateMachine):
         self._bury(proc)
 
     @precondition(lambda self: self.forks < 2 and any(p.fmt == 2 for p in self.live))
-    @rule(i=st.integers(0, 9), allows=st.integers(0, 3), denies=st.integers(0, 3))
-    def fork(self, i: int, allows: int, denies: int) -> None:
+    @rule(i=st.integers(0, 9), paid=st.integers(0, 3), refused=st.integers(0, 3))
+    def fork(self, i: int, paid: int, refused: int) -> None:
         """A real fork: the child counts from zero as a new incarnation; the parent keeps its."""
         self.forks += 1
         procs = [p for p in self.live if p.fmt == 2]
@@ -230,19 +220,19 @@ class ShardDirectoryMachine(RuleBasedStateMachine):
 
         def child() -> bool:
             zero = not any(proc.counts())
-            for _ in range(allows):
-                proc.store.record_decision(True)
-            for _ in range(denies):
-                proc.store.record_decision(False, ["NO_FLAKE_DATA"])
+            for _ in range(paid):
+                record_order(proc.store, True)
+            for _ in range(refused):
+                record_order(proc.store, False, ["fraud"])
             return proc.shard.save() and zero
 
         assert in_forked_child(child)
         assert proc.counts() == before
-        forked = GateMetricStore()
-        for _ in range(allows):
-            forked.record_decision(True)
-        for _ in range(denies):
-            forked.record_decision(False, ["NO_FLAKE_DATA"])
+        forked = shop_store()
+        for _ in range(paid):
+            record_order(forked, True)
+        for _ in range(refused):
+            record_order(forked, False, ["fraud"])
         counts = forked.snapshot().counts
         self.dead_total = [a + b for a, b in zip(self.dead_total, counts, strict=True)]
 
@@ -274,7 +264,7 @@ class ShardDirectoryMachine(RuleBasedStateMachine):
         elif kind == "name":
             (self.dir / f"shard-{secrets.token_hex(4)}.json").write_text("{}")
         elif kind == "injection":
-            doc = {"counts": {"decision_counts": {'ALLOW"} 9\nx{y="': 1}}}
+            doc = {"counts": {"orders": {'paid"} 9\nx{y="': 1}}}
             path.write_bytes(orjson.dumps(doc))
         elif kind == "directory":
             path.mkdir()
@@ -328,30 +318,32 @@ TestAggregateEqualsTheModelAfterEveryStep = ShardDirectoryMachine.TestCase
 
 # -- real processes, real signals, concurrent aggregators ------------------------------------------
 
+# A worker of the shop counting one refused order at its till per step (one save per order).
 _WRITER = """
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import CounterStore, bind
+from tests.engine.schema import TILLS_SCHEMA, record_order
 from tests.shard_tools import legacy_bind
-directory, fmt, reason, count, kill_step, kill_skip = sys.argv[1:7]
+directory, fmt, till, count, kill_step, kill_skip = sys.argv[1:7]
 if kill_step:
     _faults.install_kill_at(kill_step, skip=int(kill_skip))
-store = GateMetricStore()
+store = CounterStore(TILLS_SCHEMA)
 if fmt == "1":  # a worker of the previous release
     legacy_bind(store, directory, durability="none")
 else:
-    store.bind_to_dir(directory)
+    bind(store, directory, failure_key="errors")
 for i in range(int(count)):
-    store.record_decision(False, [reason])
+    record_order(store, False, till=till)
     print(i + 1, flush=True)
 """
 
 _AGGREGATOR = """
 import orjson
-import backend.app.testing.gate_metrics as g
 from gatemetrics.aggregate import aggregate_dir
+from tests.engine.schema import TILLS_SCHEMA
 directory, stop, compact = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 while True:
     done = os.path.exists(stop)
-    r = aggregate_dir(directory, g.GATE_SCHEMA, namespace="release_gate", compact=compact)
+    r = aggregate_dir(directory, TILLS_SCHEMA, namespace="shop", compact=compact)
     formats = sorted({s.format for s in r.shards if s.action == "counted"})
     print(orjson.dumps([r.counts, formats]).decode(), flush=True)
     if done:
@@ -392,60 +384,60 @@ def test_writers_of_both_releases_killed_mid_save_and_concurrent_aggregators_sta
     shards.mkdir()
     stop = tmp_path / "stop"
     per_writer = 300
-    # (format, reason, SIGKILL itself at this step after passing it this many times, expected):
+    # (format, till, SIGKILL itself at this step after passing it this many times, expected):
     # exact by construction.
     self_killed = [
-        ("2", "TIER_FAIL", "save.locked", 120, 120),  # during save 121, before its pwrite
-        ("2", "FLAKY_TESTS", "save.written", 80, 81),  # during save 81, after its pwrite
-        ("2", "GUARD_VIOLATION", "create.written", 0, 0),  # a .creating never renamed
-        ("2", "OPS_GATE_FAIL", "create.renamed", 0, 0),  # a shard of zeros
-        ("1", "NO_FLAKE_DATA", "save.tmp_written", 120, 120),  # during save 121, before rename
-        ("1", "NO_DRIFT_DATA", "save.replaced", 80, 81),  # during save 81, after its rename
+        ("2", "till0", "save.locked", 120, 120),  # during save 121, before its pwrite
+        ("2", "till1", "save.written", 80, 81),  # during save 81, after its pwrite
+        ("2", "till2", "create.written", 0, 0),  # a .creating never renamed
+        ("2", "till3", "create.renamed", 0, 0),  # a shard of zeros
+        ("1", "till4", "save.tmp_written", 120, 120),  # during save 121, before rename
+        ("1", "till5", "save.replaced", 80, 81),  # during save 81, after its rename
     ]
-    completing = [("2", "DRIFT_ALERT"), ("1", "CANARY_BREAKING")]
-    victims = [("2", "NO_TIER_DATA"), ("1", "NO_CANARY_DATA")]  # SIGKILLed by us, mid-run
+    completing = [("2", "till6"), ("1", "till7")]
+    victims = [("2", "till8"), ("1", "till9")]  # SIGKILLed by us, mid-run
     writers: dict[str, subprocess.Popen[str]] = {}
-    for fmt, reason, step, skip, _expected in self_killed:
-        writers[reason] = reaper.python(
-            _WRITER, str(shards), fmt, reason, str(per_writer), step, str(skip)
+    for fmt, till, step, skip, _expected in self_killed:
+        writers[till] = reaper.python(
+            _WRITER, str(shards), fmt, till, str(per_writer), step, str(skip)
         )
-    for fmt, reason in completing:
-        writers[reason] = reaper.python(_WRITER, str(shards), fmt, reason, str(per_writer), "", "0")
-    for fmt, reason in victims:  # they would write for ever: only our SIGKILL ends them
-        writers[reason] = reaper.python(_WRITER, str(shards), fmt, reason, str(10**9), "", "0")
+    for fmt, till in completing:
+        writers[till] = reaper.python(_WRITER, str(shards), fmt, till, str(per_writer), "", "0")
+    for fmt, till in victims:  # they would write for ever: only our SIGKILL ends them
+        writers[till] = reaper.python(_WRITER, str(shards), fmt, till, str(10**9), "", "0")
     aggregators = [
         reaper.python(_AGGREGATOR, str(shards), str(stop), compact) for compact in ("1", "0", "1")
     ]
     acked: dict[str, int] = {}
     outputs: dict[str, tuple[str, str]] = {}
-    for _fmt, reason in victims:
-        count, out, err = _sigkill_mid_run(writers[reason])
-        acked[reason], outputs[reason] = count, (out, err)
+    for _fmt, till in victims:
+        count, out, err = _sigkill_mid_run(writers[till])
+        acked[till], outputs[till] = count, (out, err)
     outputs.update(
-        (reason, proc.communicate(timeout=60))
-        for reason, proc in writers.items()
-        if reason not in outputs
+        (till, proc.communicate(timeout=60))
+        for till, proc in writers.items()
+        if till not in outputs
     )
     stop.touch()
-    for _fmt, reason, _step, _skip, _expected in self_killed:
-        assert writers[reason].returncode == -signal.SIGKILL, outputs[reason][1]
-    for _fmt, reason in completing:
-        assert writers[reason].returncode == 0, outputs[reason][1]
-    for _fmt, reason in victims:
-        assert writers[reason].returncode == -signal.SIGKILL, outputs[reason][1]
+    for _fmt, till, _step, _skip, _expected in self_killed:
+        assert writers[till].returncode == -signal.SIGKILL, outputs[till][1]
+    for _fmt, till in completing:
+        assert writers[till].returncode == 0, outputs[till][1]
+    for _fmt, till in victims:
+        assert writers[till].returncode == -signal.SIGKILL, outputs[till][1]
 
     seen_formats: set[int] = set()
     for proc in aggregators:
         seen_formats |= _assert_never_decreasing(proc)
     assert seen_formats == {1, 2}  # the aggregators really read both releases' shards
 
-    final = agg(shards, compact=True).snapshot()
-    reasons = final.family("reason_counts")
-    for _fmt, reason, _step, _skip, expected in self_killed:
-        assert reasons[reason] == expected, reason
-    for _fmt, reason in completing:
-        assert reasons[reason] == per_writer
-    for _fmt, reason in victims:  # a line is printed only after its save returned
-        assert acked[reason] <= reasons[reason] <= acked[reason] + 1, (reason, outputs[reason][1])
-    assert final.get("decision_counts", "DENY") == sum(reasons.values())
+    final = agg(shards, compact=True, schema=TILLS_SCHEMA).snapshot()
+    tills = final.family("tills")
+    for _fmt, till, _step, _skip, expected in self_killed:
+        assert tills[till] == expected, till
+    for _fmt, till in completing:
+        assert tills[till] == per_writer
+    for _fmt, till in victims:  # a line is printed only after its save returned
+        assert acked[till] <= tills[till] <= acked[till] + 1, (till, outputs[till][1])
+    assert final.get("orders", "refused") == sum(tills.values())
     assert shard_names(shards) == []  # every writer is dead and compacted away, leftovers too
