@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import gatemetrics.aggregate as aggregate_module
-from backend.app.testing.gate_metrics import GATE_SCHEMA, GateMetricStore
 from gatemetrics import (
+    CounterStore,
     shard_for,
 )
 from gatemetrics._format import (
@@ -25,33 +25,30 @@ from gatemetrics._format import (
 from gatemetrics.aggregate import Aggregate
 from tests.engine.aggregate_helpers import (
     agg,
-    decisions,
     incarnation_of,
     live_stores,
-    live_v1_owners,
     live_v2_name,
+    orders,
     shard_names,
+    shop_store,
     tear,
     v2_slots,
 )
+from tests.engine.schema import (
+    SHOP_SCHEMA,
+    dead_shop_shard,
+    record_order,
+)
 from tests.shard_tools import (
-    LegacyV1Shard,
-    dead_shard,
     in_forked_child,
     is_locked,
 )
 
 
 @pytest.fixture
-def live() -> Iterator[Callable[[Path, int], GateMetricStore]]:
+def live() -> Iterator[Callable[[Path, int], CounterStore]]:
     """Stores of this live test process bound to a directory (format v2); closed at teardown."""
     yield from live_stores()
-
-
-@pytest.fixture
-def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
-    """Previous-release owners living in this test process (format v1, write-through)."""
-    yield from live_v1_owners()
 
 
 # -- live shards kept open between runs of one process --------------------------------------------
@@ -71,15 +68,15 @@ def open_fds_under(directory: Path) -> list[str]:
 
 
 def test_a_live_shard_kept_open_shows_every_later_save_and_holds_no_lock(
-    tmp_path: Path, live: Callable[[Path, int], GateMetricStore]
+    tmp_path: Path, live: Callable[[Path, int], CounterStore]
 ) -> None:
     store = live(tmp_path, 1)
     name = live_v2_name(store, tmp_path)
-    assert decisions(tmp_path)["ALLOW"] == 1
+    assert orders(tmp_path)["paid"] == 1
     assert open_fds_under(tmp_path).count(name) == 2  # the owner's and the one kept
     for expected in range(2, 6):
-        store.record_decision(True)
-        assert decisions(tmp_path)["ALLOW"] == expected  # read through the kept descriptor
+        record_order(store, True)
+        assert orders(tmp_path)["paid"] == expected  # read through the kept descriptor
     assert open_fds_under(tmp_path).count(name) == 2  # still one kept, not one per run
     shard = shard_for(store, tmp_path)
     shard.close(save=False)
@@ -87,31 +84,31 @@ def test_a_live_shard_kept_open_shows_every_later_save_and_holds_no_lock(
     # the next run absorbs it through that descriptor like any dead shard.
     result = agg(tmp_path, compact=True)
     assert (result.live, result.dead) == (0, 1)
-    assert result.snapshot().family("decision_counts") == {"ALLOW": 5, "DENY": 0}
+    assert result.snapshot().family("orders") == {"paid": 5, "refused": 0}
     assert shard_names(tmp_path) == []
     assert open_fds_under(tmp_path) == []  # nothing of the directory is left open
 
 
 def test_a_kept_shard_whose_file_was_removed_is_closed_and_not_counted(
-    tmp_path: Path, live: Callable[[Path, int], GateMetricStore]
+    tmp_path: Path, live: Callable[[Path, int], CounterStore]
 ) -> None:
     keep = live(tmp_path, 2)
     gone = live(tmp_path, 3)
     gone_name = live_v2_name(gone, tmp_path)
-    assert decisions(tmp_path)["ALLOW"] == 5
+    assert orders(tmp_path)["paid"] == 5
     os.unlink(tmp_path / gone_name)  # a stray rm while its owner lives
-    assert decisions(tmp_path)["ALLOW"] == 2  # only what is listed counts
+    assert orders(tmp_path)["paid"] == 2  # only what is listed counts
     # Only the owner's own descriptor of the removed file is left: ours closed with the run.
     assert open_fds_under(tmp_path).count(gone_name) == 1
     assert open_fds_under(tmp_path).count(live_v2_name(keep, tmp_path)) == 2
 
 
 def test_a_kept_shard_changed_under_it_is_read_whole_again(
-    tmp_path: Path, live: Callable[[Path, int], GateMetricStore]
+    tmp_path: Path, live: Callable[[Path, int], CounterStore]
 ) -> None:
     store = live(tmp_path, 2)
     path = tmp_path / live_v2_name(store, tmp_path)
-    assert decisions(tmp_path)["ALLOW"] == 2
+    assert orders(tmp_path)["paid"] == 2
     good = path.read_bytes()
     with open(path, "r+b") as f:  # cut in place (same inode, the kept descriptor sees it)
         f.truncate(len(good) - 100)
@@ -122,27 +119,27 @@ def test_a_kept_shard_changed_under_it_is_read_whole_again(
     assert "wrong size" in report.problem
     with open(path, "r+b") as f:
         f.write(good)
-    assert decisions(tmp_path)["ALLOW"] == 2  # readable again: counted again
+    assert orders(tmp_path)["paid"] == 2  # readable again: counted again
 
 
 def test_no_more_than_the_limit_of_descriptors_are_kept(
     tmp_path: Path,
-    live: Callable[[Path, int], GateMetricStore],
+    live: Callable[[Path, int], CounterStore],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(aggregate_module._KeptShards, "LIMIT", 2)
     names = [live_v2_name(live(tmp_path, 1), tmp_path) for _ in range(5)]
     for _ in range(3):
-        assert decisions(tmp_path)["ALLOW"] == 5
+        assert orders(tmp_path)["paid"] == 5
         fds = open_fds_under(tmp_path)
         assert sum(fds.count(n) for n in names) == 5 + 2  # the owners' five, two kept
 
 
 def test_a_forked_child_closes_the_descriptors_kept_by_its_parent(
-    tmp_path: Path, live: Callable[[Path, int], GateMetricStore]
+    tmp_path: Path, live: Callable[[Path, int], CounterStore]
 ) -> None:
     names = [live_v2_name(live(tmp_path, 1), tmp_path) for _ in range(3)]
-    assert decisions(tmp_path)["ALLOW"] == 3
+    assert orders(tmp_path)["paid"] == 3
 
     def child_sees_only_the_owners_copies() -> bool:
         # The owners' descriptors are the bindings' (closed by their own at-fork hook), so
@@ -150,13 +147,13 @@ def test_a_forked_child_closes_the_descriptors_kept_by_its_parent(
         return not any(n in open_fds_under(tmp_path) for n in names)
 
     assert in_forked_child(child_sees_only_the_owners_copies)
-    assert decisions(tmp_path)["ALLOW"] == 3  # the parent's kept descriptors still work
+    assert orders(tmp_path)["paid"] == 3  # the parent's kept descriptors still work
 
 
 def test_a_fork_during_an_aggregation_leaves_no_dead_shard_locked_by_the_child(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dead = tmp_path / dead_shard(tmp_path, allows=2)
+    dead = tmp_path / dead_shop_shard(tmp_path, paid=2)
     reading = threading.Event()
     forked = threading.Event()
     real = decode_v2_slots
@@ -194,7 +191,7 @@ def test_a_fork_during_an_aggregation_leaves_no_dead_shard_locked_by_the_child(
         assert results[0].dead == 1
         # The run is over in the parent; the child, still alive, must not keep its lock.
         assert not is_locked(dead)
-        assert agg(tmp_path, compact=True).snapshot().get("decision_counts", "ALLOW") == 2
+        assert agg(tmp_path, compact=True).snapshot().get("orders", "paid") == 2
         assert shard_names(tmp_path) == []
     finally:
         os.close(write_end)
@@ -208,10 +205,10 @@ def test_a_live_shard_caught_mid_write_in_both_slots_is_read_again_not_skipped(
     # A live owner saving in a tight loop can tear one slot while the other is re-read; the
     # reader reads both slots again rather than skip the shard (which would make the aggregate
     # go down). The torn reads are scripted here: a real race hits this too rarely to test.
-    store = GateMetricStore()
+    store = shop_store()
     shard = shard_for(store, tmp_path)
     for _ in range(3):
-        store.record_decision(True)
+        record_order(store, True)
         assert shard.save()
     assert shard.path is not None
     good = Path(shard.path).read_bytes()
@@ -227,13 +224,13 @@ def test_a_live_shard_caught_mid_write_in_both_slots_is_read_again_not_skipped(
         return source[offset : offset + size]
 
     with pytest.raises(BadFile, match="both slots"):
-        decode_v2(torn, GATE_SCHEMA, inc)  # a dead shard is not re-read
+        decode_v2(torn, SHOP_SCHEMA, inc)  # a dead shard is not re-read
     if torn_reads >= 6 + STABLE_READS:
         with pytest.raises(BadFile, match="both slots"):
-            decode_v2(torn, GATE_SCHEMA, inc, reread=reread)
+            decode_v2(torn, SHOP_SCHEMA, inc, reread=reread)
         assert len(calls) == 2 * REREADS + STABLE_READS  # bounded
     else:
-        record = decode_v2(torn, GATE_SCHEMA, inc, reread=reread)
-        assert record.counts == decode_v2(good, GATE_SCHEMA, inc).counts
+        record = decode_v2(torn, SHOP_SCHEMA, inc, reread=reread)
+        assert record.counts == decode_v2(good, SHOP_SCHEMA, inc).counts
         assert record.seq == 3
     shard.close(save=False)

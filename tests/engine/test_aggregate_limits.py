@@ -13,45 +13,38 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.app.testing.gate_metrics import GateMetricStore
 from gatemetrics import (
     MAX_COUNT,
+    CounterStore,
     shard_for,
 )
 from gatemetrics.aggregate import QUARANTINE_DIR
 from tests.engine.aggregate_helpers import (
     agg,
     assert_bounded,
-    decisions,
     live_stores,
-    live_v1_owners,
+    orders,
     shard_names,
+    shop_store,
 )
-from tests.shard_tools import (
-    LegacyV1Shard,
-    dead_shard,
+from tests.engine.schema import (
+    dead_shop_shard,
 )
 
 
 @pytest.fixture
-def live() -> Iterator[Callable[[Path, int], GateMetricStore]]:
+def live() -> Iterator[Callable[[Path, int], CounterStore]]:
     """Stores of this live test process bound to a directory (format v2); closed at teardown."""
     yield from live_stores()
 
 
-@pytest.fixture
-def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
-    """Previous-release owners living in this test process (format v1, write-through)."""
-    yield from live_v1_owners()
-
-
 def _archive_with(directory: Path, **changes: Any) -> None:
-    dead_shard(directory)
+    dead_shop_shard(directory)
     agg(directory, compact=True)
     archive = orjson.loads((directory / "archive.json").read_bytes())
     for key, value in changes.items():
-        if key == "allows":
-            archive["counts"]["decision_counts"]["ALLOW"] = value
+        if key == "paid":
+            archive["counts"]["orders"]["paid"] = value
         else:
             archive[key] = value
     (directory / "archive.json").write_bytes(orjson.dumps(archive))
@@ -59,14 +52,14 @@ def _archive_with(directory: Path, **changes: Any) -> None:
 
 @pytest.mark.parametrize("near", [MAX_COUNT, MAX_COUNT - 1, MAX_COUNT - 4])
 def test_an_archive_near_the_64_bit_limit_saturates_and_never_blames_a_shard(
-    tmp_path: Path, live: Callable[[Path, int], GateMetricStore], near: int
+    tmp_path: Path, live: Callable[[Path, int], CounterStore], near: int
 ) -> None:
-    _archive_with(tmp_path, allows=near, absorbed_total=MAX_COUNT, quarantined_total=MAX_COUNT)
-    dead = dead_shard(tmp_path, allows=5)
+    _archive_with(tmp_path, paid=near, absorbed_total=MAX_COUNT, quarantined_total=MAX_COUNT)
+    dead = dead_shop_shard(tmp_path, paid=5)
     live(tmp_path, 2)
     for compact in (False, True, True, False):
         result = agg(tmp_path, compact=compact)  # never SchemaError: it reads what it wrote
-        assert result.snapshot().get("decision_counts", "ALLOW") == MAX_COUNT
+        assert result.snapshot().get("orders", "paid") == MAX_COUNT
         assert result.archive.saturated
         assert all(s.action in ("counted", "absorbed") for s in result.shards), result.shards
         assert result.quarantined_total == MAX_COUNT
@@ -78,18 +71,18 @@ def test_an_archive_near_the_64_bit_limit_saturates_and_never_blames_a_shard(
 def test_an_absurd_shard_is_the_one_left_out_whatever_the_read_order(tmp_path: Path) -> None:
     """Shards whose counts together pass the limit: the largest goes, not the ones after it."""
     huge = _dead_shard_with(tmp_path, MAX_COUNT - 1)
-    small = [dead_shard(tmp_path, allows=1) for _ in range(3)]
+    small = [dead_shop_shard(tmp_path, paid=1) for _ in range(3)]
     result = agg(tmp_path, compact=True)
     actions = {s.name: s.action for s in result.shards}
     assert actions[huge] == "quarantined"
     assert all(actions[name] == "counted" for name in small)
-    assert decisions(tmp_path) == {"ALLOW": 3, "DENY": 0}
+    assert orders(tmp_path) == {"paid": 3, "refused": 0}
 
 
-def _dead_shard_with(directory: Path, allows: int) -> str:
-    """A dead v2 shard with ``allows`` ALLOWs, written by the real writer."""
-    store = GateMetricStore()
-    store.increment("decision_counts", "ALLOW", allows)
+def _dead_shard_with(directory: Path, paid: int) -> str:
+    """A dead v2 shop shard with ``paid`` paid orders, written by the real writer."""
+    store = shop_store()
+    store.increment("orders", "paid", paid)
     shard = shard_for(store, directory)
     assert shard.save()
     assert shard.path is not None
@@ -112,20 +105,20 @@ def test_whatever_compaction_writes_at_the_64_bit_limits_it_reads_back(
         directory = Path(name)
         _archive_with(directory)
         archive = orjson.loads((directory / "archive.json").read_bytes())
-        archive["counts"]["decision_counts"] = {"ALLOW": archived[0], "DENY": archived[1]}
+        archive["counts"]["orders"] = {"paid": archived[0], "refused": archived[1]}
         (directory / "archive.json").write_bytes(orjson.dumps(archive))
-        store = GateMetricStore()
-        store.increment("decision_counts", "ALLOW", dead[0])
-        store.increment("decision_counts", "DENY", dead[1])
+        store = shop_store()
+        store.increment("orders", "paid", dead[0])
+        store.increment("orders", "refused", dead[1])
         shard = shard_for(store, directory)
         assert shard.save()
         shard.close(save=False)
         expected = {
-            "ALLOW": min(archived[0] + dead[0], MAX_COUNT),
-            "DENY": min(archived[1] + dead[1], MAX_COUNT),
+            "paid": min(archived[0] + dead[0], MAX_COUNT),
+            "refused": min(archived[1] + dead[1], MAX_COUNT),
         }
         for compact in (True, True, False):
             result = agg(directory, compact=compact)
-            assert result.snapshot().family("decision_counts") == expected
+            assert result.snapshot().family("orders") == expected
             assert all(s.action in ("counted", "absorbed") for s in result.shards)
         assert shard_names(directory) == []  # absorbed, never quarantined
