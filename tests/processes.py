@@ -50,8 +50,7 @@ import errno, fcntl, json, logging, resource, select, socket, stat, struct, subp
 import encodings.ascii, encodings.idna, encodings.latin_1, encodings.utf_8
 import orjson
 import gatemetrics, gatemetrics.aggregate, gatemetrics.cli, gatemetrics.shards
-import backend.app.testing.audit, backend.app.testing.gate_metrics
-import backend.app.testing.release_gate
+import tests.engine.schema
 if os.geteuid() != {uid}:
     os.setgroups([])
     os.setgid({uid})
@@ -193,15 +192,16 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.01)
 #: The user an attacker runs as when the suite runs as root (CI does): ``nobody``.
 ATTACKER_UID = 65534
 
-# A live worker of the attacked directory: records ALLOWs write-through, says its shard's name,
-# then waits for a line on stdin ("close": exits cleanly; EOF or SIGKILL: dies).
+# A live worker of the attacked directory: counts the engine tests' shop's paid orders
+# write-through (tests.engine.schema), says its shard's name, then waits for a line on stdin
+# ("close": exits cleanly; EOF or SIGKILL: dies).
 WORKER = """
-from gatemetrics import shard_for
-from backend.app.testing.gate_metrics import GateMetricStore
-store = GateMetricStore()
-binding = store.bind_to_dir(sys.argv[1])
+from gatemetrics import CounterStore, bind, shard_for
+from tests.engine.schema import SHOP_SCHEMA
+store = CounterStore(SHOP_SCHEMA)
+binding = bind(store, sys.argv[1], failure_key="errors")
 for _ in range(int(sys.argv[2])):
-    store.record_decision(True)
+    store.increment("orders", "paid")
 print(os.path.basename(shard_for(store, sys.argv[1]).path), flush=True)
 if sys.stdin.readline().strip() == "close":
     binding.close()
@@ -270,10 +270,10 @@ class Attacker:
         ``name`` in :attr:`shards`; ``target`` is the link's target or the hard link's file."""
         self.run(PLANT, str(self.shards), name, kind, str(target))
 
-    def worker(self, allows: int) -> tuple[subprocess.Popen[str], str]:
-        """A live worker (the attacker's user: workers own their shards) that recorded
-        ``allows`` ALLOWs; ``(process, shard file name)``."""
-        proc = self.reaper.python(WORKER, str(self.shards), str(allows), user=self.uid, stdin=True)
+    def worker(self, paid: int) -> tuple[subprocess.Popen[str], str]:
+        """A live worker (the attacker's user: workers own their shards) that counted ``paid``
+        paid orders of the shop; ``(process, shard file name)``."""
+        proc = self.reaper.python(WORKER, str(self.shards), str(paid), user=self.uid, stdin=True)
         return proc, read_line(proc)
 
     def outside_state(self) -> dict[str, bytes]:

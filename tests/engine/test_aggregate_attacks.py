@@ -13,7 +13,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from backend.app.testing.gate_metrics import GateMetricStore
 from gatemetrics import (
     new_identity,
 )
@@ -24,23 +23,18 @@ from gatemetrics._format import (
 from gatemetrics.aggregate import QUARANTINE_DIR
 from tests.engine.aggregate_helpers import (
     agg,
-    decisions,
     incarnation_of,
-    live_stores,
     live_v1_owners,
+    orders,
+)
+from tests.engine.schema import (
+    dead_shop_shard,
 )
 from tests.exposition_parser import parse
 from tests.processes import Attacker, read_line
 from tests.shard_tools import (
     LegacyV1Shard,
-    dead_shard,
 )
-
-
-@pytest.fixture
-def live() -> Iterator[Callable[[Path, int], GateMetricStore]]:
-    """Stores of this live test process bound to a directory (format v2); closed at teardown."""
-    yield from live_stores()
 
 
 @pytest.fixture
@@ -101,14 +95,14 @@ def test_a_planted_entry_under_any_name_the_engine_creates_costs_only_itself(
     attacker could as well delete it), and compaction keeps absorbing."""
     caplog.set_level(logging.CRITICAL, logger="gatemetrics")
     (attacker.outside / "precious").write_bytes(b"keep me\n")
-    textfile = attacker.outside / "release_gate.prom"
+    textfile = attacker.outside / "shop.prom"
     worker, live_shard = attacker.worker(3)
     assert _cli("aggregate", "--dir", str(attacker.shards), "--textfile", str(textfile)) == 0
     name = _engine_names()[which]
     absorbed = 0  # dead shards compacted into the archive so far
     for kind in PLANT_KINDS:
         _plant(attacker, name, kind, live_shard)
-        dead_shard(attacker.shards, allows=1)
+        dead_shop_shard(attacker.shards, paid=1)
         before = attacker.outside_state()
         for _ in range(2):  # the planting run, then the next one
             code = _cli("aggregate", "--dir", str(attacker.shards), "--textfile", str(textfile))
@@ -117,12 +111,12 @@ def test_a_planted_entry_under_any_name_the_engine_creates_costs_only_itself(
             assert state == {k: v for k, v in before.items() if k != textfile.name}, (which, kind)
         absorbed += 1
         result = agg(attacker.shards)
-        allows = result.snapshot().get("decision_counts", "ALLOW")
+        paid = result.snapshot().get("orders", "paid")
         if which == "archive.json":
             # The planted "archive" replaced the real one: its totals are gone (hidden counts),
             # the live worker's and the new dead shard's are not.
             absorbed = 1
-        assert allows == 3 + absorbed, (which, kind, result.shards)
+        assert paid == 3 + absorbed, (which, kind, result.shards)
         assert (attacker.shards / live_shard).is_file(), (which, kind)
         states = {s.name: (s.state, s.action) for s in result.shards}
         assert states[live_shard] == ("live", "counted"), (which, kind)
@@ -146,26 +140,26 @@ def test_a_planted_entry_under_any_name_the_engine_creates_costs_only_itself(
                     shutil.rmtree(path)
             else:
                 path.unlink()
-    assert read_textfile_allows(textfile) == 3 + absorbed
+    assert read_textfile_paid(textfile) == 3 + absorbed
     assert worker.stdin is not None
     worker.stdin.write("close\n")
     worker.stdin.flush()
     assert read_line(worker) == "closed"
     assert _cli("aggregate", "--dir", str(attacker.shards)) == 0
-    assert decisions(attacker.shards) == {"ALLOW": 3 + absorbed, "DENY": 0}
+    assert orders(attacker.shards) == {"paid": 3 + absorbed, "refused": 0}
 
 
-def read_textfile_allows(path: Path) -> int:
+def read_textfile_paid(path: Path) -> int:
     families = parse(path.read_text())
-    return families["release_gate_decision_total"].samples[("decision", "ALLOW")]
+    return families["shop_orders_total"].samples[("outcome", "paid")]
 
 
 def test_a_symlink_named_aggregate_lock_never_creates_a_file_outside(attacker: Attacker) -> None:
     target = attacker.outside / "created-by-root"
     attacker.plant("aggregate.lock", "symlink", target)
-    dead_shard(attacker.shards, allows=2)
+    dead_shop_shard(attacker.shards, paid=2)
     for compact in (False, True, True):
-        assert agg(attacker.shards, compact=compact).snapshot().get("decision_counts", "ALLOW") == 2
+        assert agg(attacker.shards, compact=compact).snapshot().get("orders", "paid") == 2
         assert not target.exists()
     lock = attacker.shards / "aggregate.lock"
     assert lock.is_file()
@@ -181,7 +175,7 @@ def test_a_hard_link_of_a_live_shard_named_aggregate_lock_never_stalls_the_pipel
     attacker.plant("aggregate.lock", "hardlink", attacker.shards / live_shard)
     for compact in (False, True, True):
         result = agg(attacker.shards, compact=compact, lock_timeout=1)
-        assert result.snapshot().get("decision_counts", "ALLOW") == 4
+        assert result.snapshot().get("orders", "paid") == 4
     assert (attacker.shards / live_shard).is_file()
 
 
@@ -189,12 +183,12 @@ def test_a_symlink_named_archive_tmp_never_stops_compaction(attacker: Attacker) 
     (attacker.outside / "precious").write_bytes(b"keep me\n")
     attacker.plant("archive.json.tmp", "symlink", attacker.outside / "precious")
     for round_ in range(1, 4):
-        dead = dead_shard(attacker.shards, allows=1)
+        dead = dead_shop_shard(attacker.shards, paid=1)
         result = agg(attacker.shards, compact=True)
         assert result.compaction is not None
         assert result.compaction.absorbed == 1
         assert not (attacker.shards / dead).exists()  # absorbed: dead shards do not pile up
-        assert decisions(attacker.shards) == {"ALLOW": round_, "DENY": 0}
+        assert orders(attacker.shards) == {"paid": round_, "refused": 0}
     assert (attacker.outside / "precious").read_bytes() == b"keep me\n"
 
 
@@ -210,7 +204,7 @@ def test_an_archive_listing_a_live_incarnation_never_costs_its_counts(
         shard = live_v1(attacker.shards, 5)
         name = os.path.basename(shard.path)
     inc = incarnation_of(name)
-    dead_shard(attacker.shards, allows=1)
+    dead_shop_shard(attacker.shards, paid=1)
     agg(attacker.shards, compact=True)
     archive = orjson.loads((attacker.shards / "archive.json").read_bytes())
     archive["absorbed"] = [inc]
@@ -223,7 +217,7 @@ def test_an_archive_listing_a_live_incarnation_never_costs_its_counts(
     )
     for compact in (False, True, True):
         result = agg(attacker.shards, compact=compact)
-        assert result.snapshot().get("decision_counts", "ALLOW") == 6
+        assert result.snapshot().get("orders", "paid") == 6
         assert (attacker.shards / name).exists()
         report = next(s for s in result.shards if s.name == name)
         assert (report.state, report.action) == ("live", "counted")
@@ -234,6 +228,6 @@ def test_an_archive_listing_a_live_incarnation_never_costs_its_counts(
         shard.store.set_change_hook(None)
         shard.close(save=False)
     result = agg(attacker.shards, compact=True)
-    assert result.snapshot().get("decision_counts", "ALLOW") == 6
+    assert result.snapshot().get("orders", "paid") == 6
     assert not (attacker.shards / name).exists()  # absorbed for real now
-    assert decisions(attacker.shards) == {"ALLOW": 6, "DENY": 0}
+    assert orders(attacker.shards) == {"paid": 6, "refused": 0}
