@@ -1,8 +1,9 @@
-"""A WSGI app for the real-gunicorn tests: one release-gate decision per request.
+"""A WSGI app for the real-gunicorn tests: one order of the engine tests' shop per request.
 
-The store is created and bound write-through at import: in the master with ``--preload``
-(each forked worker then starts over as a new incarnation), in every worker without it.
-``GET /allow`` and ``GET /deny`` count a decision; ``GET /pid`` answers the worker's pid.
+The store (:data:`tests.engine.schema.SHOP_SCHEMA`) is created and bound write-through at import:
+in the master with ``--preload`` (each forked worker then starts over as a new incarnation), in
+every worker without it. ``GET /pay`` and ``GET /refuse`` count an order; ``GET /pid`` answers the
+worker's pid.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from backend.app.testing.gate_metrics import GateMetricStore
+from gatemetrics import CounterStore, bind
+from tests.engine.schema import SHOP_SCHEMA, record_order
 
-STORE = GateMetricStore()
-STORE.bind_to_dir(os.environ["GATEMETRICS_DIR"])
+STORE = CounterStore(SHOP_SCHEMA)
+bind(STORE, os.environ["GATEMETRICS_DIR"], failure_key="errors")
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -22,7 +24,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     if path == "/pid":
         body = str(os.getpid()).encode()
     else:
-        STORE.record_decision(path == "/allow", ["TIER_FAIL", "NO_DRIFT_DATA"])
+        record_order(STORE, path == "/pay", ["no_stock", "fraud"])
         body = b"counted"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

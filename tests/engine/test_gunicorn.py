@@ -19,9 +19,10 @@ import orjson
 import pytest
 from filelock import FileLock
 
-from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA, GateMetricStore
+from gatemetrics import CounterStore, bind, save_to_dir, shard_for
 from gatemetrics import gunicorn as hooks
-from gatemetrics import shard_for
+from tests.engine.aggregate_helpers import FAILURES, agg, orders
+from tests.engine.schema import SHOP_NAMESPACE, SHOP_SCHEMA, record_order
 from tests.processes import ROOT, Reaper, require_tool, wait_until
 
 
@@ -40,14 +41,14 @@ def unconfigured() -> Any:
 
 
 def test_worker_exit_saves_and_closes_every_binding(tmp_path: Path) -> None:
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path, mode="periodic", interval=3600)
-    store.record_decision(True)
+    store = CounterStore(SHOP_SCHEMA)
+    binding = bind(store, tmp_path, mode="periodic", interval=3600, failure_key=FAILURES)
+    record_order(store, True)
     hooks.worker_exit(FakeServer(), None)
     assert binding.closed
-    view = GateMetricStore.load_from_dir(tmp_path)
-    assert view.decision_counts() == {"ALLOW": 1, "DENY": 0}
-    assert (view.aggregate.live, view.aggregate.dead) == (0, 1)
+    view = agg(tmp_path)
+    assert view.snapshot().family("orders") == {"paid": 1, "refused": 0}
+    assert (view.live, view.dead) == (0, 1)
 
 
 def test_worker_exit_logs_failed_final_saves(
@@ -55,49 +56,49 @@ def test_worker_exit_logs_failed_final_saves(
 ) -> None:
     # A save checks that its shard is still at its path at most every VANISHED_CHECK_S, but the
     # final one always does: it finds the directory replaced, and no directory to save into.
-    store = GateMetricStore()
-    binding = store.bind_to_dir(tmp_path / "shards", mode="periodic", interval=3600)
-    store.record_decision(True)
+    store = CounterStore(SHOP_SCHEMA)
+    binding = bind(store, tmp_path / "shards", mode="periodic", interval=3600, failure_key=FAILURES)
+    record_order(store, True)
     shutil.rmtree(tmp_path / "shards")
     (tmp_path / "shards").write_text("now a file")  # the final save cannot succeed
     with caplog.at_level(logging.WARNING):
         hooks.worker_exit(FakeServer(), None)
     assert binding.closed
     assert "1 final shard save(s) failed" in caplog.text
-    assert store.decision_counts() == {"ALLOW": 1, "DENY": 0}  # still in memory, not lost
+    assert store.snapshot().family("orders") == {"paid": 1, "refused": 0}  # in memory, not lost
 
 
 def test_child_exit_does_nothing_until_configured(tmp_path: Path) -> None:
-    dead = GateMetricStore()
-    dead.record_decision(True)
-    assert dead.save_to_dir(tmp_path)
+    dead = CounterStore(SHOP_SCHEMA)
+    record_order(dead, True)
+    assert save_to_dir(dead, tmp_path, failure_key=FAILURES)
     shard_for(dead, tmp_path).close(save=False)
     os.environ["GATEMETRICS_DIR"] = str(tmp_path)
     try:
         hooks.child_exit(FakeServer(), None)
         assert "archive.json" not in os.listdir(tmp_path)
-        hooks.configure(schema=GATE_SCHEMA, namespace=GATE_NAMESPACE)
+        hooks.configure(schema=SHOP_SCHEMA, namespace=SHOP_NAMESPACE)
         hooks.child_exit(FakeServer(), None)
     finally:
         del os.environ["GATEMETRICS_DIR"]
     assert "archive.json" in os.listdir(tmp_path)
-    assert GateMetricStore.load_from_dir(tmp_path).decision_counts()["ALLOW"] == 1
+    assert orders(tmp_path)["paid"] == 1
 
 
 def test_child_exit_never_waits_long_nor_raises(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    hooks.configure(schema=GATE_SCHEMA, namespace=GATE_NAMESPACE, directory=tmp_path / "none")
+    hooks.configure(schema=SHOP_SCHEMA, namespace=SHOP_NAMESPACE, directory=tmp_path / "none")
     hooks.child_exit(FakeServer(), None)  # no directory yet: no worker saved
     hooks.configure(
-        schema=GATE_SCHEMA, namespace=GATE_NAMESPACE, directory=tmp_path, lock_timeout=0.01
+        schema=SHOP_SCHEMA, namespace=SHOP_NAMESPACE, directory=tmp_path, lock_timeout=0.01
     )
     with FileLock(str(tmp_path / "aggregate.lock"), thread_local=False):
         hooks.child_exit(FakeServer(), None)  # a cron holds the lock: skip
     # An archive written with another schema stops compaction: logged, never raised.
-    dead = GateMetricStore()
-    dead.record_decision(True)
-    assert dead.save_to_dir(tmp_path)
+    dead = CounterStore(SHOP_SCHEMA)
+    record_order(dead, True)
+    assert save_to_dir(dead, tmp_path, failure_key=FAILURES)
     shard_for(dead, tmp_path).close(save=False)
     hooks.child_exit(FakeServer(), None)
     archive = orjson.loads((tmp_path / "archive.json").read_bytes())
@@ -111,7 +112,7 @@ def test_child_exit_never_waits_long_nor_raises(
 
 def test_configure_needs_a_schema() -> None:
     with pytest.raises(TypeError, match="Schema"):
-        hooks.configure(schema="GATE_SCHEMA", namespace="x")  # type: ignore[arg-type]
+        hooks.configure(schema="SHOP_SCHEMA", namespace="x")  # type: ignore[arg-type]
 
 
 # -- a real gunicorn ---------------------------------------------------------------------------
@@ -139,10 +140,10 @@ def get(sock: str, path: str) -> tuple[int, str]:
 
 
 CONF = """
-from backend.app.testing.gate_metrics import GATE_NAMESPACE, GATE_SCHEMA
 from gatemetrics import gunicorn as gatemetrics_hooks
+from tests.engine.schema import SHOP_NAMESPACE, SHOP_SCHEMA
 
-gatemetrics_hooks.configure(schema=GATE_SCHEMA, namespace=GATE_NAMESPACE)
+gatemetrics_hooks.configure(schema=SHOP_SCHEMA, namespace=SHOP_NAMESPACE)
 worker_exit = gatemetrics_hooks.worker_exit
 child_exit = gatemetrics_hooks.child_exit
 """
@@ -191,28 +192,27 @@ def test_real_gunicorn_counts_exactly_through_recycling_and_sigkill(
             return False
 
     wait_until(up, timeout=30, interval=0.05)
-    counted = {"ALLOW": 0, "DENY": 0}
+    counted = {"paid": 0, "refused": 0}
     for i in range(90):
         if i == 45:
             status, pid = get(sock, "/pid")
             assert status == 200
             os.kill(int(pid), signal.SIGKILL)  # a worker dies between requests
-        decision = "ALLOW" if i % 3 else "DENY"
+        outcome = "paid" if i % 3 else "refused"
         try:
-            status, _ = get(sock, "/allow" if decision == "ALLOW" else "/deny")
+            status, _ = get(sock, "/pay" if outcome == "paid" else "/refuse")
         except OSError:
             continue  # reached the killed worker: not counted by the client either
         if status == 200:
-            counted[decision] += 1
+            counted[outcome] += 1
     assert sum(counted.values()) >= 80
     master.send_signal(signal.SIGTERM)
     _, err = master.communicate(timeout=60)
     assert master.returncode == 0, err[-3000:]
 
-    view = GateMetricStore.load_from_dir(shards)
-    assert view.decision_counts() == counted
-    assert view.reason_counts()["TIER_FAIL"] == counted["DENY"]
-    result = view.aggregate
+    result = agg(shards)
+    assert result.snapshot().family("orders") == counted
+    assert result.snapshot().get("refusals", "no_stock") == counted["refused"]
     assert result.live == 0
     # child_exit compacted recycled workers away in the master while gunicorn ran.
     assert result.archive.absorbed_total >= 4
