@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
-
-from backend.app.testing.gate_metrics import GateMetricStore
-from gatemetrics import Aggregate
 
 INI = """
 [pytest]
@@ -125,19 +119,33 @@ def test_a_store_factory_override_is_enough(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """
         import pytest
-        from backend.app.testing.gate_metrics import GateMetricStore
+        from gatemetrics import CounterStore, Family, Schema
+
+        SHOP = Schema([
+            Family("shop_orders_total", "Orders.", key="orders", label="outcome",
+                   values=("paid", "refused")),
+            Family("shop_refusals_total", "Refusals.", key="refusals", label="why",
+                   values=("no_stock", "no_money")),
+        ])
+
+        class ShopStore(CounterStore):  # knows its own schema, as an application's store does
+            def __init__(self):
+                super().__init__(SHOP)
+
+            def refuse(self, why):
+                self.increment_slots([SHOP.slot("orders", "refused"), SHOP.slot("refusals", why)])
 
         @pytest.fixture
         def gatemetrics_store_factory():
-            return GateMetricStore
+            return ShopStore
         """
     )
     pytester.makepyfile(
-        test_gate="""
-        def test_gate(gatemetrics_store, gatemetrics_aggregate):
-            gatemetrics_store.record_decision(False, ["TIER_FAIL"])
+        test_shop="""
+        def test_shop(gatemetrics_store, gatemetrics_aggregate):
+            gatemetrics_store.refuse("no_money")
             snap = gatemetrics_aggregate().snapshot()
-            assert snap.get("reason_counts", "TIER_FAIL") == 1
+            assert snap.get("refusals", "no_money") == 1
         """
     )
     run_pytest(pytester).assert_outcomes(passed=1)
@@ -152,15 +160,3 @@ def test_the_plugin_adds_fixtures_only_and_no_per_test_hooks() -> None:
     assert sorted(plugin.__all__) == sorted(
         name for name in dir(plugin) if name.startswith("gatemetrics_")
     )
-
-
-def test_this_repositorys_tests_get_gate_stores(
-    gatemetrics_store: GateMetricStore,
-    gatemetrics_dir: Path,
-    gatemetrics_aggregate: Callable[..., Aggregate],
-) -> None:
-    gatemetrics_store.record_outcome(False, ["OPS_GATE_FAIL"], breach=True)
-    result = gatemetrics_aggregate()
-    assert result.snapshot().get("breach_counts", "NO_OVERRIDE") == 1
-    assert "release_gate_shards" in result.render_prometheus()
-    assert GateMetricStore.load_from_dir(gatemetrics_dir).decision_counts()["DENY"] == 1
