@@ -1,6 +1,8 @@
-"""Helpers shared by the shard, aggregator and CLI tests: the series the gate may export,
-dead shards, lock probes, running a check in a forked child, and the previous release's shard
-writer (format v1) for compatibility tests."""
+"""Helpers shared by the shard, aggregator, CLI and gate tests: lock probes, running a check in a
+forked child, and the previous release's shard writer (format v1) for compatibility tests.
+
+Nothing here knows a schema: the engine's tests bring theirs (tests/engine/schema.py), the gate's
+tests the gate's (tests/gate/gate_shards.py)."""
 
 from __future__ import annotations
 
@@ -16,50 +18,10 @@ from typing import Any
 
 import orjson
 
-from backend.app.testing.gate_metrics import GateMetricStore
-from backend.app.testing.release_policy import BlockReasonCode
-from gatemetrics import _faults, shard_for
+from gatemetrics import _faults
 from gatemetrics._format import v1_names
 from gatemetrics.shards import Identity, fsync_directory, new_identity
 from gatemetrics.store import CounterStore, Snapshot
-
-REASONS = [r.value for r in BlockReasonCode]
-GATE_FAMILIES = [
-    "release_gate_decision_total",
-    "release_gate_reason_total",
-    "release_gate_contract_breach_total",
-    "release_gate_audit_write_failures_total",
-    "release_gate_metric_write_failures_total",
-]
-PIPELINE_FAMILIES = ["release_gate_quarantined_shards_total", "release_gate_shards"]
-# Every series an exposition may ever carry (design.md section 4, invariant 1).
-GATE_SERIES: dict[str, set[tuple[str, str] | None]] = {
-    "release_gate_decision_total": {("decision", "ALLOW"), ("decision", "DENY")},
-    "release_gate_reason_total": {("reason", r) for r in REASONS},
-    "release_gate_contract_breach_total": {("kind", "NO_OVERRIDE")},
-    "release_gate_audit_write_failures_total": {None},
-    "release_gate_metric_write_failures_total": {None},
-}
-AGGREGATE_SERIES: dict[str, set[tuple[str, str] | None]] = {
-    **GATE_SERIES,
-    "release_gate_quarantined_shards_total": {None},
-    "release_gate_shards": {("state", "live"), ("state", "dead")},
-}
-
-
-def dead_shard(directory: Path, allows: int = 1, denies: int = 0) -> str:
-    """Save a store whose owner then goes (lock released); returns the shard's file name."""
-    store = GateMetricStore()
-    for _ in range(allows):
-        store.record_decision(True)
-    for _ in range(denies):
-        store.record_decision(False, ["OPS_GATE_FAIL"])
-    shard = shard_for(store, directory)
-    assert shard.save()
-    path = shard.path
-    assert path is not None
-    shard.close(save=False)
-    return os.path.basename(path)
 
 
 def is_locked(path: str | Path) -> bool:
@@ -287,19 +249,3 @@ def legacy_bind(
     shard.open()
     store.set_change_hook(shard.save)
     return shard
-
-
-def dead_v1_shard(
-    directory: Path, allows: int = 1, denies: int = 0, *, durability: str = "none"
-) -> str:
-    """Like :func:`dead_shard`, written by the previous release; returns the ``.json`` name."""
-    store = GateMetricStore()
-    for _ in range(allows):
-        store.record_decision(True)
-    for _ in range(denies):
-        store.record_decision(False, ["OPS_GATE_FAIL"])
-    shard = LegacyV1Shard(store, directory, durability=durability)
-    shard.save()
-    name = shard.names()[0]
-    shard.close(save=False)
-    return name

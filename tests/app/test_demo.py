@@ -17,8 +17,8 @@ from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import ReleaseGate
 from backend.app.testing.release_policy import BlockReasonCode, ReleasePolicyResult, ReleaseVerdict
 from tests.exposition_parser import parse
+from tests.gate.gate_shards import GATE_FAMILIES, PIPELINE_FAMILIES
 from tests.processes import ROOT, Reaper, read_line, wait_until
-from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES
 
 FAMILIES = GATE_FAMILIES + PIPELINE_FAMILIES
 

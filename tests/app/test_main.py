@@ -41,8 +41,9 @@ from tests.app.asgi_client import (
     override,
 )
 from tests.exposition_parser import parse
+from tests.gate.gate_shards import GATE_FAMILIES, PIPELINE_FAMILIES
 from tests.processes import Reaper, read_line, run_python
-from tests.shard_tools import GATE_FAMILIES, PIPELINE_FAMILIES, is_locked
+from tests.shard_tools import is_locked
 
 pytestmark = pytest.mark.anyio
 

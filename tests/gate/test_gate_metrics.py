@@ -35,8 +35,9 @@ from gatemetrics import (
     shard_for,
 )
 from tests.exposition_parser import parse
+from tests.gate.gate_shards import GATE_FAMILIES, GATE_SERIES, REASONS
 from tests.processes import run_python
-from tests.shard_tools import GATE_FAMILIES, GATE_SERIES, REASONS, in_forked_child
+from tests.shard_tools import in_forked_child
 from tests.strategies import any_reason, store_ops, valid_reason
 
 FAMILIES = GATE_FAMILIES
