@@ -545,17 +545,6 @@ sys.exit(main(["aggregate", "--dir", {str(shard_dir)!r}, "--textfile", {str(targ
 # -- the schema comes from the directory -------------------------------------------------------
 
 
-def test_the_engine_mentions_no_backend() -> None:
-    """The engine stands on its own: no import, docstring or comment names the gate's package."""
-    offenders = [
-        f"{path.name}:{n}"
-        for path in sorted((ROOT / "gatemetrics").rglob("*.py"))
-        for n, line in enumerate(path.read_text().splitlines(), 1)
-        if "backend" in line
-    ]
-    assert offenders == []
-
-
 def test_aggregate_and_status_need_no_schema_for_any_schema(shard_dir: Path) -> None:
     """The shop's shards record their schema; after compaction schema.json records it too, and
     a directory left with only its archive still needs no --schema."""
