@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from gatemetrics import _faults
+from gatemetrics import CounterStore, _faults
+from tests.engine.aggregate_helpers import live_stores, live_v1_owners
+from tests.shard_tools import LegacyV1Shard
 
 
 @pytest.fixture
@@ -20,3 +23,15 @@ def fault() -> Iterator[Callable[[Callable[[str], None]], None]]:
         yield install
     finally:
         _faults.HOOK = None
+
+
+@pytest.fixture
+def live() -> Iterator[Callable[[Path, int], CounterStore]]:
+    """Stores of this live test process bound to a directory (format v2); closed at teardown."""
+    yield from live_stores()
+
+
+@pytest.fixture
+def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
+    """Previous-release owners living in this test process (format v1, write-through)."""
+    yield from live_v1_owners()

@@ -7,7 +7,7 @@ release's writer, byte for byte).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,8 +27,6 @@ from tests.engine.aggregate_helpers import (
     agg,
     assert_bounded,
     incarnation_of,
-    live_stores,
-    live_v1_owners,
     live_v2_name,
     orders,
     shard_names,
@@ -41,18 +39,6 @@ from tests.engine.schema import (
 from tests.shard_tools import (
     LegacyV1Shard,
 )
-
-
-@pytest.fixture
-def live() -> Iterator[Callable[[Path, int], CounterStore]]:
-    """Stores of this live test process bound to a directory (format v2); closed at teardown."""
-    yield from live_stores()
-
-
-@pytest.fixture
-def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
-    """Previous-release owners living in this test process (format v1, write-through)."""
-    yield from live_v1_owners()
 
 
 def test_the_shard_names_helper_sees_both_formats(tmp_path: Path) -> None:

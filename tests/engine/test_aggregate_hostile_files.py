@@ -12,7 +12,7 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,6 @@ from tests.engine.aggregate_helpers import (
     agg,
     assert_bounded,
     incarnation_of,
-    live_stores,
-    live_v1_owners,
     live_v2_name,
     orders,
     shard_names,
@@ -63,19 +61,6 @@ from tests.processes import Reaper, run_python
 from tests.shard_tools import (
     LegacyV1Shard,
 )
-
-
-@pytest.fixture
-def live() -> Iterator[Callable[[Path, int], CounterStore]]:
-    """Stores of this live test process bound to a directory (format v2); closed at teardown."""
-    yield from live_stores()
-
-
-@pytest.fixture
-def live_v1() -> Iterator[Callable[[Path, int], LegacyV1Shard]]:
-    """Previous-release owners living in this test process (format v1, write-through)."""
-    yield from live_v1_owners()
-
 
 # -- hostile and broken files: each costs only itself -------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from gatemetrics.aggregate import Aggregate
 from tests.engine.aggregate_helpers import (
     agg,
     incarnation_of,
-    live_stores,
     live_v2_name,
     orders,
     shard_names,
@@ -43,13 +42,6 @@ from tests.shard_tools import (
     in_forked_child,
     is_locked,
 )
-
-
-@pytest.fixture
-def live() -> Iterator[Callable[[Path, int], CounterStore]]:
-    """Stores of this live test process bound to a directory (format v2); closed at teardown."""
-    yield from live_stores()
-
 
 # -- live shards kept open between runs of one process --------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from gatemetrics.aggregate import QUARANTINE_DIR
 from tests.engine.aggregate_helpers import (
     agg,
     assert_bounded,
-    live_stores,
     orders,
     shard_names,
     shop_store,
@@ -30,12 +29,6 @@ from tests.engine.aggregate_helpers import (
 from tests.engine.schema import (
     dead_shop_shard,
 )
-
-
-@pytest.fixture
-def live() -> Iterator[Callable[[Path, int], CounterStore]]:
-    """Stores of this live test process bound to a directory (format v2); closed at teardown."""
-    yield from live_stores()
 
 
 def _archive_with(directory: Path, **changes: Any) -> None:
