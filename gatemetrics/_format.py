@@ -352,17 +352,7 @@ def decode_schema_file(data: bytes) -> tuple[Schema, str]:
     """
     if len(data) > MAX_SCHEMA_FILE_BYTES:
         raise BadFile(f"too large ({len(data)} bytes, limit {MAX_SCHEMA_FILE_BYTES})")
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise BadFile(f"not valid JSON or not UTF-8 ({exc})") from None
-    if (
-        not isinstance(doc, dict)
-        or set(doc) != _SCHEMA_FILE_KEYS
-        or doc["format"] != SCHEMA_FORMAT
-        or doc["version"] != SCHEMA_VERSION
-    ):
-        raise BadFile("not a gatemetrics schema file (wrong fields)")
+    doc = _versioned_document(data, _SCHEMA_FILE_KEYS, SCHEMA_FORMAT, SCHEMA_VERSION, "schema file")
     namespace = doc["namespace"]
     if not isinstance(namespace, str) or len(namespace) > 100 or not _NAMESPACE_RE.match(namespace):
         raise BadFile("its namespace is not a valid metric name prefix")
@@ -554,6 +544,25 @@ def _decode_prefix(data: bytes) -> tuple[int, int, int, int, int, int, bytes]:
     if zlib.crc32(memoryview(data)[: header_len - _CRC.size]) != crc:
         raise BadFile("bad header checksum")
     return header_len, slot_offset, stride, slot_size, ident_len, schema_len, fp
+
+
+def _versioned_document(
+    data: bytes, keys: frozenset[str], fmt: str, version: int, what: str
+) -> dict[str, Any]:
+    """The JSON object of one of our whole-file documents (the archive, ``schema.json``):
+    exactly ``keys``, of format ``fmt`` and ``version``; :class:`BadFile` otherwise."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadFile(f"not valid JSON or not UTF-8 ({exc})") from None
+    if (
+        not isinstance(doc, dict)
+        or set(doc) != keys
+        or doc["format"] != fmt
+        or doc["version"] != version
+    ):
+        raise BadFile(f"not a gatemetrics {what} (wrong fields)")
+    return doc
 
 
 def _json_object(data: bytes | memoryview, what: str) -> dict[str, Any]:
@@ -889,17 +898,7 @@ class Archive:
 
     @classmethod
     def _decode(cls, data: bytes, schema: Schema) -> Archive:
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise BadFile(f"not valid JSON or not UTF-8 ({exc})") from None
-        if (
-            not isinstance(doc, dict)
-            or set(doc) != _ARCHIVE_KEYS
-            or doc["format"] != ARCHIVE_FORMAT
-            or doc["version"] != ARCHIVE_VERSION
-        ):
-            raise BadFile("not a gatemetrics archive (wrong fields)")
+        doc = _versioned_document(data, _ARCHIVE_KEYS, ARCHIVE_FORMAT, ARCHIVE_VERSION, "archive")
         try:
             counts = schema.parse_counts(doc["counts"])
             absorbed = doc["absorbed"]
