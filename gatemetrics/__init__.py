@@ -33,10 +33,13 @@ from gatemetrics.aio import asave, periodic_saver
 from gatemetrics.errors import GatemetricsError, LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.exposition import (
     CONTENT_TYPE,
+    FamilySamples,
+    Sample,
     escape_help,
     escape_label_value,
     render_json,
     render_prometheus,
+    samples,
 )
 from gatemetrics.persistence import PersistedStore, SaveState
 from gatemetrics.schema import (
@@ -75,6 +78,7 @@ __all__ = [
     "CountsDict",
     "Durability",
     "Family",
+    "FamilySamples",
     "GatemetricsError",
     "Identity",
     "Kind",
@@ -82,6 +86,7 @@ __all__ = [
     "Mode",
     "PersistedStore",
     "RecordedSchema",
+    "Sample",
     "SaveState",
     "Schema",
     "SchemaError",
@@ -108,6 +113,7 @@ __all__ = [
     "recorded_schema",
     "render_json",
     "render_prometheus",
+    "samples",
     "save_to_dir",
     "shard_for",
     "try_flock",

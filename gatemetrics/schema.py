@@ -100,6 +100,14 @@ class Family:
         """How many series (slots) the family has."""
         return len(self.values) if self.label is not None else 1
 
+    @property
+    def series_labels(self) -> tuple[tuple[tuple[str, str], ...], ...]:
+        """Per series, in slot order, its ``(label name, label value)`` pairs (``()`` for a
+        family without a label). Every renderer and bridge names a series through this."""
+        if self.label is None:
+            return ((),)
+        return tuple(((self.label, v),) for v in self.values)
+
 
 @dataclass(frozen=True)
 class Schema:

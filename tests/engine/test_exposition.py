@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gatemetrics import CounterStore, Family, Schema, Snapshot, render_json, render_prometheus
-from gatemetrics.exposition import CONTENT_TYPE, escape_help, escape_label_value
+from gatemetrics.exposition import CONTENT_TYPE, escape_help, escape_label_value, samples
 from tests.exposition_parser import parse
 
 TRICKY = Schema(
@@ -113,3 +113,24 @@ def test_promtool_accepts_escaped_output_without_findings(promtool: str) -> None
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
     assert result.stderr.strip() == ""
+
+
+def test_samples_name_every_series_as_the_text_renders_it() -> None:
+    snap = Snapshot(TRICKY, (1, 2, 3, 4, 5, 6, 7))
+    lines = []
+    for fam in samples(snap):
+        for sample in fam.samples:
+            inner = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in sample.labels)
+            labels = f"{{{inner}}}" if inner else ""
+            lines.append(f"{fam.name}{sample.suffix}{labels} {sample.value}")
+    rendered = [ln for ln in render_prometheus(snap).splitlines() if not ln.startswith("#")]
+    assert lines == rendered
+    kinds = [(f.name, f.kind) for f in samples(snap)]
+    assert kinds == [("tricky_total", "counter"), ("plain_total", "counter"), ("level", "gauge")]
+
+
+def test_series_labels_are_the_pairs_in_slot_order() -> None:
+    fam = TRICKY.family("tricky")
+    assert fam.series_labels[0] == (("v", "plain"),)
+    assert len(fam.series_labels) == fam.width
+    assert TRICKY.family("plain").series_labels == ((),)
