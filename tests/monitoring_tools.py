@@ -34,6 +34,9 @@ PROMTOOL_TESTS = sorted((MONITORING / "prometheus" / "tests").glob("*.test.yml")
 GRAFANA = MONITORING / "grafana"
 DASHBOARD = GRAFANA / "release-gate-dashboard.json"
 RUNBOOK = MONITORING / "runbooks" / "ptf-admin-runbook.md"
+KUBERNETES = MONITORING / "kubernetes"
+PROMETHEUS_RULE = KUBERNETES / "prometheusrule.yaml"
+POD_MONITOR = KUBERNETES / "podmonitor.yaml"
 RUNBOOK_URL = (
     "https://github.com/ptf-admin/gatemetrics/blob/main/monitoring/runbooks/ptf-admin-runbook.md"
 )
@@ -386,23 +389,39 @@ def monitoring_stack(
 # -- Grafana's published types ---------------------------------------------------------------
 
 
-def grafana_typecheck(npm: str, node: str) -> Callable[[Path], subprocess.CompletedProcess[str]]:
-    """A function that type-checks a dashboard JSON file (monitoring/grafana/typecheck.mjs).
-
-    Installs the pinned npm project with ``npm ci`` first when node_modules is missing or older
-    than package-lock.json, as CI's clean clone needs.
-    """
-    installed = GRAFANA / "node_modules" / ".package-lock.json"
-    lock = GRAFANA / "package-lock.json"
+def npm_ci(npm: str, project: Path) -> None:
+    """Install the pinned npm project in ``project`` with ``npm ci`` when its node_modules is
+    missing or older than package-lock.json, as CI's clean clone needs."""
+    installed = project / "node_modules" / ".package-lock.json"
+    lock = project / "package-lock.json"
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
         subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=GRAFANA,
+            cwd=project,
             check=True,
             timeout=300,
         )
+
+
+def grafana_typecheck(npm: str, node: str) -> Callable[[Path], subprocess.CompletedProcess[str]]:
+    """A function that type-checks a dashboard JSON file (monitoring/grafana/typecheck.mjs)."""
+    npm_ci(npm, GRAFANA)
 
     def typecheck(dashboard: Path) -> subprocess.CompletedProcess[str]:
         return run(node, str(GRAFANA / "typecheck.mjs"), str(dashboard))
 
     return typecheck
+
+
+# -- Prometheus Operator's CRD schemas -------------------------------------------------------
+
+
+def kubernetes_validate(npm: str, node: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """A function that validates manifest files against the Prometheus Operator CRD schemas
+    (monitoring/kubernetes/validate.mjs, schemas from @kubernetes-models/prometheus-operator)."""
+    npm_ci(npm, KUBERNETES)
+
+    def validate(*manifests: Path) -> subprocess.CompletedProcess[str]:
+        return run(node, str(KUBERNETES / "validate.mjs"), *map(str, manifests))
+
+    return validate
