@@ -49,6 +49,7 @@ GRAFANA_VARIABLES = {
     "__rate_interval": "1m",
     "__interval": "1m",
     "__range": "1h",
+    "job": ".*",
     "instance": ".*",
 }
 _GRAFANA_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
