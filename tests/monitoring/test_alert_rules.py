@@ -183,6 +183,11 @@ MUTATIONS = {
         "ptf-admin-runbook.md#releasegateshardsquarantined",
         "ptf-admin-runbook.md#releasegatemetricwritefailures",
     ),
+    "missing fires for a fleet of pods that has no textfile": (
+        "pipeline",
+        "          absent(group by (job) (release_gate_decision_total))\n          and\n",
+        "",
+    ),
     "gathering errors of hosts without the gate": (
         "pipeline",
         "          and on (job, instance)\n          group by (job, instance) (node_textfile_mtime",

@@ -103,3 +103,21 @@ def test_runbook_links_resolve_inside_the_wheel(wheel: Path) -> None:
             else:
                 parts.append(part)
         assert "/".join(parts) in names, link
+
+
+def test_readme_recipe_reads_the_shipped_files(wheel: Path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+    (recipe,) = re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL)
+    # Run as a user would, against the wheel; then show what it read and the file it handed out.
+    script = (
+        f"import sys\nsys.path.insert(0, {str(wheel)!r})\n{recipe}\n"
+        "assert rules.startswith('# Alert rules of team ptf-admin.'), rules[:80]\n"
+        "with as_file(monitoring / 'kubernetes' / 'prometheusrule.yaml') as path:\n"
+        "    sys.stdout.write(path.read_text(encoding='utf-8'))\n"
+    )
+    result = run(sys.executable, "-c", script)
+    assert result.returncode == 0, result.stderr
+    first, rest = result.stdout.split("\n", 1)
+    assert first.endswith("prometheusrule.yaml")  # the path the recipe printed
+    assert rest == PROMETHEUS_RULE.read_text(encoding="utf-8")
