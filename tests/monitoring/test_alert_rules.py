@@ -36,6 +36,8 @@ from tests.monitoring_tools import (
     wait_until,
     write_textfile,
 )
+from tests.monitoring_tools import monitoring_stack as start_stack
+from tests.processes import require_tool
 
 # Run by the nox session `monitoring`; the `tests` session deselects this marker.
 pytestmark = pytest.mark.monitoring
@@ -567,3 +569,34 @@ def test_duplicate_series_across_textfiles_break_gathering_in_real_node_exporter
     test_file.write_text(yaml.safe_dump(spec), encoding="utf-8")
     result = promtool_test(promtool, test_file)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_duplicate_textfile_makes_the_gathering_alert_pending_in_real_prometheus(
+    node_exporter: str, tmp_path: Path
+) -> None:
+    # Its own stack (the shared one must stay healthy): a copy of release_gate.prom appears,
+    # real Prometheus scrapes the real node_exporter, and the rule holds the alert pending (its
+    # `for: 5m` is longer than a test should wait), labelled as the unit tests expect.
+    prometheus = require_tool("prometheus")
+    with start_stack(node_exporter, prometheus, tmp_path) as stack:
+        name = "ReleaseGateTextfileGatheringErrors"
+        assert [a for a in stack.alerts() if a["labels"]["alertname"] == name] == []
+        exposition = (stack.textfile_dir / "release_gate.prom").read_text(encoding="utf-8")
+        write_textfile(stack.textfile_dir, exposition, "release_gate-copy.prom")
+
+        def pending() -> list[dict[str, Any]]:
+            return [a for a in stack.alerts() if a["labels"]["alertname"] == name]
+
+        (alert,) = wait_until(pending, timeout=30, what=f"{name} pending")
+        instance = stack.node_exporter_url.removeprefix("http://")
+        assert alert["state"] == "pending"
+        assert alert["labels"] == {
+            "alertname": name,
+            "cause": "gathering",
+            "instance": instance,
+            "job": "node",
+            **rules_by_alert()[name]["labels"],
+        }
+        assert alert["annotations"]["summary"] == (
+            f"node_exporter serves incomplete scrapes on {instance}"
+        )
