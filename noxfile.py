@@ -57,9 +57,9 @@ MONITORING_TOOLS = {
 
 @nox.session
 def monitoring(session: nox.Session) -> None:
-    """Alert rules, dashboard and runbook: promtool lint and unit tests, the dashboard's
-    type-check against @grafana/schema, and their Python tests (real tools, never skipped in
-    CI)."""
+    """Alert rules, dashboard, runbook and Kubernetes manifests: promtool lint and unit tests,
+    the dashboard's type-check against @grafana/schema, the manifests against the Prometheus
+    Operator CRD schemas, and their Python tests (real tools, never skipped in CI)."""
     missing = sorted({pkg for tool, pkg in MONITORING_TOOLS.items() if not shutil.which(tool)})
     if missing:
         message = f"missing tools; install the Debian packages {' '.join(missing)}"
@@ -76,6 +76,10 @@ def monitoring(session: nox.Session) -> None:
     with session.chdir("monitoring/grafana"):
         session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
         session.run("npm", "run", "typecheck", external=True)
+    # The Kubernetes manifests against the Prometheus Operator's CRD schemas (npm package).
+    with session.chdir("monitoring/kubernetes"):
+        session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+        session.run("npm", "run", "validate", external=True)
     session.install("-e", ".[test]", "-e", "./service")
     session.run(
         "pytest",

@@ -10,8 +10,11 @@ module: every PromQL expression parses (promtool) and returns data from a real P
 the JSON type-checks against Grafana's published types (``@grafana/schema``, ``npm run typecheck``).
 
 Conventions: every panel and every query uses the ``${datasource}`` variable; release-gate
-series are filtered by the ``$instance`` variable (default: all); fleet-wide panels ``sum``
-across instances, and the per-instance panels say so in their description.
+series are filtered by the ``$job`` and ``$instance`` variables (default: all); fleet-wide panels
+``sum`` across instances (the latency panel sums the histogram's buckets before
+``histogram_quantile``), and the per-instance panels say so in their description. A panel that
+shows an alert links that alert's runbook section, with the URL of the alert rule's
+``runbook_url`` (read from ``monitoring/prometheus/ptf-admin-alerts.yml``; needs PyYAML).
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "release-gate-dashboard.json"
+ALERT_RULES = HERE.parent / "prometheus" / "ptf-admin-alerts.yml"
 
 UID = "release-gate"
 SCHEMA_VERSION = 42  # Grafana's current dashboard schemaVersion (@grafana/schema 13.x)
@@ -35,7 +41,11 @@ TEXTFILE = 'file=~"(.*/)?release_gate[.]prom"'
 #: Same threshold as ReleaseGateTextfileStale.
 TEXTFILE_STALE_SECONDS = 300
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-INSTANCE = 'instance=~"$instance"'
+#: Every release-gate selector is filtered by both variables (default: all of each).
+FILTER = 'job=~"$job", instance=~"$instance"'
+#: Same threshold as ReleaseGateSlowChecks (a bucket bound of the histogram).
+SLOW_CHECK_SECONDS = 0.25
+CHECK_BUCKETS = "release_gate_check_duration_seconds_bucket"
 
 JSON = dict[str, Any]
 
@@ -164,7 +174,15 @@ def _color(name: str, color: str) -> JSON:
 def _increase_by_instance(metric: str, legend: str = "{{instance}}", ref: str = "A") -> JSON:
     """A counter's increase per instance in each interval (the per-host panels)."""
     return _target(
-        f"sum by (instance) (increase({metric}{{{INSTANCE}}}[$__rate_interval]))", legend, ref=ref
+        f"sum by (instance) (increase({metric}{{{FILTER}}}[$__rate_interval]))", legend, ref=ref
+    )
+
+
+def _quantile(q: float) -> str:
+    """The fleet-wide ``q`` quantile of check durations: buckets summed per bound first."""
+    return (
+        f"histogram_quantile({q}, sum by (le) (rate({CHECK_BUCKETS}{{{FILTER}}}"
+        "[$__rate_interval])))"
     )
 
 
@@ -175,7 +193,7 @@ def _counter_bars(title: str, description: str, *targets: JSON) -> JSON:
 
 def _panels() -> list[tuple[JSON, tuple[int, int]]]:
     """Panels in reading order, each with its (width, height); _layout() places them."""
-    deny = f'decision="DENY", {INSTANCE}'
+    deny = f'decision="DENY", {FILTER}'
     stat_h, graph_h = 5, 9
     return [
         (
@@ -184,7 +202,7 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
                 "Overrides attempted on releases blocked for an absolute reason (GUARD_VIOLATION,"
                 " OPS_GATE_FAIL), summed over the selected instances for the dashboard's time "
                 "range. Anything above 0 is a ReleaseGateContractBreach alert: see the runbook.",
-                f"sum(increase(release_gate_contract_breach_total{{{INSTANCE}}}[$__range]))",
+                f"sum(increase(release_gate_contract_breach_total{{{FILTER}}}[$__range]))",
                 unit="none",
                 red_at=1,
             ),
@@ -195,7 +213,7 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
                 "Audit write failures",
                 "Gate checks whose audit entry could not be written, and which were therefore "
                 "denied (fail-closed), summed over the selected instances for the time range.",
-                f"sum(increase(release_gate_audit_write_failures_total{{{INSTANCE}}}[$__range]))",
+                f"sum(increase(release_gate_audit_write_failures_total{{{FILTER}}}[$__range]))",
                 unit="none",
                 red_at=1,
             ),
@@ -218,7 +236,7 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
                 "Share of gate checks that returned DENY over the time range, across the "
                 "selected instances.",
                 f"sum(increase(release_gate_decision_total{{{deny}}}[$__range]))"
-                f" / sum(increase(release_gate_decision_total{{{INSTANCE}}}[$__range]))",
+                f" / sum(increase(release_gate_decision_total{{{FILTER}}}[$__range]))",
                 unit="percentunit",
                 red_at=None,
             ),
@@ -231,7 +249,7 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
                 [
                     _target(
                         "sum by (decision) (rate(release_gate_decision_total"
-                        f"{{{INSTANCE}}}[$__rate_interval]))",
+                        f"{{{FILTER}}}[$__rate_interval]))",
                         "{{decision}}",
                     )
                 ],
@@ -251,7 +269,7 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
                     [
                         _target(
                             "sort_desc(sum by (reason) (increase(release_gate_reason_total"
-                            f"{{{INSTANCE}}}[$__range])))",
+                            f"{{{FILTER}}}[$__range])))",
                             "{{reason}}",
                             instant=True,
                         )
@@ -292,6 +310,23 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
             (10, graph_h),
         ),
         (
+            _timeseries(
+                "Check latency",
+                "p50 and p99 of the time one gate check spends, its audit write included "
+                "(release_gate_check_duration_seconds), across the selected instances: their "
+                "buckets are summed, never their quantiles averaged. ReleaseGateSlowChecks fires "
+                f"when one host's p99 stays above {SLOW_CHECK_SECONDS * 1000:.0f} ms (the red "
+                "area) for 15 minutes. No line: no checks in the interval.",
+                [
+                    _target(_quantile(0.5), "p50"),
+                    _target(_quantile(0.99), "p99", ref="B"),
+                ],
+                unit="s",
+                threshold_line=SLOW_CHECK_SECONDS,
+            ),
+            (12, 8),
+        ),
+        (
             _counter_bars(
                 "Breaches and audit write failures per instance",
                 "Per instance, to tell which host's audit log to read: contract breaches and "
@@ -301,7 +336,7 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
                     "release_gate_audit_write_failures_total", "audit failure {{instance}}", "B"
                 ),
             ),
-            (24, 8),
+            (12, 8),
         ),
         (
             _timeseries(
@@ -314,12 +349,27 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
                 [
                     _target(
                         "max by (instance) (time() - node_textfile_mtime_seconds"
-                        f"{{{TEXTFILE}, {INSTANCE}}})",
+                        f"{{{TEXTFILE}, {FILTER}}})",
                         "{{instance}}",
                     )
                 ],
                 unit="s",
                 threshold_line=TEXTFILE_STALE_SECONDS,
+            ),
+            (12, 8),
+        ),
+        (
+            _counter_bars(
+                "Incomplete scrapes",
+                "Per instance: scrapes node_exporter served without some of its metrics because "
+                'gathering failed (promhttp_metric_handler_errors_total{cause="gathering"}), '
+                "in each interval; most often two .prom files export the same series. See "
+                "ReleaseGateTextfileGatheringErrors.",
+                _target(
+                    "sum by (instance) (increase(promhttp_metric_handler_errors_total"
+                    f'{{cause="gathering", {FILTER}}}[$__rate_interval]))',
+                    "{{instance}}",
+                ),
             ),
             (12, 8),
         ),
@@ -352,15 +402,84 @@ def _panels() -> list[tuple[JSON, tuple[int, int]]]:
                 "not running.",
                 [
                     _target(
-                        f"sum by (state) (release_gate_shards{{{INSTANCE}}})",
+                        f"sum by (state) (release_gate_shards{{{FILTER}}})",
                         "{{state}}",
                     )
                 ],
                 unit="none",
             ),
-            (12, 8),
+            (24, 8),
         ),
     ]
+
+
+#: The alerts each panel shows, by panel title: the panel links their runbook sections.
+PANEL_ALERTS: dict[str, tuple[str, ...]] = {
+    "Contract breaches": ("ReleaseGateContractBreach",),
+    "Audit write failures": ("ReleaseGateAuditWriteFailure",),
+    "DENY decisions": ("ReleaseGateDenySpike",),
+    "Allow vs deny rate": ("ReleaseGateDenySpike",),
+    "Top deny reasons": ("ReleaseGateDenySpike",),
+    "Check latency": ("ReleaseGateSlowChecks",),
+    "Breaches and audit write failures per instance": (
+        "ReleaseGateContractBreach",
+        "ReleaseGateAuditWriteFailure",
+    ),
+    "Textfile age": ("ReleaseGateTextfileStale", "ReleaseGateTextfileMissing"),
+    "Incomplete scrapes": ("ReleaseGateTextfileGatheringErrors",),
+    "Shard write failures": ("ReleaseGateMetricWriteFailures",),
+    "Quarantined shards": ("ReleaseGateShardsQuarantined",),
+}
+
+
+def runbook_urls() -> dict[str, str]:
+    """Each alert's runbook_url annotation, as ptf-admin-alerts.yml declares it."""
+    with ALERT_RULES.open(encoding="utf-8") as f:
+        groups = yaml.safe_load(f)["groups"]
+    return {
+        rule["alert"]: rule["annotations"]["runbook_url"]
+        for group in groups
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+
+def _runbook_links(title: str, urls: dict[str, str]) -> list[JSON]:
+    """Panel links to the runbook sections of the panel's alerts, taken from the alert rules
+    (so a renamed alert or a moved section cannot leave a dead link behind)."""
+    links = []
+    for alert in PANEL_ALERTS.get(title, ()):
+        if alert not in urls:
+            raise KeyError(f"panel {title!r} names {alert}, which no alert rule defines")
+        links.append(
+            {
+                "asDropdown": False,
+                "icon": "doc",
+                "includeVars": False,
+                "keepTime": False,
+                "tags": [],
+                "targetBlank": True,
+                "title": f"Runbook: {alert}",
+                "tooltip": f"What to do when {alert} fires",
+                "type": "link",
+                "url": urls[alert],
+            }
+        )
+    return links
+
+
+def _with_runbook_links(
+    panels: list[tuple[JSON, tuple[int, int]]],
+) -> list[tuple[JSON, tuple[int, int]]]:
+    titles = {panel["title"] for panel, _ in panels}
+    if unknown := sorted(set(PANEL_ALERTS) - titles):
+        raise KeyError(f"PANEL_ALERTS names panels that do not exist: {unknown}")
+    urls = runbook_urls()
+    linked = []
+    for panel, size in panels:
+        links = _runbook_links(panel["title"], urls)
+        linked.append(({**panel, "links": links} if links else panel, size))
+    return linked
 
 
 def _layout(panels: list[tuple[JSON, tuple[int, int]]]) -> list[JSON]:
@@ -412,7 +531,7 @@ def dashboard() -> JSON:
                 "url": RUNBOOK,
             }
         ],
-        "panels": _layout(_panels()),
+        "panels": _layout(_with_runbook_links(_panels())),
         "refresh": "1m",
         "schemaVersion": SCHEMA_VERSION,
         "tags": ["gatemetrics", "ptf-admin", "release-gate"],
@@ -429,6 +548,26 @@ def dashboard() -> JSON:
                     "refresh": 1,
                     "regex": "",
                     "type": "datasource",
+                },
+                {
+                    "allValue": ".*",
+                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                    "datasource": DATASOURCE,
+                    "hide": 0,
+                    "includeAll": True,
+                    "label": "Job",
+                    "multi": True,
+                    "name": "job",
+                    "options": [],
+                    "query": {
+                        "qryType": 1,
+                        "query": "label_values(release_gate_decision_total, job)",
+                        "refId": "PrometheusVariableQueryEditor-VariableQuery",
+                    },
+                    "refresh": 2,
+                    "regex": "",
+                    "sort": 1,
+                    "type": "query",
                 },
                 {
                     "allValue": ".*",

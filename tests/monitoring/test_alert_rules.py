@@ -36,6 +36,8 @@ from tests.monitoring_tools import (
     wait_until,
     write_textfile,
 )
+from tests.monitoring_tools import monitoring_stack as start_stack
+from tests.processes import require_tool
 
 # Run by the nox session `monitoring`; the `tests` session deselects this marker.
 pytestmark = pytest.mark.monitoring
@@ -49,6 +51,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "ReleaseGateTextfileMissing": ("warning", "5m"),
     "ReleaseGateMetricWriteFailures": ("warning", "15m"),
     "ReleaseGateShardsQuarantined": ("warning", None),
+    "ReleaseGateTextfileGatheringErrors": ("warning", "5m"),
+    "ReleaseGateSlowChecks": ("warning", "15m"),
 }
 
 _SERIES = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
@@ -180,6 +184,60 @@ MUTATIONS = {
         "pipeline",
         "ptf-admin-runbook.md#releasegateshardsquarantined",
         "ptf-admin-runbook.md#releasegatemetricwritefailures",
+    ),
+    "missing fires for a fleet of pods that has no textfile": (
+        "pipeline",
+        "          absent(group by (job) (release_gate_decision_total))\n          and\n",
+        "",
+    ),
+    "gathering errors of hosts without the gate": (
+        "pipeline",
+        "          and on (job, instance)\n          group by (job, instance) (node_textfile_mtime",
+        "          or on (job, instance)\n          group by (job, instance) (node_textfile_mtime",
+    ),
+    "encoding errors counted as gathering errors": (
+        "pipeline",
+        'increase(promhttp_metric_handler_errors_total{cause="gathering"}[5m])',
+        "increase(promhttp_metric_handler_errors_total[5m])",
+    ),
+    "gathering errors fire on a single failed scrape": (
+        "pipeline",
+        'release_gate[.]prom"})\n        for: 5m\n        labels:\n          severity: warning\n'
+        "          team: ptf-admin\n          service: release-gate\n        annotations:\n"
+        '          summary: "node_exporter',
+        'release_gate[.]prom"})\n        labels:\n          severity: warning\n'
+        "          team: ptf-admin\n          service: release-gate\n        annotations:\n"
+        '          summary: "node_exporter',
+    ),
+    "slow checks at the median instead of p99": (
+        "latency",
+        "histogram_quantile(0.99, sum by (job, instance, le)",
+        "histogram_quantile(0.5, sum by (job, instance, le)",
+    ),
+    "slow checks over the fleet instead of per host": (
+        "latency",
+        "histogram_quantile(0.99, sum by (job, instance, le)",
+        "histogram_quantile(0.99, sum by (le)",
+    ),
+    "slow checks threshold a bucket higher": (
+        "latency",
+        "(rate(release_gate_check_duration_seconds_bucket[10m]))) > 0.25",
+        "(rate(release_gate_check_duration_seconds_bucket[10m]))) > 0.5",
+    ),
+    "slow checks without the traffic guard": (
+        "latency",
+        "increase(release_gate_check_duration_seconds_count[10m])) >= 10",
+        "increase(release_gate_check_duration_seconds_count[10m])) >= 0",
+    ),
+    "slow checks traffic guard exclusive": (
+        "latency",
+        "increase(release_gate_check_duration_seconds_count[10m])) >= 10",
+        "increase(release_gate_check_duration_seconds_count[10m])) > 10",
+    ),
+    "slow checks fire before 15 minutes": (
+        "latency",
+        "[10m])) >= 10\n        for: 15m\n",
+        "[10m])) >= 10\n        for: 10m\n",
     ),
 }
 
@@ -408,3 +466,137 @@ def test_rules_evaluate_in_real_prometheus_and_a_breach_fires(
     }
     assert alert["annotations"]["summary"] == f"Release gate contract breach on {instance}"
     assert f"on {instance} (job node)" in alert["annotations"]["description"]
+
+
+def test_duplicate_series_across_textfiles_break_gathering_in_real_node_exporter(
+    promtool: str, node_exporter: str, tmp_path: Path
+) -> None:
+    # What ReleaseGateTextfileGatheringErrors relies on, with node_exporter 1.5: a second .prom
+    # file exporting the same series parses fine (no scrape error), but gathering refuses the
+    # duplicate, serves the first file's copy by name, and counts an error on every scrape.
+    textfile_dir = tmp_path / "textfile"
+    textfile_dir.mkdir()
+    store = GateMetricStore()
+    store.record_outcome(True, [])
+    path = write_textfile(textfile_dir, textfile_exposition(store))
+    # An old copy left under another name that sorts first: its counts are the ones served.
+    copy = write_textfile(textfile_dir, textfile_exposition(GateMetricStore()), "a-copy.prom")
+
+    def values(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> Any:
+        return [v for n, lab, v in samples if n == name and lab == labels]
+
+    def gathering_errors(samples: list[tuple[str, dict[str, str], float]]) -> float:
+        (value,) = values(samples, "promhttp_metric_handler_errors_total", cause="gathering")
+        return float(value)
+
+    with ExitStack() as stack:
+        url = start_node_exporter(node_exporter, textfile_dir, tmp_path / "ne.log", stack)
+        # The counter a scrape shows was counted by the scrapes before it.
+        samples = wait_until(
+            lambda: (s := scrape(url)) and gathering_errors(s) >= 2 and s,
+            timeout=30,
+            what="two gathering errors",
+        )
+        assert ("node_textfile_scrape_error", {}, 0.0) in samples  # the other signal misses it
+        mtimes = [labels for name, labels, _ in samples if name == "node_textfile_mtime_seconds"]
+        assert sorted(m["file"] for m in mtimes) == sorted([str(path), str(copy)])
+        # The stale copy's count, not the 1 of release_gate.prom.
+        assert values(samples, "release_gate_decision_total", decision="ALLOW") == [0.0]
+        assert "was collected before with the same name and label values" in (
+            tmp_path / "ne.log"
+        ).read_text(errors="replace")
+        # The copy removed: the next scrapes gather cleanly, the counter stops rising.
+        copy.unlink()
+        after = gathering_errors(scrape(url))
+        samples = scrape(url)
+        assert gathering_errors(samples) == after
+        assert values(samples, "release_gate_decision_total", decision="ALLOW") == [1.0]
+
+    # Feed the exact label sets node_exporter produced to the alert: errors on every scrape
+    # (4 a minute) from 10m on a host that exports release_gate.prom.
+    (tmp_path / "rules.yml").write_text(ALERT_RULES.read_text(encoding="utf-8"), "utf-8")
+    host = 'instance="h:9100", job="node"'
+    errors = f'promhttp_metric_handler_errors_total{{cause="gathering", {host}}}'
+    rule = rules_by_alert()["ReleaseGateTextfileGatheringErrors"]
+    spec = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": errors,
+                        "values": "0x10 4+4x29",
+                    },
+                    {
+                        "series": f'node_textfile_mtime_seconds{{file="{path}", {host}}}',
+                        "values": "0+60x40",
+                    },
+                    {
+                        "series": f'node_textfile_mtime_seconds{{file="{copy}", {host}}}',
+                        "values": "0x40",
+                    },
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "16m",
+                        "alertname": "ReleaseGateTextfileGatheringErrors",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    **rule["labels"],
+                                    "cause": "gathering",
+                                    "instance": "h:9100",
+                                    "job": "node",
+                                },
+                                "exp_annotations": {
+                                    "summary": "node_exporter serves incomplete scrapes on h:9100",
+                                    "description": rule["annotations"]["description"]
+                                    .replace("{{ $labels.instance }}", "h:9100")
+                                    .replace("{{ $labels.job }}", "node")
+                                    .replace("{{ $value | humanize }}", "20"),
+                                    "runbook_url": rule["annotations"]["runbook_url"],
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "real-labels.test.yml"
+    test_file.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    result = promtool_test(promtool, test_file)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_duplicate_textfile_makes_the_gathering_alert_pending_in_real_prometheus(
+    node_exporter: str, tmp_path: Path
+) -> None:
+    # Its own stack (the shared one must stay healthy): a copy of release_gate.prom appears,
+    # real Prometheus scrapes the real node_exporter, and the rule holds the alert pending (its
+    # `for: 5m` is longer than a test should wait), labelled as the unit tests expect.
+    prometheus = require_tool("prometheus")
+    with start_stack(node_exporter, prometheus, tmp_path) as stack:
+        name = "ReleaseGateTextfileGatheringErrors"
+        assert [a for a in stack.alerts() if a["labels"]["alertname"] == name] == []
+        exposition = (stack.textfile_dir / "release_gate.prom").read_text(encoding="utf-8")
+        write_textfile(stack.textfile_dir, exposition, "release_gate-copy.prom")
+
+        def pending() -> list[dict[str, Any]]:
+            return [a for a in stack.alerts() if a["labels"]["alertname"] == name]
+
+        (alert,) = wait_until(pending, timeout=30, what=f"{name} pending")
+        instance = stack.node_exporter_url.removeprefix("http://")
+        assert alert["state"] == "pending"
+        assert alert["labels"] == {
+            "alertname": name,
+            "cause": "gathering",
+            "instance": instance,
+            "job": "node",
+            **rules_by_alert()[name]["labels"],
+        }
+        assert alert["annotations"]["summary"] == (
+            f"node_exporter serves incomplete scrapes on {instance}"
+        )

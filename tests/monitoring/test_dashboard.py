@@ -255,13 +255,20 @@ def test_the_panels_the_issue_asks_for_are_there() -> None:
             if p["type"] == kind and any(metric in t["expr"] for t in p["targets"])
         ]
 
-    assert find("timeseries", 'rate(release_gate_decision_total{instance=~"$instance"}')
+    # Filtered by both variables (the job variable came second, so its matcher comes first).
+    assert find(
+        "timeseries", 'rate(release_gate_decision_total{job=~"$job", instance=~"$instance"}'
+    )
     assert find("barchart", "release_gate_reason_total")
     assert find("stat", "release_gate_contract_breach_total")
     assert find("stat", "release_gate_audit_write_failures_total")
     assert find("timeseries", "release_gate_metric_write_failures_total")
     assert find("timeseries", "release_gate_quarantined_shards_total")
     assert find("timeseries", "node_textfile_mtime_seconds")
+    assert find(
+        "timeseries", "histogram_quantile(0.99, sum by (le) (rate(release_gate_check_duration"
+    )
+    assert find("timeseries", 'promhttp_metric_handler_errors_total{cause="gathering"')
 
 
 def test_fleet_wide_queries_sum_across_instances() -> None:
@@ -270,7 +277,10 @@ def test_fleet_wide_queries_sum_across_instances() -> None:
         for target in panel["targets"]:
             expr = target["expr"]
             # Every query aggregates: a raw selector would draw one line per host and series.
-            assert re.match(r"(sort_desc\()?(sum|max)\b", expr), (panel["title"], expr)
+            # A quantile aggregates the buckets first (sum by (le)), then takes the quantile.
+            assert re.match(
+                r"(sort_desc\()?(sum|max)\b|histogram_quantile\(0\.\d+, sum by \(le\) ", expr
+            ), (panel["title"], expr)
             by_instance = any("instance" in g for g in re.findall(r"\bby \(([^)]*)\)", expr))
             # A per-instance breakdown is deliberate and says so; all else is fleet-wide.
             assert by_instance == per_instance, (panel["title"], expr)
@@ -322,3 +332,75 @@ def test_every_query_returns_data_from_real_prometheus(monitoring_stack: Monitor
     m = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]["query"])
     assert m is not None
     assert monitoring_stack.query(f"group by ({m[2]}) ({m[1]})")
+
+
+# -- the job variable, the runbook links, the latency panel ----------------------------------
+
+_SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}")
+
+
+def test_job_variable_filters_every_query() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert list(variables) == ["datasource", "job", "instance"]
+    job = variables["job"]
+    assert job["type"] == "query"
+    assert job["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert job["query"]["query"] == "label_values(release_gate_decision_total, job)"
+    assert job["includeAll"] is True
+    assert job["allValue"] == ".*"
+    for title, expr in expressions():
+        selectors = _SELECTOR.findall(expr)
+        assert selectors, (title, expr)
+        for metric, matchers in selectors:
+            assert 'job=~"$job"' in matchers, (title, metric)
+            assert 'instance=~"$instance"' in matchers, (title, metric)
+
+
+def test_job_variable_selects_in_real_prometheus(monitoring_stack: MonitoringStack) -> None:
+    # Its values exist, and a job that is not there empties every panel: the filter is real.
+    assert monitoring_stack.query("group by (job) (release_gate_decision_total)")
+    variables = {**GRAFANA_VARIABLES, "__rate_interval": "10s", "__range": "1h"}
+    for title, expr in expressions():
+        ours = grafana_to_promql(expr, {**variables, "job": "node"})
+        assert monitoring_stack.query(ours), title
+        other = grafana_to_promql(expr, {**variables, "job": "no-such-job"})
+        assert monitoring_stack.query(other) == [], title
+
+
+def test_panels_link_the_runbook_sections_of_their_alerts() -> None:
+    rules = rules_by_alert()
+    linked: set[str] = set()
+    for panel in panels():
+        for link in panel.get("links", []):
+            alert = link["title"].removeprefix("Runbook: ")
+            assert alert in rules, (panel["title"], link["title"])
+            assert link["url"] == rules[alert]["annotations"]["runbook_url"]
+            assert link["targetBlank"] is True
+            linked.add(alert)
+    # Every alert is one click away from a panel that shows it.
+    assert linked == set(rules)
+
+
+def test_builder_refuses_links_it_cannot_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    builder = load_builder()
+    monkeypatch.setattr(builder, "PANEL_ALERTS", {"Check latency": ("NoSuchAlert",)})
+    with pytest.raises(KeyError, match="NoSuchAlert, which no alert rule defines"):
+        builder.render()
+    monkeypatch.setattr(builder, "PANEL_ALERTS", {"No such panel": ()})
+    with pytest.raises(KeyError, match="No such panel"):
+        builder.render()
+
+
+def test_latency_panel_shows_fleet_p50_and_p99_with_the_alert_threshold() -> None:
+    (panel,) = (p for p in panels() if p["title"] == "Check latency")
+    quantiles = {
+        t["legendFormat"]: re.match(r"histogram_quantile\(([\d.]+), sum by \(le\) ", t["expr"])
+        for t in panel["targets"]
+    }
+    assert {k: m and m.group(1) for k, m in quantiles.items()} == {"p50": "0.5", "p99": "0.99"}
+    assert panel["fieldConfig"]["defaults"]["unit"] == "s"
+    rule = rules_by_alert()["ReleaseGateSlowChecks"]["expr"]
+    threshold = float(re.search(r"\) > ([\d.]+) and on ", rule).group(1))  # type: ignore[union-attr]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[-1]["value"] == threshold
+    assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off"

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
+from backend.app.testing.gate_metrics import GateMetricStore
 from tests.monitoring_tools import (
     ROOT,
     RUNBOOK,
@@ -31,6 +32,8 @@ from tests.monitoring_tools import (
     promtool_check_expressions,
     rules_by_alert,
     run,
+    textfile_exposition,
+    write_textfile,
 )
 from tests.processes import require_tool
 
@@ -320,3 +323,31 @@ def test_every_audit_log_command_of_the_runbook_runs(tmp_path: Path) -> None:
     (spike_block,) = fenced_blocks(sections()["ReleaseGateDenySpike"], "sh")
     by_scope = run_commands(window_block() + spike_block, log).stdout.split()
     assert by_scope == ["2", "svc-a", "1", "svc-b"]
+
+
+def test_duplicate_series_command_names_each_series_and_the_files_that_export_it(
+    tmp_path: Path,
+) -> None:
+    # ReleaseGateTextfileGatheringErrors: the command on-call runs in the textfile directory.
+    (block,) = fenced_blocks(sections()["ReleaseGateTextfileGatheringErrors"], "sh")
+    default = "/var/lib/node_exporter/textfile"
+    assert f"cd {default}\n" in block
+    textfile_dir = tmp_path / "textfile"
+    textfile_dir.mkdir()
+    exposition = textfile_exposition(GateMetricStore())
+    write_textfile(textfile_dir, exposition)
+    write_textfile(textfile_dir, exposition, "a-copy.prom")  # the stale copy
+    # Label values with spaces, a series in one file only, and a file that is not *.prom.
+    write_textfile(textfile_dir, '# HELP x X.\n# TYPE x gauge\nx{a="b c"} 1\ny 1\n', "b.prom")
+    write_textfile(textfile_dir, '# HELP x X.\n# TYPE x gauge\nx{a="b c"} 2\n', "c.prom")
+    write_textfile(textfile_dir, exposition, "release_gate.prom.bak")
+    result = run_commands(block.replace(default, str(textfile_dir)), tmp_path / "audit.jsonl")
+    assert result.returncode == 0, result.stderr
+    gate_series = [
+        line.rsplit(" ", 1)[0] for line in exposition.splitlines() if not line.startswith("#")
+    ]
+    expected = sorted(
+        [f"{series}: a-copy.prom release_gate.prom" for series in gate_series]
+        + ['x{a="b c"}: b.prom c.prom']
+    )
+    assert result.stdout.splitlines() == expected
