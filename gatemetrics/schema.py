@@ -100,6 +100,7 @@ class Family:
     # Every label's (name, values), however declared, and the number of series: computed once
     # (the exposition and the slot tables ask on every use).
     _pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(init=False, repr=False, compare=False)
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _width: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +127,7 @@ class Family:
         else:
             object.__setattr__(self, "labels", pairs)
         object.__setattr__(self, "_pairs", pairs)
+        object.__setattr__(self, "_names", tuple(n for n, _ in pairs))
         width = 1
         for _, values in pairs:
             width *= len(values)
@@ -140,7 +142,7 @@ class Family:
     @property
     def label_names(self) -> tuple[str, ...]:
         """The family's label names in declared order (``()`` for a family without a label)."""
-        return tuple(n for n, _ in self._pairs)
+        return self._names
 
     @property
     def width(self) -> int:
@@ -166,23 +168,29 @@ class Family:
         :class:`SchemaError` when a declared label is missing or a name is not one of the
         family's (the values themselves are checked by :meth:`Schema.slot`).
         """
-        names = self.label_names
-        if len(labels) != len(names) or any(n not in labels for n in names):
-            unknown = sorted(str(n)[:60] for n in labels if n not in names)
-            missing = [n for n in names if n not in labels]
-            problem = "unknown label " + ", ".join(unknown) if unknown else ""
-            if missing:
-                problem += ("; " if problem else "") + "missing label " + ", ".join(missing)
-            raise SchemaError(self.key, problem or "labels do not match the family's")
-        out: list[str] = []
-        for n in names:
-            v = labels[n]
-            if not isinstance(v, str):
+        # map() over the names and one plain loop: this runs on every record call by name.
+        names = self._names
+        try:
+            out: tuple[object, ...] = tuple(map(labels.__getitem__, names))
+        except KeyError:
+            out = ()
+        if len(out) != len(labels) or not out:
+            self._raise_label_mismatch(labels)
+        for i in range(len(out)):
+            if not isinstance(out[i], str):
                 raise SchemaError(
-                    f"{self.key}.{n}", f"label values must be strings, got {_tname(v)}"
+                    f"{self.key}.{names[i]}", f"label values must be strings, got {_tname(out[i])}"
                 )
-            out.append(v)
-        return tuple(out)
+        return out  # type: ignore[return-value]  # every element checked to be a str
+
+    def _raise_label_mismatch(self, labels: Mapping[str, object]) -> None:
+        names = self._names
+        unknown = sorted(str(n)[:60] for n in labels if n not in names)
+        missing = [n for n in names if n not in labels]
+        problem = "unknown label " + ", ".join(unknown) if unknown else ""
+        if missing:
+            problem += ("; " if problem else "") + "missing label " + ", ".join(missing)
+        raise SchemaError(self.key, problem or "labels do not match the family's")
 
 
 def _declared_labels(

@@ -62,7 +62,7 @@ class Snapshot:
 
     def get(self, key: str, /, value: LabelValues = None, **labels: str) -> int:
         """The count of one series (named as :meth:`CounterStore.increment` names it)."""
-        return self.counts[self.schema.slot(key, _series(key, value, labels))]
+        return self.counts[self.schema.slot(key, _series(self.schema, key, value, labels))]
 
     def family(self, key: str) -> dict[str, int]:
         """Counts of a family with one label by label value, in schema order (see
@@ -168,7 +168,7 @@ class CounterStore:
         nothing. (Labels named ``value`` or ``amount`` are named through a mapping:
         ``increment("k", {"value": "x"})``.)
         """
-        slot = self._schema.slot(key, _series(key, value, labels))
+        slot = self._schema.slot(key, _series(self._schema, key, value, labels))
         if type(amount) is not int or amount < 0:
             raise SchemaError(key, f"amount must be a non-negative int, got {amount!r}")
         self._add((slot,), amount, check=True)
@@ -218,7 +218,7 @@ class CounterStore:
 
     def get(self, key: str, /, value: LabelValues = None, **labels: str) -> int:
         """The current count of one series (named as :meth:`increment` names it)."""
-        slot = self._schema.slot(key, _series(key, value, labels))
+        slot = self._schema.slot(key, _series(self._schema, key, value, labels))
         with self._lock:
             return self._counts[slot]
 
@@ -368,10 +368,12 @@ class SeriesHandle:
     store starts again at zero, and the handle counts into it).
     """
 
-    __slots__ = ("_slots", "_store", "key", "values")
+    __slots__ = ("_add", "_slots", "_store", "key", "values")
 
     def __init__(self, store: CounterStore, key: str, values: tuple[str, ...], slot: int) -> None:
         self._store = store
+        # The store's one write, bound once: this is the whole cost of a cached handle's inc.
+        self._add = store._add
         self._slots = (slot,)
         self.key = key
         self.values = values
@@ -381,20 +383,26 @@ class SeriesHandle:
         or when the count would exceed 2**63-1, and nothing changes."""
         if type(amount) is not int or amount < 0:
             raise SchemaError(self.key, f"amount must be a non-negative int, got {amount!r}")
-        self._store._add(self._slots, amount, check=True)
+        # Checked even for 1: an inc(2**63 - 1) may have come first.
+        self._add(self._slots, amount, check=True)
 
     def get(self) -> int:
         """The series' current count."""
         return self._store.get(self.key, self.values if len(self.values) > 1 else self.values[0])
 
 
-def _series(key: str, value: LabelValues, labels: Mapping[str, str]) -> LabelValues:
-    """The series a reader or writer names: ``value``, or the label values given by name."""
+def _series(schema: Schema, key: str, value: LabelValues, labels: Mapping[str, str]) -> LabelValues:
+    """The series a reader or writer names: ``value``, or the label values given by name in
+    the form :meth:`Schema.slot` looks up directly (a mapping would take its slow path)."""
     if not labels:
         return value
     if value is not None:
         raise SchemaError(key, "give the label values either positionally or by name")
-    return labels
+    fam = schema.family(key)
+    if not fam.label_pairs:
+        raise SchemaError(key, "family has no label")
+    values = fam.label_values(labels)
+    return values[0] if fam.label is not None else values
 
 
 def _key_of(schema: Schema, slot: int) -> str:
