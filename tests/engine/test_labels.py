@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -364,6 +365,41 @@ def test_a_labelled_family_handle_needs_its_labels_and_an_unlabelled_one_has_non
     with pytest.raises(SchemaError, match="unknown family"):
         store.family("nope")
     assert store.snapshot().counts == (0,) * REQUESTS_SCHEMA.size
+
+
+def test_handles_shared_by_threads_count_exactly_and_notify_once_per_inc() -> None:
+    store = CounterStore(REQUESTS_SCHEMA)
+    calls: list[int] = []
+    store.set_change_hook(lambda: calls.append(1))
+    child = store.family("requests").labels("search", "4xx")
+    threads, per_thread = 8, 2_000
+    barrier = threading.Barrier(threads)
+
+    def work() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            child.inc()
+            store.family("requests").labels(route="search", code="5xx").inc(2)
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert child.get() == threads * per_thread
+    assert store.get("requests", ("search", "5xx")) == 2 * threads * per_thread
+    assert len(calls) == 2 * threads * per_thread
+
+
+def test_a_handle_counts_into_restored_counts() -> None:
+    store = CounterStore(REQUESTS_SCHEMA)
+    child = store.family("requests").labels("refund", "5xx")
+    child.inc()
+    saved = store.to_dict()
+    saved["requests"]["refund"]["5xx"] = 40
+    store.restore(saved)
+    child.inc(2)
+    assert store.get("requests", route="refund", code="5xx") == 42
 
 
 def test_a_write_through_handle_saves_every_inc(tmp_path: Path) -> None:
