@@ -30,7 +30,9 @@ Shard format v2, all integers little-endian::
     + slot stride       slot B (odd seq)
 
 A reader whose schema has the same fingerprint never parses the schema record; one with another
-schema maps the cells through it, when the file's schema is a subset of its own.
+schema maps the cells through it, when the file's schema is a subset of its own. A family with
+several labels is recorded with ``"label"`` the list of its names and ``"values"`` one list per
+label (:func:`_recorded_labels`), which a reader without several labels never takes for its own.
 
 A slot is ``seq (u64), store_generation (u64), saved_at (f64), store start (f64), one i64 per
 integer cell, one f64 per float cell`` followed by the crc32 of those bytes. The identity
