@@ -336,7 +336,10 @@ class FamilyHandle:
             if values:
                 raise SchemaError(self.family.key, "give label values by position or by name")
             values = self.family.label_values(named)
-        child = self._children.get(values)
+        try:
+            child = self._children.get(values)
+        except TypeError:  # an unhashable value: refused as any undeclared one, below
+            child = None
         if child is None:
             child = self._resolve(values)
         return child
@@ -350,6 +353,10 @@ class FamilyHandle:
             raise SchemaError(fam.key, f"expected {len(fam.label_pairs)} label values ({names})")
         # Through Schema.slot, the one check of a series: a handle can name nothing it refuses.
         slot = self._store.schema.slot(fam.key, values[0] if fam.label is not None else values)
+        if not all(type(v) is str for v in values):
+            # Equal to a declared value, yet not a str (a str subclass): kept as the plain value,
+            # so the cache and the handle hold only the family's own strings.
+            values = tuple(str.__str__(v) for v in values)
         return self._children.setdefault(values, SeriesHandle(self._store, fam.key, values, slot))
 
     def inc(self, amount: int = 1) -> None:

@@ -330,6 +330,8 @@ def test_a_handle_resolves_once_and_counts_into_its_series() -> None:
         ((), {"route": "checkout"}, "missing label code"),
         ((), {"route": "checkout", "code": "2xx", "x": "y"}, "unknown label x"),
         (("checkout",), {"code": "2xx"}, "by position or by name"),
+        ((["checkout"], "2xx"), {}, "requests.route: unknown label value"),
+        ((7, "2xx"), {}, "requests.route: unknown label value"),
         ((), {}, "expected 2 label values"),
     ],
 )
