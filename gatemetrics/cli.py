@@ -593,8 +593,9 @@ def _series_totals(result: Aggregate) -> list[tuple[str, int]]:
     totals: list[tuple[str, int]] = []
     i = 0
     for fam in snap.schema.families:
-        for value in fam.values if fam.label is not None else (None,):
-            series = fam.name if value is None else f'{fam.name}{{{fam.label}="{value}"}}'
+        for pairs in fam.series_labels:
+            inner = ",".join(f'{name}="{value}"' for name, value in pairs)
+            series = f"{fam.name}{{{inner}}}" if pairs else fam.name
             totals.append((series, snap.counts[i]))
             i += 1
     return totals

@@ -1,8 +1,10 @@
 """A strict little parser of the Prometheus text format, for asserting on what we render.
 
-It accepts only what our exposition is documented to produce (HELP, TYPE, samples with at most
-one label, integer values) and raises ``ValueError`` on anything else, so a test that parses our
-output also checks its shape.
+It accepts only what our exposition is documented to produce (HELP, TYPE, samples with labels in
+the family's declared order, integer values) and raises ``ValueError`` on anything else, so a
+test that parses our output also checks its shape. ``samples`` keys a sample by its one label
+pair (``None`` without a label), as the single-label tests read it; ``series`` keys every sample,
+with any number of labels, by its tuple of ``(name, value)`` pairs.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+_LABEL = r"[a-zA-Z_][a-zA-Z0-9_]*"
+_VALUE = r'(?:[^"\\\n]|\\[\\"n])*'
+_PAIRS = re.compile(rf'(?P<label>{_LABEL})="(?P<value>{_VALUE})"')
 _SAMPLE = re.compile(
     r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r'(?:\{(?P<label>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\\n]|\\[\\"n])*)"\})?'
+    rf'(?:\{{(?P<labels>{_LABEL}="{_VALUE}"(?:,{_LABEL}="{_VALUE}")*)\}})?'
     r" (?P<count>-?\d+)\Z"
 )
 _HELP = re.compile(r"# HELP (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*) (?P<text>.*)\Z")
@@ -29,6 +34,7 @@ class ParsedFamily:
     help: str = ""
     kind: str = ""
     samples: dict[tuple[str, str] | None, int] = field(default_factory=dict)
+    series: dict[tuple[tuple[str, str], ...], int] = field(default_factory=dict)
 
 
 def parse(text: str) -> dict[str, ParsedFamily]:
@@ -49,10 +55,16 @@ def parse(text: str) -> dict[str, ParsedFamily]:
         elif m := _SAMPLE.match(line):
             if current is None or current.name != m["name"] or not current.kind:
                 raise ValueError(f"line {lineno}: sample outside its family")
-            key = (m["label"], unescape(m["value"])) if m["label"] else None
-            if key in current.samples:
+            pairs = tuple(
+                (p["label"], unescape(p["value"])) for p in _PAIRS.finditer(m["labels"] or "")
+            )
+            if len({name for name, _ in pairs}) != len(pairs):
+                raise ValueError(f"line {lineno}: a label repeated")
+            if pairs in current.series:
                 raise ValueError(f"line {lineno}: duplicate series")
-            current.samples[key] = int(m["count"])
+            current.series[pairs] = int(m["count"])
+            if len(pairs) <= 1:
+                current.samples[pairs[0] if pairs else None] = int(m["count"])
         else:
             raise ValueError(f"line {lineno}: not understood: {line!r}")
     return families
