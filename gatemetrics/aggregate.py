@@ -1435,7 +1435,9 @@ class _KeptShards:
       a v2 name is never reused by another incarnation, so a kept descriptor is the file the
       owner writes through (a file renamed over it by hand is not seen until the owner dies);
     * entries are per directory inode and schema layout, taken out for the length of a run
-      (runs of one directory are serialised by its lock anyway), at most :attr:`LIMIT`
+      (concurrent readers of one directory, which shared locks allow, each get a set or none:
+      a run that finds none opens the shards afresh, and the set checked in last is kept),
+      at most :attr:`LIMIT`
       descriptors in all (the directories aggregated least recently give theirs up first),
       and a forked child closes its copies.
 
