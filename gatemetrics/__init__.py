@@ -3,10 +3,14 @@
 The engine knows nothing of release gates: it offers counter families with fixed label values,
 one label or several (:class:`Family`, :class:`Schema`), a thread-safe in-memory store
 (:class:`CounterStore`, with prometheus_client-style handles: :class:`FamilyHandle`), deterministic
-rendering (:func:`render_prometheus`, :func:`render_json`), per-process shards on
-disk (:func:`save_to_dir`, :func:`bind`, :class:`Shard`), the aggregator that merges and
-compacts a shard directory (:func:`aggregate_dir`), and anyio helpers (:func:`periodic_saver`,
-:func:`asave`). :mod:`gatemetrics.persistence` holds the public types of persistence (durability,
+rendering (:func:`render_prometheus`, :func:`render_openmetrics`, :func:`render_json`),
+per-process shards on disk (:func:`save_to_dir`, :func:`bind`, :class:`Shard`), the aggregator
+that merges and compacts a shard directory (:func:`aggregate_dir`) and its shared-lock read for
+scrapes (:func:`read_dir`), and anyio helpers (:func:`periodic_saver`, :func:`asave`,
+:func:`aread_dir`). ``/metrics`` for an app: :mod:`gatemetrics.http` (ASGI and WSGI, no
+dependency) and :mod:`gatemetrics.prometheus_client` (a collector for a prometheus_client
+registry; the ``prometheus`` extra).
+:mod:`gatemetrics.persistence` holds the public types of persistence (durability,
 modes, the :class:`PersistedStore` protocol between a store and its shard). Two file helpers
 are public for applications that persist next to the engine: :func:`write_file_atomically`
 (replace a whole file by temp file and rename) and :func:`try_flock`/:func:`flock_until` (the
@@ -28,20 +32,25 @@ from gatemetrics.aggregate import (
     default_namespace,
     is_shard_file,
     pipeline_schema,
+    read_dir,
     recorded_schema,
 )
-from gatemetrics.aio import asave, periodic_saver
+from gatemetrics.aio import aread_dir, asave, periodic_saver
 from gatemetrics.errors import GatemetricsError, LockTimeoutError, SchemaError, ShardWriteError
 from gatemetrics.exposition import (
     CONTENT_TYPE,
+    OPENMETRICS_CONTENT_TYPE,
     FamilySamples,
     Sample,
     escape_help,
     escape_label_value,
+    openmetrics_text,
     render_json,
+    render_openmetrics,
     render_prometheus,
     samples,
 )
+from gatemetrics.http import ExpositionFormat, metrics_asgi_app, metrics_wsgi_app, negotiate
 from gatemetrics.persistence import PersistedStore, SaveState
 from gatemetrics.schema import (
     MAX_COUNT,
@@ -72,6 +81,7 @@ from gatemetrics.store import CounterStore, FamilyHandle, SeriesHandle, Snapshot
 __all__ = [
     "CONTENT_TYPE",
     "MAX_COUNT",
+    "OPENMETRICS_CONTENT_TYPE",
     "Aggregate",
     "ArchiveReport",
     "Binding",
@@ -79,6 +89,7 @@ __all__ = [
     "CounterStore",
     "CountsDict",
     "Durability",
+    "ExpositionFormat",
     "Family",
     "FamilyHandle",
     "FamilySamples",
@@ -100,6 +111,7 @@ __all__ = [
     "ShardWriteError",
     "Snapshot",
     "aggregate_dir",
+    "aread_dir",
     "asave",
     "bind",
     "check_generation",
@@ -112,11 +124,17 @@ __all__ = [
     "flock_until",
     "fsync_directory",
     "is_shard_file",
+    "metrics_asgi_app",
+    "metrics_wsgi_app",
+    "negotiate",
     "new_identity",
+    "openmetrics_text",
     "periodic_saver",
     "pipeline_schema",
+    "read_dir",
     "recorded_schema",
     "render_json",
+    "render_openmetrics",
     "render_prometheus",
     "samples",
     "save_to_dir",

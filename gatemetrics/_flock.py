@@ -45,6 +45,7 @@ __all__ = [
     "exclusive_flock",
     "flock_fd",
     "flock_until",
+    "shared_flock",
     "try_flock",
 ]
 
@@ -78,9 +79,32 @@ def exclusive_flock(
     :class:`HostileLockFile` when the name holds anything but an empty regular file with one
     link, and ``OSError`` when the lock file cannot be opened or locked.
     """
+    with _held_flock(path, timeout, mode, dir_fd, shown, shared=False):
+        yield
+
+
+@contextmanager
+def shared_flock(
+    path: str,
+    *,
+    timeout: float,
+    mode: int = 0o644,
+    dir_fd: int | None = None,
+    shown: str | None = None,
+) -> Iterator[None]:
+    """:func:`exclusive_flock`, but shared: any number of shared holders at once, none while an
+    exclusive holder has it (and no exclusive holder while a shared one has it)."""
+    with _held_flock(path, timeout, mode, dir_fd, shown, shared=True):
+        yield
+
+
+@contextmanager
+def _held_flock(
+    path: str, timeout: float, mode: int, dir_fd: int | None, shown: str | None, *, shared: bool
+) -> Iterator[None]:
     fd = _open_lock_file(path, mode, dir_fd, shown or path)
     try:
-        flock_fd(fd, shown or path, timeout)
+        flock_fd(fd, shown or path, timeout, shared=shared)
         try:
             yield
         finally:
@@ -120,14 +144,15 @@ def _open_lock_file(path: str, mode: int, dir_fd: int | None, shown: str) -> int
     return fd
 
 
-def try_flock(fd: int) -> bool:
-    """One non-blocking attempt at an exclusive ``flock`` on ``fd``.
+def try_flock(fd: int, *, shared: bool = False) -> bool:
+    """One non-blocking attempt at an exclusive (or, with ``shared``, a shared) ``flock``.
 
     True if it is now held through ``fd``'s open file description, False if another holder has
-    it (contention, see the module documentation); ``OSError`` for anything else.
+    it (contention, see the module documentation: for a shared attempt, an exclusive holder);
+    ``OSError`` for anything else.
     """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in CONTENTION:
             return False
@@ -143,8 +168,10 @@ def flock_until(
     timeout: float,
     first_wait: float = _FIRST_WAIT_S,
     max_wait: float = _MAX_WAIT_S,
+    shared: bool = False,
 ) -> None:
-    """Take an exclusive ``flock`` on ``fd``, polling until ``deadline`` (at least one try).
+    """Take an exclusive (``shared``: a shared) ``flock`` on ``fd``, polling until ``deadline``
+    (at least one try).
 
     ``deadline`` is on :func:`time.monotonic`'s clock; the kernel's blocking ``flock`` cannot
     time out, so waiting polls with a back-off from ``first_wait`` doubling up to ``max_wait``
@@ -153,7 +180,7 @@ def flock_until(
     ``deadline``, and ``OSError`` for an error that is not contention.
     """
     wait = first_wait
-    while not try_flock(fd):
+    while not try_flock(fd, shared=shared):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise LockTimeoutError(path, timeout) from None
@@ -161,7 +188,7 @@ def flock_until(
         wait = min(wait * 2, max_wait)
 
 
-def flock_fd(fd: int, path: str, timeout: float) -> None:
-    """Take an exclusive ``flock`` on ``fd`` within ``timeout`` seconds (``path`` names it in
-    the :class:`LockTimeoutError`)."""
-    flock_until(fd, time.monotonic() + timeout, path=path, timeout=timeout)
+def flock_fd(fd: int, path: str, timeout: float, *, shared: bool = False) -> None:
+    """Take an exclusive (``shared``: a shared) ``flock`` on ``fd`` within ``timeout`` seconds
+    (``path`` names it in the :class:`LockTimeoutError`)."""
+    flock_until(fd, time.monotonic() + timeout, path=path, timeout=timeout, shared=shared)

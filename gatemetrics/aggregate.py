@@ -26,6 +26,18 @@ the read; a dead shard's lock stays held by the aggregator until the run ends. R
 write permission: a reader that may not create ``aggregate.lock`` goes on under the directory's
 flock alone.
 
+Scrapes read with :func:`read_dir`: the same run, never compacting, under *shared* locks (the
+directory's flock and ``aggregate.lock`` both taken ``LOCK_SH``), so any number of readers run
+at once and never queue behind each other, while every compaction or :func:`aggregate_dir`
+(exclusive, on both, like the previous release's aggregators on ``aggregate.lock``) excludes
+them and is excluded by them. A reader probes liveness with a shared ``flock`` as well: an
+owner's lifetime lock is exclusive, so the probe fails against it exactly as an exclusive one
+would, and two readers that find the same dead shard both take it (an exclusive probe would
+make the second reader believe that shard live, and count an absorbed one twice). A reader
+writes nothing: at most it creates the empty ``aggregate.lock`` when missing, as every
+aggregation does. (A compaction that finds readers waits for them, up to its own timeout; scrapes
+hold the lock for milliseconds, so that wait is short unless scrapes never stop overlapping.)
+
 Compaction (crash-safe; a kill at any step leaves a directory whose next aggregate is exact):
 
 1. The new archive is written first: old totals plus the dead shards' counts, together with the
@@ -93,7 +105,7 @@ import orjson
 
 from gatemetrics import _faults
 from gatemetrics._checks import check_seconds
-from gatemetrics._flock import HostileLockFile, exclusive_flock, flock_fd, try_flock
+from gatemetrics._flock import HostileLockFile, exclusive_flock, flock_fd, shared_flock, try_flock
 from gatemetrics._format import (
     ARCHIVE_NAME,
     ARCHIVE_TMP,
@@ -123,7 +135,7 @@ from gatemetrics._format import (
     v2_names,
 )
 from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
-from gatemetrics.exposition import render_prometheus
+from gatemetrics.exposition import render_openmetrics, render_prometheus
 from gatemetrics.schema import MAX_COUNT, Family, Schema
 from gatemetrics.shards import fsync_directory, write_file_atomically
 from gatemetrics.store import Snapshot
@@ -148,6 +160,7 @@ __all__ = [
     "default_namespace",
     "is_shard_file",
     "pipeline_schema",
+    "read_dir",
     "recorded_schema",
 ]
 
@@ -417,6 +430,10 @@ class Aggregate:
         """The deterministic text exposition: the schema's families, then the pipeline's."""
         return render_prometheus(self.pipeline_snapshot())
 
+    def render_openmetrics(self) -> str:
+        """The same families and samples as :meth:`render_prometheus`, in OpenMetrics 1.0.0."""
+        return render_openmetrics(self.pipeline_snapshot())
+
     def render_json(self) -> str:
         """The dictionary layout of all families as JSON with sorted keys (no metadata)."""
         snap = self.pipeline_snapshot()
@@ -442,10 +459,58 @@ def aggregate_dir(
     the archive (nothing is deleted then) and :class:`SchemaError` for a well-formed archive
     that does not fit ``schema``. Broken shards never raise.
     """
+    return _aggregate(
+        directory,
+        schema,
+        namespace=namespace,
+        compact=compact,
+        lock_timeout=lock_timeout,
+        clock=clock,
+        shared=False,
+    )
+
+
+def read_dir(
+    directory: str | os.PathLike[str],
+    schema: Schema,
+    *,
+    namespace: str,
+    lock_timeout: float = 10.0,
+    clock: Callable[[], float] = time.time,
+) -> Aggregate:
+    """The merged counts of ``directory`` for a scrape: :func:`aggregate_dir` without
+    compaction, under shared locks (see the module documentation).
+
+    Readers never wait for each other; :class:`LockTimeoutError` only when an exclusive holder
+    (a compaction, an :func:`aggregate_dir`, an aggregator of the previous release) keeps the
+    lock past ``lock_timeout`` seconds. Raises what :func:`aggregate_dir` raises, except
+    :class:`ShardWriteError` (nothing is written).
+    """
+    return _aggregate(
+        directory,
+        schema,
+        namespace=namespace,
+        compact=False,
+        lock_timeout=lock_timeout,
+        clock=clock,
+        shared=True,
+    )
+
+
+def _aggregate(
+    directory: str | os.PathLike[str],
+    schema: Schema,
+    *,
+    namespace: str,
+    compact: bool,
+    lock_timeout: float,
+    clock: Callable[[], float],
+    shared: bool,
+) -> Aggregate:
     path = os.path.abspath(os.fspath(directory))
     pipeline_schema(schema, namespace)  # a bad namespace fails before any I/O
     lock_timeout = check_seconds("lock_timeout", lock_timeout, allow_zero=True)
-    run = _Run(path, schema, namespace, compact=compact, clock=clock)
+    run = _Run(path, schema, namespace, compact=compact, clock=clock, shared=shared)
     # Every name below is resolved against this descriptor, never against the path again: a
     # directory renamed or replaced while we work cannot redirect a write.
     run.dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -456,7 +521,7 @@ def aggregate_dir(
         # the directory can lose it. aggregate.lock is taken as well, for aggregators of the
         # previous release (they lock only that). Bare flocks, not filelock: this runs on every
         # aggregation and every GET /metrics (see _flock).
-        flock_fd(run.dir_fd, os.path.join(path, LOCK_NAME), lock_timeout)
+        flock_fd(run.dir_fd, os.path.join(path, LOCK_NAME), lock_timeout, shared=shared)
         try:
             with _lock_file(run, deadline, lock_timeout):
                 return run.run()
@@ -481,8 +546,9 @@ def _lock_file(run: _Run, deadline: float, lock_timeout: float) -> Iterator[None
     """
     shown = run._p(LOCK_NAME)
     timeout = max(0.0, deadline - time.monotonic())
+    held = shared_flock if run.shared else exclusive_flock
     try:
-        with exclusive_flock(LOCK_NAME, timeout=timeout, dir_fd=run.dir_fd, shown=shown):
+        with held(LOCK_NAME, timeout=timeout, dir_fd=run.dir_fd, shown=shown):
             yield
             return
     except LockTimeoutError:
@@ -531,8 +597,10 @@ class _Run:
         *,
         compact: bool,
         clock: Callable[[], float],
+        shared: bool = False,
     ) -> None:
         self.dir = directory
+        self.shared = shared  # a read_dir run: shared locks, shared liveness probes
         self.schema = schema
         self.layout = layout_for(schema)  # once per run: hashing a schema is not free
         # The size of a v2 shard of this schema whose header fits its first page (all real
@@ -954,11 +1022,11 @@ class _Run:
             os.close(fd)
         return "live", record
 
-    @staticmethod
-    def _probe(fd: int, name: str) -> Literal["live", "dead"]:
-        """Dead if we can take the lifetime lock (then it stays ours), else live."""
+    def _probe(self, fd: int, name: str) -> Literal["live", "dead"]:
+        """Dead if we can take the lifetime lock (then it stays ours), else live. A reader's
+        probe is shared (see the module documentation)."""
         try:
-            return "dead" if try_flock(fd) else "live"
+            return "dead" if try_flock(fd, shared=self.shared) else "live"
         except OSError as exc:
             _log.warning("cannot probe %s (treated as live): %s", name, exc.strerror)
             return "live"
@@ -1367,7 +1435,9 @@ class _KeptShards:
       a v2 name is never reused by another incarnation, so a kept descriptor is the file the
       owner writes through (a file renamed over it by hand is not seen until the owner dies);
     * entries are per directory inode and schema layout, taken out for the length of a run
-      (runs of one directory are serialised by its lock anyway), at most :attr:`LIMIT`
+      (concurrent readers of one directory, which shared locks allow, each get a set or none:
+      a run that finds none opens the shards afresh, and the set checked in last is kept),
+      at most :attr:`LIMIT`
       descriptors in all (the directories aggregated least recently give theirs up first),
       and a forked child closes its copies.
 

@@ -1,4 +1,5 @@
-"""anyio helpers: save a store from async code without touching the event loop's thread.
+"""anyio helpers: save a store, or read a directory for a scrape, from async code without
+touching the event loop's thread.
 
 Every file operation (creating the directory, taking the shard's lifetime lock, writing, fsync)
 runs in a worker thread through ``anyio.to_thread.run_sync``; the event loop only awaits. Works
@@ -10,6 +11,7 @@ on asyncio and trio alike.
         await serve()          # saves every 5 s when something changed, once more on exit
 
 The final save runs shielded from cancellation, so a cancelled service still saves its counts.
+:func:`aread_dir` is :func:`gatemetrics.read_dir` (the shared-lock scrape read) in a thread.
 """
 
 from __future__ import annotations
@@ -22,10 +24,33 @@ from functools import partial
 import anyio
 
 from gatemetrics._checks import check_seconds, check_writable
+from gatemetrics.aggregate import Aggregate, read_dir
 from gatemetrics.persistence import PersistedStore
+from gatemetrics.schema import Schema
 from gatemetrics.shards import Durability, Shard, save_to_dir, shard_for
 
-__all__ = ["asave", "periodic_saver"]
+__all__ = ["aread_dir", "asave", "periodic_saver"]
+
+
+async def aread_dir(
+    directory: str | os.PathLike[str],
+    schema: Schema,
+    *,
+    namespace: str,
+    lock_timeout: float = 10.0,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> Aggregate:
+    """:func:`gatemetrics.read_dir` in a worker thread (from ``limiter``, default anyio's).
+
+    Waiting for the lock happens in that thread too: the event loop only awaits. Give scrapes
+    a limiter of their own when the app's other work uses threads, so scrapes stalled on a
+    held lock cannot take every default token. Raises what :func:`~gatemetrics.read_dir` raises.
+    """
+    timeout = check_seconds("lock_timeout", lock_timeout, allow_zero=True)  # raised here
+    return await anyio.to_thread.run_sync(
+        partial(read_dir, directory, schema, namespace=namespace, lock_timeout=timeout),
+        limiter=limiter,
+    )
 
 
 async def asave(

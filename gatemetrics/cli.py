@@ -128,7 +128,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         help="write here atomically instead of stdout (e.g. .../textfile/release_gate.prom)",
     )
     agg.add_argument(
-        "--format", choices=("prometheus", "json"), default="prometheus", help="output format"
+        "--format",
+        choices=("prometheus", "openmetrics", "json"),
+        default="prometheus",
+        help="output format: the Prometheus text format 0.0.4 (default, what node_exporter's "
+        "textfile collector reads), OpenMetrics 1.0.0 (stdout only), or JSON",
     )
     agg.add_argument(
         "--follow-symlinks",
@@ -267,6 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("aggregate", "status"):
         if not args.dir:
             parser.error("--dir is required when GATEMETRICS_DIR is not set")
+        if args.command == "aggregate" and args.format == "openmetrics" and args.textfile:
+            # node_exporter's textfile collector parses the text format only: an OpenMetrics
+            # counter's "# TYPE x counter" with samples "x_total" would break its gathering.
+            parser.error(
+                "--format openmetrics writes to stdout only; a --textfile is read by "
+                "node_exporter, which wants the text format (--format prometheus)"
+            )
         args.schema_obj = None if args.schema is None else _load_schema(parser, args.schema)
     _configure_logging()
     try:
@@ -438,7 +449,12 @@ def _run_aggregate(args: argparse.Namespace) -> int:
     target = None if args.textfile is None else _textfile_target(args)
     try:
         result = _aggregate(args, compact=not args.no_compact)
-        text = result.render_json() + "\n" if args.format == "json" else result.render_prometheus()
+        if args.format == "json":
+            text = result.render_json() + "\n"
+        elif args.format == "openmetrics":
+            text = result.render_openmetrics()
+        else:
+            text = result.render_prometheus()
         if target is None:
             sys.stdout.write(text)
         else:

@@ -1,4 +1,5 @@
-"""Deterministic rendering of counts: Prometheus text exposition (format 0.0.4) and JSON.
+"""Deterministic rendering of counts: Prometheus text exposition (format 0.0.4), OpenMetrics
+1.0.0 and JSON.
 
 Order is fixed and documented: families in schema order, each as ``# HELP``, ``# TYPE`` and
 then one sample per label value in the order the family declares them; a family with several
@@ -6,11 +7,20 @@ labels has one sample per series of their cross product (``name{a="x",b="y"} n``
 declared order, the last label varying fastest: :attr:`Family.series_labels`); a family without
 a label has a single unlabelled sample. Counts are rendered as integers. The same counts give
 byte-identical output in any process, whatever order the counts were gathered in.
+
+OpenMetrics (:func:`render_openmetrics`, over :func:`samples`, generic by kind) differs from the
+text format where the spec says so: a counter's ``# HELP``/``# TYPE`` name the family without
+``_total`` while its sample keeps it; HELP escapes ``"`` as well; a histogram's ``le`` is written
+in canonical form (``1.0``, ``+Inf``); the exposition ends with ``# EOF``. No ``# UNIT`` line: a
+family declares no unit, and a UNIT line the family name does not end with is invalid, so any
+unit would be a guess. No ``_created`` sample either: an aggregate's start is the earliest
+process start of a whole directory, not each series' creation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import orjson
@@ -20,17 +30,22 @@ from gatemetrics.store import Snapshot
 
 __all__ = [
     "CONTENT_TYPE",
+    "OPENMETRICS_CONTENT_TYPE",
     "FamilySamples",
     "Sample",
     "escape_help",
     "escape_label_value",
+    "openmetrics_text",
     "render_json",
+    "render_openmetrics",
     "render_prometheus",
     "samples",
 ]
 
 #: The HTTP ``Content-Type`` of :func:`render_prometheus` output.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The HTTP ``Content-Type`` of :func:`render_openmetrics` output.
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 def escape_help(text: str) -> str:
@@ -116,3 +131,95 @@ def render_prometheus(snapshot: Snapshot) -> str:
 def render_json(snapshot: Snapshot) -> str:
     """The dictionary layout of ``snapshot`` as JSON with sorted keys (deterministic)."""
     return orjson.dumps(snapshot.to_dict(), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def render_openmetrics(snapshot: Snapshot) -> str:
+    """The OpenMetrics 1.0.0 exposition of ``snapshot``, ending with ``# EOF`` and a line feed."""
+    return openmetrics_text(samples(snapshot))
+
+
+#: The sample suffixes each kind may carry (see :class:`Sample`).
+_SUFFIXES = {
+    "counter": frozenset({""}),
+    "gauge": frozenset({""}),
+    "histogram": frozenset({"_bucket", "_sum", "_count"}),
+}
+
+
+def openmetrics_text(families: Iterable[FamilySamples]) -> str:
+    """The OpenMetrics 1.0.0 exposition of ``families``, in their order (deterministic).
+
+    Raises ``ValueError`` naming the family for what the format cannot say: an unknown kind, a
+    suffix the kind has no sample for, a counter not named ``..._total``, a bucket without a
+    numeric ``le``.
+    """
+    parts: list[str] = []
+    for fam in families:
+        allowed = _SUFFIXES.get(fam.kind)
+        if allowed is None:
+            raise ValueError(f"{fam.name}: no OpenMetrics type for kind {fam.kind!r}")
+        base = fam.name
+        if fam.kind == "counter":
+            if not base.endswith("_total"):
+                raise ValueError(f"{fam.name}: a counter's name must end in _total")
+            base = base[: -len("_total")]
+        parts.append(f"# HELP {base} {_escape_om_help(fam.documentation)}\n")
+        parts.append(f"# TYPE {base} {fam.kind}\n")
+        for sample in fam.samples:
+            if sample.suffix not in allowed:
+                raise ValueError(f"{fam.name}: a {fam.kind} has no {sample.suffix!r} sample")
+            labels = sample.labels
+            if sample.suffix == "_bucket":
+                labels = _canonical_le(fam.name, labels)
+            name = fam.name if fam.kind == "counter" else f"{base}{sample.suffix}"
+            parts.append(f"{name}{_label_text(labels)} {_om_value(sample.value)}\n")
+    parts.append("# EOF\n")
+    return "".join(parts)
+
+
+def _escape_om_help(text: str) -> str:
+    r"""HELP text per OpenMetrics: ``\``, line feed and ``"`` (the text format leaves ``"``)."""
+    return escape_help(text).replace('"', r"\"")
+
+
+def _canonical_le(family: str, labels: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``labels`` with ``le`` in OpenMetrics' canonical form (``1`` -> ``1.0``, ``+Inf``)."""
+    out: list[tuple[str, str]] = []
+    found = False
+    for key, value in labels:
+        if key == "le":
+            try:
+                bound = float(value)
+            except ValueError:
+                raise ValueError(f"{family}: bucket bound le={value!r} is not a number") from None
+            if math.isnan(bound):
+                raise ValueError(f"{family}: bucket bound le={value!r} is not a number")
+            out.append((key, _om_float(bound)))
+            found = True
+        else:
+            out.append((key, value))
+    if not found:
+        raise ValueError(f"{family}: a _bucket sample without an le label")
+    return tuple(out)
+
+
+def _om_value(value: int | float) -> str:
+    if isinstance(value, bool):  # a bool is an int to Python, never a count
+        raise ValueError(f"not a sample value: {value!r}")
+    return str(value) if isinstance(value, int) else _om_float(value)
+
+
+def _om_float(value: float) -> str:
+    """A float as prometheus_client writes one (its ``floatToGoString``): ``+Inf``, ``-Inf``,
+    ``NaN``, Python's shortest repr (``1.0``, ``0.005``), and an exponent past six integer
+    digits (``1.5e+07``), so a bucket bound reads the same from both bridges."""
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    text = repr(value)
+    dot = text.find(".")
+    if value > 0 and dot > 6:
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text

@@ -20,11 +20,14 @@ import anyio
 import orjson
 import pytest
 from filelock import FileLock
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
 
 from backend.app.main import ReleaseGateApp, Settings, create_app
 from backend.app.testing.gate_metrics import GateMetricStore
 from backend.app.testing.release_gate import ReleaseGate
-from gatemetrics import Durability
+from gatemetrics import OPENMETRICS_CONTENT_TYPE, Durability
 from gatemetrics._format import parse_name
 from gatemetrics.aggregate import LOCK_NAME
 from tests.app.asgi_client import (
@@ -367,6 +370,83 @@ async def test_metrics_answer_503_for_a_missing_directory(tmp_path: Path) -> Non
     reply = await Client(create_app(settings)).request("GET", "/metrics")
     assert reply.status == 503
     assert "nowhere" in reply.json()["message"]
+
+
+async def test_metrics_answer_openmetrics_when_accept_prefers_it(gate_app: ReleaseGateApp) -> None:
+    client = Client(gate_app)
+    await client.check(OK)
+    text = await client.request("GET", "/metrics")
+    prometheus_asks = (
+        "application/openmetrics-text;version=1.0.0;q=0.5,"
+        "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.1"
+    )
+    reply = await client.request("GET", "/metrics", headers=[("accept", prometheus_asks)])
+    assert reply.status == 200
+    assert reply.headers["content-type"] == OPENMETRICS_CONTENT_TYPE
+    assert reply.body.endswith(b"# EOF\n")
+    families = {m.name: m for m in parse_openmetrics(reply.body.decode())}
+    # The same families as the text exposition, named without _total as OpenMetrics says.
+    assert list(families) == [n.removesuffix("_total") for n in parse(text.body.decode())]
+    allowed = [
+        s for s in families["release_gate_decision"].samples if s.labels["decision"] == "ALLOW"
+    ]
+    assert [s.value for s in allowed] == [1]
+    head = await client.request("HEAD", "/metrics", headers=[("accept", prometheus_asks)])
+    assert (head.status, head.body) == (200, b"")
+    assert head.headers["content-type"] == OPENMETRICS_CONTENT_TYPE
+    assert head.headers["content-length"] == str(len(reply.body))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("accept", "*/*")],
+        [("accept", "text/plain;q=0.9,application/openmetrics-text;q=0.1")],
+        [("accept", "application/openmetrics-text;q=abc")],
+        [("accept", ";;;=,,q=1,/")],
+        [("accept", "application/openmetrics-text;version=9.9.9")],
+        [("accept", "text/html," * 5000)],
+        # Repeated: joined as HTTP says (the first header prefers text, the second says nothing).
+        [("accept", "text/plain"), ("accept", "image/png")],
+    ],
+)
+async def test_metrics_answer_the_text_format_for_any_other_accept(
+    gate_app: ReleaseGateApp, headers: list[tuple[str, str]]
+) -> None:
+    client = Client(gate_app)
+    await client.check(OK)  # the worker starts, and its shard is in the directory
+    reply = await client.request("GET", "/metrics", headers=headers)
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert list(parse(reply.body.decode())) == GATE_FAMILIES + PIPELINE_FAMILIES
+
+
+async def test_a_scrape_in_progress_never_makes_another_wait(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    # Another worker's scrape holds the directory's locks shared, as every scrape now does;
+    # a lock timeout of zero makes one attempt, so waiting at all would answer 503.
+    other = reaper.python(
+        """
+        import fcntl
+        fds = [os.open(sys.argv[1], os.O_RDONLY),
+               os.open(os.path.join(sys.argv[1], "aggregate.lock"), os.O_RDWR | os.O_CREAT)]
+        for fd in fds:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        print("reading", flush=True)
+        time.sleep(600)
+        """,
+        str(shards),
+    )
+    assert read_line(other) == "reading"
+    settings = Settings(str(shards), str(tmp_path / "audit.jsonl"), metrics_lock_timeout=0)
+    client = Client(create_app(settings))
+    for _ in range(3):
+        reply = await client.request("GET", "/metrics")
+        assert reply.status == 200, reply.body
 
 
 async def test_healthz_reports_this_worker(gate_app: ReleaseGateApp) -> None:

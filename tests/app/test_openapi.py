@@ -31,7 +31,7 @@ from backend.app.main import ROUTES, ReleaseGateApp, Settings, create_app
 from backend.app.request import CHECK_FIELDS, OVERRIDE_FIELDS, STATUS_OF_CODE
 from backend.app.testing.release_gate import GateDecision, ReleaseOverride
 from backend.app.testing.release_policy import BlockReasonCode, ReleaseVerdict
-from gatemetrics import CONTENT_TYPE
+from gatemetrics import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE
 from tests.app.asgi_client import CHECK, NOW, OK, Client, audit_lines, counts
 from tests.app.test_request import REFUSED
 
@@ -146,7 +146,7 @@ def test_the_check_body_is_the_domain_definition() -> None:
     fields = [f.name for f in dataclasses.fields(GateDecision)]
     assert list(decision["properties"]) == fields == decision["required"]
     metrics = DOCUMENT["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
-    assert list(metrics) == [CONTENT_TYPE]
+    assert list(metrics) == [CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE]
 
 
 @pytest.mark.anyio

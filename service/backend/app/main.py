@@ -14,7 +14,8 @@ path                           methods    answer
                                           ``verdict``, ``reasons``, ``override_applied``,
                                           ``audit_detail``)
 ``/metrics``                   GET, HEAD  the merged exposition of the shard directory: the five
-                                          gate families and the two pipeline families, text 0.0.4
+                                          gate families and the two pipeline families, text 0.0.4,
+                                          or OpenMetrics 1.0.0 when ``Accept`` prefers it
 ``/healthz``                   GET, HEAD  ``{"status": "ok", "pid": <worker pid>}``
 ``/openapi.json``              GET, HEAD  this API as an OpenAPI 3.1 document (``openapi.json``
                                           beside this module; a test keeps it and the code in step)
@@ -119,7 +120,7 @@ from backend.app.testing.audit import JsonlAuditLog
 from backend.app.testing.fields import FieldError
 from backend.app.testing.gate_metrics import GateMetricExporter, GateMetricStore
 from backend.app.testing.release_gate import ReleaseGate
-from gatemetrics import CONTENT_TYPE, LockTimeoutError
+from gatemetrics import ExpositionFormat, LockTimeoutError, negotiate
 
 if TYPE_CHECKING:
     from gatemetrics import Binding
@@ -315,7 +316,10 @@ class ReleaseGateApp:
                 body_read = True
                 payload, ctype = await self._check(parse_check(body)), JSON
             elif path == "/metrics":
-                payload, ctype = await self._metrics(), CONTENT_TYPE.encode()
+                # Accept is never refused: repeated, malformed or hostile, it gets text 0.0.4.
+                accept = b",".join(v for k, v in scope["headers"] if k == b"accept")
+                form, content_type = negotiate(accept.decode("latin-1"))
+                payload, ctype = await self._metrics(form), content_type.encode()
             elif path == "/openapi.json":
                 payload, ctype = _openapi_document(), JSON
             else:
@@ -348,7 +352,7 @@ class ReleaseGateApp:
             raise http_error(exc) from None
         return orjson.dumps(decision.to_dict())
 
-    async def _metrics(self) -> bytes:
+    async def _metrics(self, form: ExpositionFormat) -> bytes:
         try:
             settings = self.settings
         except ValueError as exc:  # no usable default location
@@ -371,17 +375,22 @@ class ReleaseGateApp:
                 headers=[(b"retry-after", b"1")],
             ) from None
         try:
-            return await _render(directory, timeout, threads)
+            return await _render(directory, timeout, threads, form)
         finally:
             slots.release()
 
 
-async def _render(directory: str, lock_timeout: float, threads: anyio.CapacityLimiter) -> bytes:
-    """The exposition of ``directory``; 503 when it cannot be aggregated."""
+async def _render(
+    directory: str, lock_timeout: float, threads: anyio.CapacityLimiter, form: ExpositionFormat
+) -> bytes:
+    """The exposition of ``directory`` in ``form``; 503 when it cannot be aggregated."""
 
     def render() -> bytes:
         # strict: a scrape must see 503, not an empty exposition that looks like no traffic.
+        # load_from_dir reads under shared locks: concurrent scrapes never wait for each other.
         view = GateMetricStore.load_from_dir(directory, lock_timeout=lock_timeout, strict=True)
+        if form == "openmetrics":
+            return GateMetricExporter.export_openmetrics(view).encode()
         return GateMetricExporter.export_prometheus(view).encode()
 
     try:

@@ -54,10 +54,11 @@ from gatemetrics import (
     Mode,
     Schema,
     Snapshot,
-    aggregate_dir,
     bind,
     check_seconds,
+    read_dir,
     render_json,
+    render_openmetrics,
     render_prometheus,
     save_to_dir,
     write_file_atomically,
@@ -310,9 +311,9 @@ class GateMetricStore(CounterStore):
         """
         timeout = check_seconds("lock_timeout", lock_timeout, allow_zero=True)
         try:
-            result = aggregate_dir(
-                path, GATE_SCHEMA, namespace=GATE_NAMESPACE, lock_timeout=timeout
-            )
+            # read_dir: shared locks, so views (scrapes) never wait for each other; only a
+            # compaction holding the lock past the timeout makes one fail.
+            result = read_dir(path, GATE_SCHEMA, namespace=GATE_NAMESPACE, lock_timeout=timeout)
         except (OSError, GatemetricsError) as exc:
             if strict:
                 raise
@@ -485,6 +486,13 @@ class GateMetricExporter:
         if isinstance(store, GateMetricView) and store.aggregate is not None:
             return store.aggregate.render_prometheus()
         return render_prometheus(store.snapshot())
+
+    @staticmethod
+    def export_openmetrics(store: CounterStore | GateMetricView) -> str:
+        """The same families as :meth:`export_prometheus`, in OpenMetrics 1.0.0."""
+        if isinstance(store, GateMetricView) and store.aggregate is not None:
+            return store.aggregate.render_openmetrics()
+        return render_openmetrics(store.snapshot())
 
     @staticmethod
     def export_json(store: CounterStore | GateMetricView) -> str:
