@@ -46,9 +46,11 @@ from gatemetrics.schema import (
     MAX_COUNT,
     CountsDict,
     Family,
+    HistogramSeries,
     Kind,
     Schema,
     check_generation,
+    check_sum,
     check_timestamp,
 )
 from gatemetrics.shards import (
@@ -80,6 +82,7 @@ __all__ = [
     "Family",
     "FamilySamples",
     "GatemetricsError",
+    "HistogramSeries",
     "Identity",
     "Kind",
     "LockTimeoutError",
@@ -99,6 +102,7 @@ __all__ = [
     "bind",
     "check_generation",
     "check_seconds",
+    "check_sum",
     "check_timestamp",
     "close_all_bindings",
     "default_namespace",

@@ -593,10 +593,13 @@ def _series_totals(result: Aggregate) -> list[tuple[str, int]]:
     totals: list[tuple[str, int]] = []
     i = 0
     for fam in snap.schema.families:
+        # A histogram's line is its series' count (``<name>_count``): the total of its buckets.
+        buckets = len(fam.buckets) + 1 if fam.kind == "histogram" else 1
+        name = f"{fam.name}_count" if fam.kind == "histogram" else fam.name
         for value in fam.values if fam.label is not None else (None,):
-            series = fam.name if value is None else f'{fam.name}{{{fam.label}="{value}"}}'
-            totals.append((series, snap.counts[i]))
-            i += 1
+            series = name if value is None else f'{name}{{{fam.label}="{value}"}}'
+            totals.append((series, sum(snap.counts[i : i + buckets])))
+            i += buckets
     return totals
 
 

@@ -1,4 +1,4 @@
-"""Counter families with a fixed set of label values, and the schema that lays them out.
+"""Counter and histogram families with fixed label values, and the schema that lays them out.
 
 Cardinality is bounded by construction: a family declares every label value it will ever carry,
 and nothing (no API call, no file on disk) can add another. A :class:`Schema` gives every
@@ -10,6 +10,17 @@ The dictionary layout (``to_dict``/``from_dict``, and the payload of a shard) is
     {<family key>: {<label value>: n, ...},   # a labelled family
      <family key>: n,                          # a family without a label
      "store_generation": n, "store_start_timestamp": seconds}
+
+A histogram's series (one per label value, or one without a label) is, in that layout::
+
+    {"buckets": {"0.001": n, ..., "+Inf": n}, "count": n, "sum": x}
+
+with cumulative bucket counts keyed by their upper bound as the exposition renders it
+(``repr(float)``; ``"+Inf"`` last), ``count`` equal to the ``+Inf`` bucket, and ``sum`` a finite,
+non-negative float. In the flat slot list a histogram series takes one *integer* slot per
+bucket, ``+Inf`` included, holding the *non-cumulative* count of that bucket (an observation
+adds one to one slot), and one *float* cell, its sum; :attr:`Schema.float_size` counts the
+float cells, which live in a list of their own (``Snapshot.sums``).
 """
 
 from __future__ import annotations
@@ -24,13 +35,16 @@ from gatemetrics.errors import SchemaError
 
 __all__ = [
     "GENERATION_KEY",
+    "MAX_BUCKETS",
     "MAX_COUNT",
     "START_TIMESTAMP_KEY",
     "CountsDict",
     "Family",
+    "HistogramSeries",
     "Kind",
     "Schema",
     "check_generation",
+    "check_sum",
     "check_timestamp",
 ]
 
@@ -44,8 +58,16 @@ _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 _KEY = re.compile(r"[a-z_][a-z0-9_]*\Z")
 
-#: What a family is: a ``counter`` (only goes up) or a ``gauge``.
-Kind: TypeAlias = Literal["counter", "gauge"]
+#: Most buckets a histogram family may declare (``+Inf`` not included): every bucket is a
+#: series of its own in every scrape.
+MAX_BUCKETS = 64
+#: Name endings a histogram's name must not have: the exposition appends ``_bucket``, ``_sum``
+#: and ``_count`` to it, and ``_total``/``_created`` are what a counter's samples end in.
+_HISTOGRAM_RESERVED_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+#: What a family is: a ``counter`` (only goes up), a ``gauge`` (only the aggregator's own
+#: pipeline families: see :class:`~gatemetrics.CounterStore`) or a ``histogram``.
+Kind: TypeAlias = Literal["counter", "gauge", "histogram"]
 #: The dictionary layout's type (see the module documentation).
 CountsDict: TypeAlias = dict[str, Any]
 _T = TypeVar("_T")
@@ -57,6 +79,12 @@ class Family:
 
     ``key`` is the family's name in the dictionary layout (``"decision_counts"``). The order of
     ``values`` is the order of the series in the exposition.
+
+    A ``histogram`` declares ``buckets``: its finite upper bounds, strictly increasing, at most
+    :data:`MAX_BUCKETS` (``+Inf`` is implicit and always last). Its name must not end in
+    ``_total``, ``_bucket``, ``_sum``, ``_count`` or ``_created`` (the exposition appends
+    ``_bucket``, ``_sum`` and ``_count``). An observation counts in the first bucket whose
+    bound is ``>=`` the value, as in prometheus_client.
     """
 
     name: str
@@ -65,15 +93,13 @@ class Family:
     label: str | None = None
     values: tuple[str, ...] = ()
     kind: Kind = "counter"
+    buckets: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"family {self.name!r}"
         if not isinstance(self.name, str) or not _METRIC_NAME.match(self.name):
             raise SchemaError(where, "metric name must match [a-zA-Z_:][a-zA-Z0-9_:]*")
-        if self.kind not in ("counter", "gauge"):
-            raise SchemaError(where, f"kind must be 'counter' or 'gauge', not {self.kind!r}")
-        if self.kind == "counter" and not self.name.endswith("_total"):
-            raise SchemaError(where, "a counter's name must end in _total")
+        self._check_kind(where)
         if not isinstance(self.documentation, str) or not self.documentation.strip():
             raise SchemaError(where, "documentation (HELP) must be a non-empty string")
         if not isinstance(self.key, str) or not _KEY.match(self.key):
@@ -86,6 +112,8 @@ class Family:
             return
         if not _LABEL_NAME.match(self.label) or self.label.startswith("__"):
             raise SchemaError(where, f"invalid label name {self.label!r}")
+        if self.kind == "histogram" and self.label == "le":
+            raise SchemaError(where, "a histogram's label must not be 'le' (its buckets' label)")
         values = tuple(self.values)
         object.__setattr__(self, "values", values)
         if not values:
@@ -95,10 +123,50 @@ class Family:
         if len(set(values)) != len(values):
             raise SchemaError(where, "label values must be unique")
 
+    def _check_kind(self, where: str) -> None:
+        """The kind, and what it asks of the name and the buckets."""
+        if self.kind not in ("counter", "gauge", "histogram"):
+            raise SchemaError(
+                where, f"kind must be 'counter', 'gauge' or 'histogram', not {self.kind!r}"
+            )
+        if self.kind == "counter" and not self.name.endswith("_total"):
+            raise SchemaError(where, "a counter's name must end in _total")
+        if self.kind == "histogram":
+            object.__setattr__(self, "buckets", _check_buckets(where, self.buckets))
+            if self.name.endswith(_HISTOGRAM_RESERVED_SUFFIXES):
+                raise SchemaError(
+                    where,
+                    "kind 'histogram': the name must not end in _total, _bucket, _sum, _count "
+                    "or _created (its samples append _bucket, _sum and _count)",
+                )
+        elif self.buckets != ():
+            raise SchemaError(where, "only a histogram declares buckets")
+
+    @property
+    def series(self) -> int:
+        """How many series (label value combinations) the family has."""
+        return len(self.values) if self.label is not None else 1
+
     @property
     def width(self) -> int:
-        """How many series (slots) the family has."""
-        return len(self.values) if self.label is not None else 1
+        """How many integer slots the family takes: one per series, or for a histogram one per
+        bucket (``+Inf`` included) per series."""
+        if self.kind == "histogram":
+            return self.series * (len(self.buckets) + 1)
+        return self.series
+
+    @property
+    def float_width(self) -> int:
+        """How many float cells the family takes: a histogram's sum per series, else none."""
+        return self.series if self.kind == "histogram" else 0
+
+    @property
+    def bucket_labels(self) -> tuple[str, ...]:
+        """A histogram's ``le`` values as rendered (``repr(float)``, then ``"+Inf"``), the way
+        prometheus_client renders them; ``()`` for any other kind."""
+        if self.kind != "histogram":
+            return ()
+        return (*(repr(b) for b in self.buckets), "+Inf")
 
     @property
     def series_labels(self) -> tuple[tuple[tuple[str, str], ...], ...]:
@@ -109,6 +177,42 @@ class Family:
         return tuple(((self.label, v),) for v in self.values)
 
 
+def _check_buckets(where: str, buckets: object) -> tuple[float, ...]:
+    """A histogram's bounds as a tuple of floats; :class:`SchemaError` unless they are finite
+    numbers (not ``bool``), strictly increasing, between 1 and :data:`MAX_BUCKETS` of them."""
+    if isinstance(buckets, str | bytes) or not isinstance(buckets, Iterable):
+        raise SchemaError(where, "buckets must be a sequence of numbers")
+    bounds = tuple(buckets)
+    if not bounds:
+        raise SchemaError(where, "kind 'histogram' needs at least one finite bucket bound")
+    if len(bounds) > MAX_BUCKETS:
+        raise SchemaError(where, f"at most {MAX_BUCKETS} buckets, got {len(bounds)}")
+    out: list[float] = []
+    for b in bounds:
+        if type(b) not in (int, float):
+            raise SchemaError(where, f"a bucket bound must be a number, got {_tname(b)}")
+        bound = float(b)
+        if not math.isfinite(bound):
+            raise SchemaError(
+                where, f"bucket bounds must be finite (+Inf is implicit), got {bound!r}"
+            )
+        if out and bound <= out[-1]:
+            raise SchemaError(where, "bucket bounds must be strictly increasing")
+        out.append(bound)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSeries:
+    """Where one histogram series lives: its first bucket slot, its sum's float cell, and the
+    family's bounds (``len(bounds) + 1`` bucket slots, ``+Inf`` last)."""
+
+    first: int
+    sum_cell: int
+    bounds: tuple[float, ...]
+    key: str
+
+
 @dataclass(frozen=True)
 class Schema:
     """An ordered set of families and the flat slot layout derived from it. Immutable."""
@@ -116,7 +220,12 @@ class Schema:
     families: tuple[Family, ...]
     _offsets: dict[str, int] = field(init=False, repr=False, compare=False)
     _slots: dict[tuple[str, str | None], int] = field(init=False, repr=False, compare=False)
+    _histograms: dict[tuple[str, str | None], HistogramSeries] = field(
+        init=False, repr=False, compare=False
+    )
     _by_key: dict[str, Family] = field(init=False, repr=False, compare=False)
+    _size: int = field(init=False, repr=False, compare=False)
+    _float_size: int = field(init=False, repr=False, compare=False)
     # Derived data computed once per schema; see derived().
     _cache: dict[str, Any] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
@@ -136,20 +245,28 @@ class Schema:
             raise SchemaError("", "family keys must be unique")
         offsets: dict[str, int] = {}
         slots: dict[tuple[str, str | None], int] = {}
+        histograms: dict[tuple[str, str | None], HistogramSeries] = {}
         i = 0
+        f = 0
         for fam in fams:
             offsets[fam.key] = i
-            if fam.label is None:
-                slots[(fam.key, None)] = i
+            values: tuple[str | None, ...] = fam.values if fam.label is not None else (None,)
+            if fam.kind == "histogram":
+                for value in values:
+                    histograms[(fam.key, value)] = HistogramSeries(i, f, fam.buckets, fam.key)
+                    i += len(fam.buckets) + 1
+                    f += 1
+                continue
+            for value in values:
+                slots[(fam.key, value)] = i
                 i += 1
-            else:
-                for value in fam.values:
-                    slots[(fam.key, value)] = i
-                    i += 1
         object.__setattr__(self, "families", fams)
         object.__setattr__(self, "_offsets", offsets)
         object.__setattr__(self, "_slots", slots)
+        object.__setattr__(self, "_histograms", histograms)
         object.__setattr__(self, "_by_key", {f.key: f for f in fams})
+        object.__setattr__(self, "_size", i)
+        object.__setattr__(self, "_float_size", f)
         object.__setattr__(self, "_cache", {})
         object.__setattr__(self, "_hash", hash(fams))
 
@@ -160,8 +277,14 @@ class Schema:
 
     @property
     def size(self) -> int:
-        """Total number of slots (series) in the schema."""
-        return len(self._slots)
+        """Total number of integer slots in the schema (one per counter series, one per bucket
+        of each histogram series)."""
+        return self._size
+
+    @property
+    def float_size(self) -> int:
+        """Total number of float cells (one sum per histogram series; 0 without histograms)."""
+        return self._float_size
 
     def family(self, key: str) -> Family:
         """The family with dictionary key ``key``; :class:`SchemaError` if there is none."""
@@ -176,9 +299,27 @@ class Schema:
             return self._slots[(key, value)]
         except (KeyError, TypeError):
             fam = self.family(key)
+            if fam.kind == "histogram":
+                raise SchemaError(key, "a histogram family is recorded with observe()") from None
             if fam.label is None:
                 raise SchemaError(key, "family has no label") from None
             raise SchemaError(f"{key}.{value}", "unknown label value") from None
+
+    def histogram(self, key: str, value: str | None = None) -> HistogramSeries:
+        """Where one histogram series lives; :class:`SchemaError` for anything else."""
+        try:
+            return self._histograms[(key, value)]
+        except (KeyError, TypeError):
+            fam = self.family(key)
+            if fam.kind != "histogram":
+                raise SchemaError(key, f"a {fam.kind}, not a histogram") from None
+            if fam.label is None:
+                raise SchemaError(key, "family has no label") from None
+            raise SchemaError(f"{key}.{value}", "unknown label value") from None
+
+    def histogram_series(self) -> tuple[HistogramSeries, ...]:
+        """Every histogram series in slot order (its float cell order too)."""
+        return tuple(self._histograms.values())
 
     def offset(self, key: str) -> int:
         """The first slot of family ``key``."""
@@ -206,17 +347,37 @@ class Schema:
         """A fresh, all-zero slot list."""
         return [0] * self.size
 
+    def float_zeros(self) -> list[float]:
+        """A fresh, all-zero list of float cells."""
+        return [0.0] * self._float_size
+
     # -- dictionary layout -------------------------------------------------------------------
 
-    def counts_to_dict(self, counts: Iterable[int]) -> CountsDict:
-        """Turn a slot list into the dictionary layout (families only, no metadata)."""
+    def counts_to_dict(self, counts: Iterable[int], sums: Iterable[float] = ()) -> CountsDict:
+        """Turn a slot list (and the float cells, for a schema with histograms) into the
+        dictionary layout (families only, no metadata)."""
         values = list(counts)
+        floats = list(sums)
         if len(values) != self.size:
             raise SchemaError("", f"expected {self.size} counts, got {len(values)}")
+        if len(floats) != self._float_size:
+            raise SchemaError("", f"expected {self._float_size} sums, got {len(floats)}")
         out: CountsDict = {}
         i = 0
+        f = 0
         for fam in self.families:
-            if fam.label is None:
+            if fam.kind == "histogram":
+                n = len(fam.buckets) + 1
+                series: list[dict[str, Any]] = []
+                for _ in range(fam.series):
+                    series.append(_histogram_dict(fam, values[i : i + n], floats[f]))
+                    i += n
+                    f += 1
+                if fam.label is None:
+                    out[fam.key] = series[0]
+                else:
+                    out[fam.key] = dict(zip(fam.values, series, strict=True))
+            elif fam.label is None:
                 out[fam.key] = values[i]
                 i += 1
             else:
@@ -233,6 +394,19 @@ class Schema:
         :data:`MAX_COUNT` raises :class:`SchemaError` naming the field. A family or label value
         that is *missing* counts as zero, so a shard written by an older schema with fewer label
         values still reads. Keys in ``allow_extra`` (and the metadata keys) are ignored here.
+
+        Only the integer slots: a caller that keeps a histogram's sums uses :meth:`parse_cells`.
+        """
+        return self.parse_cells(data, allow_extra=allow_extra)[0]
+
+    def parse_cells(
+        self, data: object, *, allow_extra: Iterable[str] = ()
+    ) -> tuple[list[int], list[float]]:
+        """:meth:`parse_counts`, and the float cells (histogram sums) as well.
+
+        A histogram series must have exactly the layout the module documents: its bounds as
+        the schema declares them, cumulative counts that never go down, ``count`` equal to the
+        ``+Inf`` bucket, and a finite, non-negative sum that is 0 when nothing was observed.
         """
         if not isinstance(data, Mapping):
             raise SchemaError("", f"expected a mapping, got {type(data).__name__}")
@@ -243,6 +417,7 @@ class Schema:
         # which raises the precise error.
         value_slots = self._value_slots()
         counts = self.zeros()
+        sums = self.float_zeros()
         for key, value in data.items():
             if type(key) is not str:
                 if not isinstance(key, str):
@@ -259,8 +434,14 @@ class Schema:
                 else:
                     counts[slots] = _check_count(key, value)
                 continue
+            if type(slots) is HistogramSeries:
+                _parse_histogram(key, value, slots, counts, sums)
+                continue
+            if isinstance(slots, tuple):  # a labelled histogram: value -> its series
+                _parse_labelled_histograms(key, value, slots[0], counts, sums)
+                continue
             _parse_labelled(key, value, slots, counts)
-        return counts
+        return counts, sums
 
     def _value_slots(self) -> dict[str, Any]:
         """Per family key: its slot (no label) or a dict of label value to slot. Cached."""
@@ -270,7 +451,12 @@ class Schema:
 def _value_slots(schema: Schema) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for fam in schema.families:
-        if fam.label is None:
+        if fam.kind == "histogram":
+            if fam.label is None:
+                table[fam.key] = schema.histogram(fam.key)
+            else:  # in a 1-tuple, so that the parser tells it from a counter's value table
+                table[fam.key] = ({v: schema.histogram(fam.key, v) for v in fam.values},)
+        elif fam.label is None:
             table[fam.key] = schema.slot(fam.key)
         else:
             table[fam.key] = {v: schema.slot(fam.key, v) for v in fam.values}
@@ -293,6 +479,74 @@ def _parse_labelled(key: str, value: object, slots: dict[str, int], counts: list
             counts[idx] = n
         else:
             counts[idx] = _check_count(f"{key}.{label_value}", n)
+
+
+_HISTOGRAM_KEYS = frozenset({"buckets", "count", "sum"})
+
+
+def _histogram_dict(fam: Family, buckets: list[int], total: float) -> dict[str, Any]:
+    """One histogram series in the dictionary layout (cumulative buckets)."""
+    cumulative: dict[str, int] = {}
+    running = 0
+    for le, n in zip(fam.bucket_labels, buckets, strict=True):
+        running += n
+        cumulative[le] = running
+    return {"buckets": cumulative, "count": running, "sum": total}
+
+
+def _parse_labelled_histograms(
+    key: str,
+    value: object,
+    series: dict[str, HistogramSeries],
+    counts: list[int],
+    sums: list[float],
+) -> None:
+    if not isinstance(value, Mapping):
+        raise SchemaError(key, f"expected a mapping of label values, got {_tname(value)}")
+    for label_value, one in value.items():
+        found = series.get(label_value) if isinstance(label_value, str) else None
+        if found is None:
+            if not isinstance(label_value, str):
+                raise SchemaError(f"{key}.{label_value!r}", "label values must be strings")
+            raise SchemaError(f"{key}.{label_value}", "unknown label value")
+        _parse_histogram(f"{key}.{label_value}", one, found, counts, sums)
+
+
+def _parse_histogram(
+    where: str, value: object, series: HistogramSeries, counts: list[int], sums: list[float]
+) -> None:
+    """Validate one histogram series' mapping (see the module documentation) into ``counts``
+    (non-cumulative, one slot per bucket) and ``sums``."""
+    if not isinstance(value, Mapping) or set(value) != _HISTOGRAM_KEYS:
+        raise SchemaError(where, "a histogram series must be {buckets, count, sum}")
+    buckets = value["buckets"]
+    les = (*(repr(b) for b in series.bounds), "+Inf")
+    if not isinstance(buckets, Mapping) or set(buckets) != set(les):
+        raise SchemaError(f"{where}.buckets", "must have exactly the declared bounds and +Inf")
+    previous = 0
+    for i, le in enumerate(les):
+        n = _check_count(f"{where}.buckets.{le}", buckets[le])
+        if n < previous:
+            raise SchemaError(f"{where}.buckets.{le}", "cumulative bucket counts went down")
+        counts[series.first + i] = n - previous
+        previous = n
+    if _check_count(f"{where}.count", value["count"]) != previous:
+        raise SchemaError(f"{where}.count", "does not equal the +Inf bucket")
+    sums[series.sum_cell] = check_sum(f"{where}.sum", value["sum"], previous)
+
+
+def check_sum(where: str, value: object, count: int) -> float:
+    """Validate a histogram sum: a finite, non-negative number (not ``bool``), and 0 when
+    ``count`` (the series' observations) is 0."""
+    if type(value) not in (int, float):
+        raise SchemaError(where, f"a sum must be a number, got {_tname(value)}")
+    total = float(value)  # type: ignore[arg-type]
+    # A chained comparison is False for NaN: this refuses NaN, infinities and negatives.
+    if not 0.0 <= total < math.inf:
+        raise SchemaError(where, f"a sum must be finite and non-negative, got {total!r}")
+    if count == 0 and total != 0.0:
+        raise SchemaError(where, "a sum without observations")
+    return total
 
 
 def _tname(value: object) -> str:

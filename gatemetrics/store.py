@@ -5,9 +5,10 @@ One store per process holds that process's cumulative counts. Every increment ta
 live views. The store has no I/O of its own: persistence (shards) and merging (the aggregator)
 are built on :meth:`CounterStore.snapshot` and the dictionary layout.
 
-Every write goes through one mechanism, :meth:`CounterStore._add`: add to some slots under the
-lock, then notify the change hook once. :meth:`CounterStore.increment` and
-:meth:`CounterStore.increment_slots` validate their arguments and call it; a subclass whose
+Every write goes through one mechanism, :meth:`CounterStore._add`: add to some slots (and, for
+a histogram observation, to one float sum) under the lock, then notify the change hook once.
+:meth:`CounterStore.increment`, :meth:`CounterStore.increment_slots` and
+:meth:`CounterStore.observe` validate their arguments and call it; a subclass whose
 recorders resolve their slots from constants of its schema (the release gate's) calls it
 directly, skipping the validation it does not need.
 
@@ -21,9 +22,11 @@ new start time, so nothing is ever counted twice.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,16 +48,24 @@ __all__ = ["CounterStore", "Snapshot"]
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """An immutable, consistent copy of a store's counts and metadata."""
+    """An immutable, consistent copy of a store's counts and metadata.
+
+    ``counts`` holds the integer slots (a histogram's non-cumulative bucket counts among them),
+    ``sums`` the float cells (each histogram series' sum, in schema order; empty without
+    histograms).
+    """
 
     schema: Schema
     counts: tuple[int, ...]
     generation: int = 0
     start_timestamp: float = 0.0
+    sums: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.counts) != self.schema.size:
             raise SchemaError("", f"expected {self.schema.size} counts, got {len(self.counts)}")
+        if len(self.sums) != self.schema.float_size:
+            raise SchemaError("", f"expected {self.schema.float_size} sums, got {len(self.sums)}")
 
     def get(self, key: str, value: str | None = None) -> int:
         """The count of one series."""
@@ -68,9 +79,20 @@ class Snapshot:
         base = self.schema.offset(key)
         return dict(zip(fam.values, self.counts[base : base + fam.width], strict=True))
 
+    def histogram(self, key: str, value: str | None = None) -> tuple[tuple[int, ...], float]:
+        """One histogram series: its *cumulative* bucket counts (``+Inf`` last, so the last is
+        the series' count) and its sum."""
+        series = self.schema.histogram(key, value)
+        running = 0
+        cumulative: list[int] = []
+        for n in self.counts[series.first : series.first + len(series.bounds) + 1]:
+            running += n
+            cumulative.append(running)
+        return tuple(cumulative), self.sums[series.sum_cell]
+
     def to_dict(self) -> dict[str, Any]:
         """The dictionary layout, metadata included."""
-        out = self.schema.counts_to_dict(self.counts)
+        out = self.schema.counts_to_dict(self.counts, self.sums)
         out[GENERATION_KEY] = self.generation
         out[START_TIMESTAMP_KEY] = self.start_timestamp
         return out
@@ -94,6 +116,7 @@ class CounterStore:
         "_restores",
         "_schema",
         "_start",
+        "_sums",
     )
 
     #: A read-only store can never be saved as a shard (a subclass may set it).
@@ -105,6 +128,7 @@ class CounterStore:
         self._schema = schema
         self._lock = threading.Lock()
         self._counts: list[int] = schema.zeros()
+        self._sums: list[float] = schema.float_zeros()
         self._generation = 0
         self._clock = clock
         self._start = float(clock())
@@ -160,7 +184,37 @@ class CounterStore:
                 raise SchemaError("", f"slot out of range: {s!r}")
         self._add(todo)
 
-    def _add(self, slots: Sequence[int], amount: int = 1, *, check: bool = False) -> None:
+    def observe(self, key: str, value: float, label_value: str | None = None) -> None:
+        """Count one observation of ``value`` in histogram ``key`` (and its label value).
+
+        The observation goes into the first bucket whose bound is ``>=`` ``value`` (``+Inf``
+        if none) and is added to the series' sum, atomically: a reader sees both or neither.
+        :class:`SchemaError`, and nothing changes, for a series outside the schema, a value
+        that is not a number, NaN, an infinity, or a *negative* value: a histogram's sum here
+        is a counter (it never goes down, and readers refuse a shard whose sum did), which is
+        what ``rate(x_sum)`` needs. Durations and sizes are never negative; observe an offset
+        value (or use two histograms) for anything that can be.
+        """
+        series = self._schema.histogram(key, label_value)
+        if type(value) is not float:
+            if type(value) is not int:
+                raise SchemaError(key, f"an observation must be a number, got {value!r}"[:200])
+            value = float(value) if -(2**1023) < value < 2**1023 else math.inf
+        # A chained comparison is False for NaN: this refuses NaN, infinities and negatives.
+        if not 0.0 <= value < math.inf:
+            raise SchemaError(key, f"an observation must be finite and >= 0, got {value!r}")
+        bucket = series.first + bisect_left(series.bounds, value)
+        self._add((bucket,), 1, check=True, sum_cell=series.sum_cell, value=value)
+
+    def _add(
+        self,
+        slots: Sequence[int],
+        amount: int = 1,
+        *,
+        check: bool = False,
+        sum_cell: int = -1,
+        value: float = 0.0,
+    ) -> None:
         """The one write: add ``amount`` to each of ``slots`` under the lock, then notify.
 
         For subclasses and the public writers above: ``slots`` must be valid slots of this
@@ -169,6 +223,10 @@ class CounterStore:
         ``check``, a sum above :data:`MAX_COUNT` raises :class:`SchemaError` and changes nothing
         (recorders adding one at a time skip it: 2**63 calls never happen). The change hook runs
         once, after the lock is released.
+
+        With ``sum_cell`` (a histogram observation), ``value`` (finite, non-negative) is added
+        to that float cell in the same critical section; a sum that would overflow to infinity
+        raises :class:`SchemaError` and changes nothing.
         """
         # acquire/try/finally rather than ``with``: measurably cheaper per call on CPython 3.11
         # (see benchmarks/PROFILE.md), and this is every record call's cost.
@@ -180,6 +238,11 @@ class CounterStore:
                 for s in slots:
                     if counts[s] + amount > MAX_COUNT:
                         raise SchemaError(_key_of(self._schema, s), "count would exceed 2**63-1")
+            if sum_cell >= 0:
+                total = self._sums[sum_cell] + value
+                if total == math.inf:
+                    raise SchemaError(_key_of(self._schema, slots[0]), "sum would overflow")
+                self._sums[sum_cell] = total
             for s in slots:
                 counts[s] += amount
         finally:
@@ -200,8 +263,9 @@ class CounterStore:
         """A consistent copy of all counts and metadata."""
         with self._lock:
             counts = tuple(self._counts)
+            sums = tuple(self._sums)
             generation = self._generation
-        return Snapshot(self._schema, counts, generation, self._start)
+        return Snapshot(self._schema, counts, generation, self._start, sums)
 
     def to_dict(self) -> dict[str, Any]:
         """The dictionary layout of the current state (see :mod:`gatemetrics.schema`)."""
@@ -215,7 +279,7 @@ class CounterStore:
         """
         if not isinstance(data, Mapping):
             raise SchemaError("", f"expected a mapping, got {type(data).__name__}")
-        counts = self._schema.parse_counts(data)
+        counts, sums = self._schema.parse_cells(data)
         for key in (GENERATION_KEY, START_TIMESTAMP_KEY):
             if key not in data:
                 raise SchemaError(key, "missing")
@@ -223,6 +287,7 @@ class CounterStore:
         start = check_timestamp(data[START_TIMESTAMP_KEY])
         with self._lock:
             self._counts = counts
+            self._sums = sums
             self._generation = generation
             self._start = start
             self._restores += 1
@@ -251,6 +316,13 @@ class CounterStore:
             self._generation = generation = self._generation + 1
             return tuple(self._counts), generation, self._start, self._restores
 
+    def begin_save_cells(self) -> tuple[SaveState, tuple[float, ...]]:
+        """:meth:`begin_save`, and the float cells (histogram sums) of the same state."""
+        with self._lock:
+            self._generation = generation = self._generation + 1
+            state = (tuple(self._counts), generation, self._start, self._restores)
+            return state, tuple(self._sums)
+
     def abort_save(self, generation: int) -> None:
         """Undo the :meth:`begin_save` that returned ``generation``, unless another save has
         moved the generation on since."""
@@ -267,6 +339,7 @@ class CounterStore:
         """Start again from zero as a new process's store (runs in a forked child)."""
         self._lock = threading.Lock()
         self._counts = self._schema.zeros()
+        self._sums = self._schema.float_zeros()
         self._generation = 0
         self._start = float(self._clock())
         self._pid = os.getpid()
