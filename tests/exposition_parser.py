@@ -1,8 +1,10 @@
 """A strict little parser of the Prometheus text format, for asserting on what we render.
 
 It accepts only what our exposition is documented to produce (HELP, TYPE, samples with at most
-one label, integer values) and raises ``ValueError`` on anything else, so a test that parses our
-output also checks its shape.
+one label, integer values; for a histogram, per series its cumulative ``_bucket`` samples with
+``le`` last and ending in ``+Inf``, then ``_sum`` (a float as ``repr`` writes it) and
+``_count`` equal to the ``+Inf`` bucket) and raises ``ValueError`` on anything else, so a test
+that parses our output also checks its shape.
 """
 
 from __future__ import annotations
@@ -16,11 +18,29 @@ _SAMPLE = re.compile(
     r" (?P<count>-?\d+)\Z"
 )
 _HELP = re.compile(r"# HELP (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*) (?P<text>.*)\Z")
-_TYPE = re.compile(r"# TYPE (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*) (?P<kind>counter|gauge)\Z")
+_TYPE = re.compile(
+    r"# TYPE (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*) (?P<kind>counter|gauge|histogram)\Z"
+)
+_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+_HISTOGRAM_SAMPLE = re.compile(
+    r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)_(?P<suffix>bucket|sum|count)"
+    rf"(?:\{{(?:(?!le=)(?P<label>[a-zA-Z_][a-zA-Z0-9_]*)=(?P<value>{_VALUE}))?"
+    r'(?(label),)?(?:le="(?P<le>\+Inf|-?[0-9][0-9.e+-]*)")?\})?'
+    r" (?P<number>\S+)\Z"
+)
 
 
 def unescape(value: str) -> str:
     return re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), value)
+
+
+@dataclass
+class ParsedHistogram:
+    """One histogram series: its cumulative buckets by ``le`` (in order), sum and count."""
+
+    buckets: dict[str, int] = field(default_factory=dict)
+    sum: float | None = None
+    count: int | None = None
 
 
 @dataclass
@@ -29,6 +49,7 @@ class ParsedFamily:
     help: str = ""
     kind: str = ""
     samples: dict[tuple[str, str] | None, int] = field(default_factory=dict)
+    histograms: dict[tuple[str, str] | None, ParsedHistogram] = field(default_factory=dict)
 
 
 def parse(text: str) -> dict[str, ParsedFamily]:
@@ -46,6 +67,8 @@ def parse(text: str) -> dict[str, ParsedFamily]:
             if current is None or current.name != m["name"] or current.kind:
                 raise ValueError(f"line {lineno}: TYPE out of place")
             current.kind = m["kind"]
+        elif current is not None and current.kind == "histogram":
+            _histogram_line(current, line, lineno)
         elif m := _SAMPLE.match(line):
             if current is None or current.name != m["name"] or not current.kind:
                 raise ValueError(f"line {lineno}: sample outside its family")
@@ -55,4 +78,43 @@ def parse(text: str) -> dict[str, ParsedFamily]:
             current.samples[key] = int(m["count"])
         else:
             raise ValueError(f"line {lineno}: not understood: {line!r}")
+    _check_complete(families)
     return families
+
+
+def _check_complete(families: dict[str, ParsedFamily]) -> None:
+    for family in families.values():
+        for series in family.histograms.values():
+            if series.count is None:
+                raise ValueError(f"{family.name}: a histogram series without _count")
+
+
+def _histogram_line(family: ParsedFamily, line: str, lineno: int) -> None:
+    m = _HISTOGRAM_SAMPLE.match(line)
+    if m is None or m["name"] != family.name:
+        raise ValueError(f"line {lineno}: not understood: {line!r}")
+    key = (m["label"], unescape(m["value"][1:-1])) if m["label"] else None
+    suffix, le, number = m["suffix"], m["le"], m["number"]
+    series = family.histograms.get(key)
+    if suffix == "bucket":
+        if le is None:
+            raise ValueError(f"line {lineno}: a bucket without le")
+        if series is None:
+            series = family.histograms[key] = ParsedHistogram()
+        if series.sum is not None or le in series.buckets or "+Inf" in series.buckets:
+            raise ValueError(f"line {lineno}: bucket out of place")
+        count = int(number)
+        if series.buckets and count < list(series.buckets.values())[-1]:
+            raise ValueError(f"line {lineno}: cumulative buckets go down")
+        series.buckets[le] = count
+        return
+    if le is not None or series is None or "+Inf" not in series.buckets:
+        raise ValueError(f"line {lineno}: _{suffix} out of place")
+    if suffix == "sum":
+        if series.sum is not None or number != repr(float(number)):
+            raise ValueError(f"line {lineno}: sum repeated or not a float's repr")
+        series.sum = float(number)
+        return
+    if series.sum is None or series.count is not None or int(number) != series.buckets["+Inf"]:
+        raise ValueError(f"line {lineno}: _count out of place or not the +Inf bucket")
+    series.count = int(number)
