@@ -14,6 +14,9 @@ from pathlib import Path
 from gatemetrics import CounterStore, Family, Schema, shard_for
 
 __all__ = [
+    "BASKET_BUCKETS",
+    "CHECKOUT_BUCKETS",
+    "HISTOGRAM_SCHEMA",
     "OTHER_SCHEMA",
     "OUTCOMES",
     "SHOP_AGGREGATE_SERIES",
@@ -120,6 +123,33 @@ def record_order(
         slots.append(schema.slot("tills", till))
     store.increment_slots(slots)
 
+
+#: The shop with histograms: checkout time (no label) and basket size by outcome, between two
+#: counters, so that integer slots, bucket slots and float cells interleave.
+CHECKOUT_BUCKETS = (0.01, 0.1, 1.0)
+BASKET_BUCKETS = (1.0, 5.0, 10.0, 50.0)
+HISTOGRAM_SCHEMA = Schema(
+    [
+        SHOP_SCHEMA.families[0],
+        Family(
+            "shop_checkout_seconds",
+            "Time a checkout takes.",
+            key="checkout",
+            kind="histogram",
+            buckets=CHECKOUT_BUCKETS,
+        ),
+        Family(
+            "shop_basket_items",
+            "Items per basket, by outcome.",
+            key="basket",
+            label="outcome",
+            values=OUTCOMES,
+            kind="histogram",
+            buckets=BASKET_BUCKETS,
+        ),
+        SHOP_SCHEMA.families[2],
+    ]
+)
 
 #: A schema that no shop shard fits (other families altogether).
 OTHER_SCHEMA = Schema([Family("mill_grain_total", "Grain milled.", key="grain")])
