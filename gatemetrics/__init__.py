@@ -1,8 +1,9 @@
 """gatemetrics: exact, crash-safe, multiprocess counters with a deterministic Prometheus exposition.
 
-The engine knows nothing of release gates: it offers counter families with fixed label values
-(:class:`Family`, :class:`Schema`), a thread-safe in-memory store (:class:`CounterStore`),
-deterministic rendering (:func:`render_prometheus`, :func:`render_json`), per-process shards on
+The engine knows nothing of release gates: it offers counter families with fixed label values,
+one label or several (:class:`Family`, :class:`Schema`), a thread-safe in-memory store
+(:class:`CounterStore`, with prometheus_client-style handles: :class:`FamilyHandle`), deterministic
+rendering (:func:`render_prometheus`, :func:`render_json`), per-process shards on
 disk (:func:`save_to_dir`, :func:`bind`, :class:`Shard`), the aggregator that merges and
 compacts a shard directory (:func:`aggregate_dir`), and anyio helpers (:func:`periodic_saver`,
 :func:`asave`). :mod:`gatemetrics.persistence` holds the public types of persistence (durability,
@@ -48,6 +49,7 @@ from gatemetrics.schema import (
     Family,
     HistogramSeries,
     Kind,
+    LabelValues,
     Schema,
     check_generation,
     check_sum,
@@ -67,7 +69,7 @@ from gatemetrics.shards import (
     shard_for,
     write_file_atomically,
 )
-from gatemetrics.store import CounterStore, Snapshot
+from gatemetrics.store import CounterStore, FamilyHandle, SeriesHandle, Snapshot
 
 __all__ = [
     "CONTENT_TYPE",
@@ -80,11 +82,13 @@ __all__ = [
     "CountsDict",
     "Durability",
     "Family",
+    "FamilyHandle",
     "FamilySamples",
     "GatemetricsError",
     "HistogramSeries",
     "Identity",
     "Kind",
+    "LabelValues",
     "LockTimeoutError",
     "Mode",
     "PersistedStore",
@@ -93,6 +97,7 @@ __all__ = [
     "SaveState",
     "Schema",
     "SchemaError",
+    "SeriesHandle",
     "Shard",
     "ShardReport",
     "ShardWriteError",

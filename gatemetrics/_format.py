@@ -30,7 +30,9 @@ Shard format v2, all integers little-endian::
     + slot stride       slot B (odd seq)
 
 A reader whose schema has the same fingerprint never parses the schema record; one with another
-schema maps the cells through it, when the file's schema is a subset of its own.
+schema maps the cells through it, when the file's schema is a subset of its own. A family with
+several labels is recorded with ``"label"`` the list of its names and ``"values"`` one list per
+label (:func:`_recorded_labels`), which a reader without several labels never takes for its own.
 
 A slot is ``seq (u64), store_generation (u64), saved_at (f64), store start (f64), one i64 per
 integer cell, one f64 per float cell`` followed by the crc32 of those bytes. The identity
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import re
 import struct
@@ -66,7 +69,9 @@ import orjson
 from gatemetrics.errors import SchemaError
 from gatemetrics.schema import (
     MAX_BUCKETS,
+    MAX_FAMILY_LABELS,
     Family,
+    LabelValues,
     Schema,
     check_generation,
     check_sum,
@@ -194,8 +199,7 @@ def _schema_info(schema: Schema) -> tuple[dict[str, Any], bytes]:
             "key": f.key,
             "kind": f.kind,
             "documentation": f.documentation,
-            "label": f.label,
-            "values": list(f.values),
+            **_recorded_labels(f),
         }
         if f.kind == "histogram":
             # Only a histogram has the field: every other family's record (and so every
@@ -205,6 +209,22 @@ def _schema_info(schema: Schema) -> tuple[dict[str, Any], bytes]:
     record = {"families": families}
     digest = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).digest()[:16]
     return record, digest
+
+
+def _recorded_labels(fam: Family) -> dict[str, Any]:
+    """A family's ``label`` and ``values`` fields in a schema record.
+
+    No label or one label: ``"label": name or null, "values": [value, ...]``, as the previous
+    releases write them (so those schemas keep their fingerprints, and their readers read these
+    shards). Several labels: ``"label": [name, ...], "values": [[value, ...], ...]`` (one list
+    of values per label, in declared order). A reader of a release without several labels
+    compares ``label`` with its own family's string (or ``null``), never finds a list equal,
+    and quarantines the shard as written with another schema (or, for ``schema.json``, refuses
+    the record as malformed): it never maps such cells, so it cannot mis-count them.
+    """
+    if fam.label is not None or not fam.label_pairs:
+        return {"label": fam.label, "values": list(fam.values)}
+    return {"label": list(fam.label_names), "values": [list(v) for _, v in fam.label_pairs]}
 
 
 def _cell_map(
@@ -225,23 +245,15 @@ def _cell_map(
     for fam in fams:
         if not isinstance(fam, dict):
             raise BadFile("its schema record is malformed")
-        key = fam.get("key")
-        try:
-            ours = schema.family(key) if isinstance(key, str) else None
-        except SchemaError:
-            ours = None
-        if ours is None or fam.get("name") != ours.name or fam.get("kind") != ours.kind:
-            raise ForeignSchema(
-                f"written with another schema (family {str(key)[:60]!r} differs)", fingerprint
-            )
+        ours = _our_family(fam, schema, fingerprint)
         label, values = fam.get("label"), fam.get("values")
-        if label != ours.label or not isinstance(values, list):
+        if isinstance(label, list) and isinstance(values, list) and len(ours.label_pairs) > 1:
+            for combo in _multi_label_series(ours, label, values, fingerprint):
+                _map_series(schema, ours.key, combo, cells, floats)
+            continue
+        if label != ours.label or not isinstance(values, list) or len(ours.label_pairs) > 1:
             raise ForeignSchema(
                 f"written with another schema (labels of {ours.key!r} differ)", fingerprint
-            )
-        if ours.kind == "histogram" and fam.get("buckets") != list(ours.buckets):
-            raise ForeignSchema(
-                f"written with another schema (buckets of {ours.key!r} differ)", fingerprint
             )
         if label is None:
             if values:
@@ -259,8 +271,27 @@ def _cell_map(
     return tuple(cells), tuple(floats)
 
 
+def _our_family(fam: dict[str, Any], schema: Schema, fingerprint: bytes) -> Family:
+    """The family of ``schema`` a recorded family is (same key, name and kind, and a
+    histogram's same bounds); :class:`ForeignSchema` when there is none."""
+    key = fam.get("key")
+    try:
+        ours = schema.family(key) if isinstance(key, str) else None
+    except SchemaError:
+        ours = None
+    if ours is None or fam.get("name") != ours.name or fam.get("kind") != ours.kind:
+        raise ForeignSchema(
+            f"written with another schema (family {str(key)[:60]!r} differs)", fingerprint
+        )
+    if ours.kind == "histogram" and fam.get("buckets") != list(ours.buckets):
+        raise ForeignSchema(
+            f"written with another schema (buckets of {ours.key!r} differ)", fingerprint
+        )
+    return ours
+
+
 def _map_series(
-    schema: Schema, key: str, value: str | None, cells: list[int], floats: list[int]
+    schema: Schema, key: str, value: LabelValues, cells: list[int], floats: list[int]
 ) -> None:
     """Append one series' cells of ``schema`` (a histogram's buckets and sum, or one slot)."""
     if schema.family(key).kind == "histogram":
@@ -269,6 +300,30 @@ def _map_series(
         floats.append(series.sum_cell)
     else:
         cells.append(schema.slot(key, value))
+
+
+def _multi_label_series(
+    ours: Family, names: list[Any], values: list[Any], fingerprint: bytes
+) -> list[tuple[str, ...]]:
+    """The series of ``ours`` (a family with several labels), as tuples of label values, for
+    the series of a recorded family with labels ``names`` and per label ``values``: the same
+    label names in the same order, and per label a subset of our values, in any order (the
+    writer's series are the cross product of its recorded values, last label fastest; each
+    takes one cell, or a histogram's bucket cells and sum). Anything else is another schema."""
+    if names != list(ours.label_names) or len(values) != len(names):
+        raise ForeignSchema(
+            f"written with another schema (labels of {ours.key!r} differ)", fingerprint
+        )
+    for (name, declared), vals in zip(ours.label_pairs, values, strict=True):
+        if not isinstance(vals, list) or not vals or len(set(map(str, vals))) != len(vals):
+            raise BadFile("its schema record is malformed (label values)")
+        for v in vals:
+            if not isinstance(v, str) or v not in declared:
+                raise ForeignSchema(
+                    f"written with another schema ({ours.key}.{name}={str(v)[:60]})", fingerprint
+                )
+    # Bounded: every value is one of ours and none repeats, so this is at most ours.series.
+    return list(itertools.product(*values))
 
 
 #: Bounds on a schema read from a file (a shard header or ``schema.json``): whoever may write the
@@ -303,7 +358,9 @@ def schema_from_record(record: object) -> Schema:
     values, a counter's ``_total``), and the record is bounded first: at most
     :data:`MAX_RECORDED_FAMILIES` families and :data:`MAX_RECORDED_SERIES` series, names of at
     most 200 characters, label values of at most 128 and HELP texts of at most 1024, none
-    with a control character, and no field beyond those :func:`schema_record` writes.
+    with a control character, and no field beyond those :func:`schema_record` writes. A family
+    with several labels counts the cross product of its recorded values toward the series bound
+    and has at most :data:`~gatemetrics.schema.MAX_FAMILY_LABELS` labels.
     :class:`BadFile` for anything else.
     """
     fams = record.get("families") if isinstance(record, dict) else None
@@ -318,17 +375,18 @@ def schema_from_record(record: object) -> Schema:
         fields = _HISTOGRAM_RECORD_KEYS if kind == "histogram" else _RECORD_KEYS
         if not isinstance(fam, dict) or set(fam) != fields:
             raise BadFile("its schema record is malformed (a family's fields)")
-        values = fam["values"]
-        if not isinstance(values, list):
-            raise BadFile("its schema record is malformed (label values)")
+        labels = _record_labels(fam["label"], fam["values"])
         buckets = fam.get("buckets", [])
         if not isinstance(buckets, list) or len(buckets) > MAX_BUCKETS:
             raise BadFile("its schema record is malformed (buckets)")
+        width = 1
+        for _, vals in labels:
+            # Bounded as it grows: a hostile record's product never gets computed in full.
+            width = min(width * max(1, len(vals)), MAX_RECORDED_SERIES + 1)
         # Cells, not just series: a histogram series takes one per bucket (and +Inf).
-        series += max(1, len(values)) * (len(buckets) + 1 if kind == "histogram" else 1)
+        series += width * (len(buckets) + 1 if kind == "histogram" else 1)
         if series > MAX_RECORDED_SERIES:
             raise BadFile(f"its schema record has more than {MAX_RECORDED_SERIES} series")
-        label = fam["label"]
         if kind not in ("counter", "gauge", "histogram"):
             raise BadFile("its schema record has a bad kind")
         try:
@@ -337,13 +395,8 @@ def schema_from_record(record: object) -> Schema:
                     _bounded_text(fam["name"], _MAX_RECORDED_NAME, "metric name"),
                     _bounded_text(fam["documentation"], _MAX_RECORDED_HELP, "HELP text"),
                     key=_bounded_text(fam["key"], _MAX_RECORDED_NAME, "key"),
-                    label=None
-                    if label is None
-                    else _bounded_text(label, _MAX_RECORDED_NAME, "label name"),
-                    values=tuple(
-                        _bounded_text(v, _MAX_RECORDED_VALUE, "label value") for v in values
-                    ),
                     kind=kind,
+                    labels=_bounded_labels(labels),
                     buckets=tuple(buckets),
                 )
             )
@@ -353,6 +406,40 @@ def schema_from_record(record: object) -> Schema:
         return Schema(families)
     except SchemaError as exc:
         raise BadFile(f"its schema record is invalid: {exc}"[:300]) from None
+
+
+def _record_labels(label: object, values: object) -> list[tuple[object, list[Any]]]:
+    """A recorded family's ``label``/``values`` fields (see :func:`_recorded_labels`) as
+    ``(name, values)`` pairs, their shape checked (names and values are checked, bounded,
+    by the caller once the series bound holds); :class:`BadFile` if malformed."""
+    if not isinstance(values, list):
+        raise BadFile("its schema record is malformed (label values)")
+    if label is None:
+        if values:
+            raise BadFile("its schema record is malformed (values without a label)")
+        return []
+    if not isinstance(label, list):
+        return [(label, values)]
+    if len(label) < 2 or len(label) != len(values):
+        raise BadFile("its schema record is malformed (label names)")
+    if len(label) > MAX_FAMILY_LABELS:
+        raise BadFile(f"its schema record has a family with more than {MAX_FAMILY_LABELS} labels")
+    if not all(isinstance(v, list) for v in values):
+        raise BadFile("its schema record is malformed (label values)")
+    return list(zip(label, values, strict=True))
+
+
+def _bounded_labels(
+    labels: list[tuple[object, list[Any]]],
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """:func:`_record_labels`' pairs with every name and value checked by :func:`_bounded_text`."""
+    return tuple(
+        (
+            _bounded_text(name, _MAX_RECORDED_NAME, "label name"),
+            tuple(_bounded_text(v, _MAX_RECORDED_VALUE, "label value") for v in vals),
+        )
+        for name, vals in labels
+    )
 
 
 def schema_fits(written: Schema, reader: Schema) -> bool:

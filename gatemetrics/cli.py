@@ -596,8 +596,9 @@ def _series_totals(result: Aggregate) -> list[tuple[str, int]]:
         # A histogram's line is its series' count (``<name>_count``): the total of its buckets.
         buckets = len(fam.buckets) + 1 if fam.kind == "histogram" else 1
         name = f"{fam.name}_count" if fam.kind == "histogram" else fam.name
-        for value in fam.values if fam.label is not None else (None,):
-            series = name if value is None else f'{name}{{{fam.label}="{value}"}}'
+        for pairs in fam.series_labels:
+            inner = ",".join(f'{label}="{value}"' for label, value in pairs)
+            series = f"{name}{{{inner}}}" if pairs else name
             totals.append((series, sum(snap.counts[i : i + buckets])))
             i += buckets
     return totals

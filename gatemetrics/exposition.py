@@ -1,8 +1,10 @@
 """Deterministic rendering of counts: Prometheus text exposition (format 0.0.4) and JSON.
 
 Order is fixed and documented: families in schema order, each as ``# HELP``, ``# TYPE`` and
-then one sample per label value in the order the family declares them; a family without a label
-has a single unlabelled sample. Counts are rendered as integers. The same counts give
+then one sample per label value in the order the family declares them; a family with several
+labels has one sample per series of their cross product (``name{a="x",b="y"} n``, labels in
+declared order, the last label varying fastest: :attr:`Family.series_labels`); a family without
+a label has a single unlabelled sample. Counts are rendered as integers. The same counts give
 byte-identical output in any process, whatever order the counts were gathered in.
 
 A histogram family renders, per series (label value), as prometheus_client does: its

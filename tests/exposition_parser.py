@@ -1,33 +1,38 @@
 """A strict little parser of the Prometheus text format, for asserting on what we render.
 
-It accepts only what our exposition is documented to produce (HELP, TYPE, samples with at most
-one label, integer values; for a histogram, per series its cumulative ``_bucket`` samples with
-``le`` last and ending in ``+Inf``, then ``_sum`` (a float as ``repr`` writes it) and
-``_count`` equal to the ``+Inf`` bucket) and raises ``ValueError`` on anything else, so a test
-that parses our output also checks its shape.
+It accepts only what our exposition is documented to produce (HELP, TYPE, samples with labels in
+the family's declared order, integer values; for a histogram, per series its cumulative
+``_bucket`` samples with ``le`` last and ending in ``+Inf``, then ``_sum`` (a float as ``repr``
+writes it) and ``_count`` equal to the ``+Inf`` bucket) and raises ``ValueError`` on anything
+else, so a test that parses our output also checks its shape. ``samples`` keys a sample by its
+one label pair (``None`` without a label), as the single-label tests read it; ``series`` keys
+every sample, with any number of labels, by its tuple of ``(name, value)`` pairs;
+``histograms`` keys a histogram series like ``samples`` (or by its tuple of pairs when it has
+several labels).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
+_LABEL = r"[a-zA-Z_][a-zA-Z0-9_]*"
+_VALUE = r'(?:[^"\\\n]|\\[\\"n])*'
+_PAIRS = re.compile(rf'(?P<label>{_LABEL})="(?P<value>{_VALUE})"')
 _SAMPLE = re.compile(
     r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r'(?:\{(?P<label>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\\n]|\\[\\"n])*)"\})?'
+    rf'(?:\{{(?P<labels>{_LABEL}="{_VALUE}"(?:,{_LABEL}="{_VALUE}")*)\}})?'
     r" (?P<count>-?\d+)\Z"
 )
 _HELP = re.compile(r"# HELP (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*) (?P<text>.*)\Z")
-_TYPE = re.compile(
-    r"# TYPE (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*) (?P<kind>counter|gauge|histogram)\Z"
-)
-_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+_TYPE = re.compile(r"# TYPE (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*) (?P<kind>counter|gauge|histogram)\Z")
 _HISTOGRAM_SAMPLE = re.compile(
     r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)_(?P<suffix>bucket|sum|count)"
-    rf"(?:\{{(?:(?!le=)(?P<label>[a-zA-Z_][a-zA-Z0-9_]*)=(?P<value>{_VALUE}))?"
-    r'(?(label),)?(?:le="(?P<le>\+Inf|-?[0-9][0-9.e+-]*)")?\})?'
+    rf'(?:\{{(?P<labels>{_LABEL}="{_VALUE}"(?:,{_LABEL}="{_VALUE}")*)\}})?'
     r" (?P<number>\S+)\Z"
 )
+_LE = re.compile(r"\+Inf|-?[0-9][0-9.e+-]*\Z")
 
 
 def unescape(value: str) -> str:
@@ -49,7 +54,8 @@ class ParsedFamily:
     help: str = ""
     kind: str = ""
     samples: dict[tuple[str, str] | None, int] = field(default_factory=dict)
-    histograms: dict[tuple[str, str] | None, ParsedHistogram] = field(default_factory=dict)
+    series: dict[tuple[tuple[str, str], ...], int] = field(default_factory=dict)
+    histograms: dict[Any, ParsedHistogram] = field(default_factory=dict)
 
 
 def parse(text: str) -> dict[str, ParsedFamily]:
@@ -72,14 +78,22 @@ def parse(text: str) -> dict[str, ParsedFamily]:
         elif m := _SAMPLE.match(line):
             if current is None or current.name != m["name"] or not current.kind:
                 raise ValueError(f"line {lineno}: sample outside its family")
-            key = (m["label"], unescape(m["value"])) if m["label"] else None
-            if key in current.samples:
-                raise ValueError(f"line {lineno}: duplicate series")
-            current.samples[key] = int(m["count"])
+            _sample(current, m, lineno)
         else:
             raise ValueError(f"line {lineno}: not understood: {line!r}")
     _check_complete(families)
     return families
+
+
+def _sample(family: ParsedFamily, m: re.Match[str], lineno: int) -> None:
+    pairs = tuple((p["label"], unescape(p["value"])) for p in _PAIRS.finditer(m["labels"] or ""))
+    if len({name for name, _ in pairs}) != len(pairs):
+        raise ValueError(f"line {lineno}: a label repeated")
+    if pairs in family.series:
+        raise ValueError(f"line {lineno}: duplicate series")
+    family.series[pairs] = int(m["count"])
+    if len(pairs) <= 1:
+        family.samples[pairs[0] if pairs else None] = int(m["count"])
 
 
 def _check_complete(families: dict[str, ParsedFamily]) -> None:
@@ -89,12 +103,27 @@ def _check_complete(families: dict[str, ParsedFamily]) -> None:
                 raise ValueError(f"{family.name}: a histogram series without _count")
 
 
+def _histogram_labels(text: str, lineno: int) -> tuple[Any, str | None]:
+    """A histogram sample's series key (see :class:`ParsedFamily`) and its ``le``, if any."""
+    pairs = tuple((p["label"], unescape(p["value"])) for p in _PAIRS.finditer(text))
+    le = None
+    if pairs and pairs[-1][0] == "le":  # le comes last, after the series' own labels
+        le = pairs[-1][1]
+        pairs = pairs[:-1]
+        if not _LE.match(le):
+            raise ValueError(f"line {lineno}: a bad le {le!r}")
+    if any(name == "le" for name, _ in pairs) or len({n for n, _ in pairs}) != len(pairs):
+        raise ValueError(f"line {lineno}: le out of place or a label repeated")
+    key: Any = (pairs[0] if len(pairs) == 1 else pairs) if pairs else None
+    return key, le
+
+
 def _histogram_line(family: ParsedFamily, line: str, lineno: int) -> None:
     m = _HISTOGRAM_SAMPLE.match(line)
     if m is None or m["name"] != family.name:
         raise ValueError(f"line {lineno}: not understood: {line!r}")
-    key = (m["label"], unescape(m["value"][1:-1])) if m["label"] else None
-    suffix, le, number = m["suffix"], m["le"], m["number"]
+    key, le = _histogram_labels(m["labels"] or "", lineno)
+    suffix, number = m["suffix"], m["number"]
     series = family.histograms.get(key)
     if suffix == "bucket":
         if le is None:

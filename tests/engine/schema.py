@@ -16,9 +16,13 @@ from gatemetrics import CounterStore, Family, Schema, shard_for
 __all__ = [
     "BASKET_BUCKETS",
     "CHECKOUT_BUCKETS",
+    "CODES",
     "HISTOGRAM_SCHEMA",
     "OTHER_SCHEMA",
     "OUTCOMES",
+    "REQUESTS_AGGREGATE_SERIES",
+    "REQUESTS_SCHEMA",
+    "ROUTES",
     "SHOP_AGGREGATE_SERIES",
     "SHOP_FAMILIES",
     "SHOP_NAMESPACE",
@@ -29,10 +33,12 @@ __all__ = [
     "TILLS_AGGREGATE_SERIES",
     "TILLS_SCHEMA",
     "WHYS",
+    "WIDER_REQUESTS_SCHEMA",
     "WIDER_SHOP_SCHEMA",
     "dead_shop_shard",
     "dead_shop_v1_shard",
     "record_order",
+    "request_mix",
 ]
 
 OUTCOMES = ("paid", "refused")
@@ -150,6 +156,53 @@ HISTOGRAM_SCHEMA = Schema(
         SHOP_SCHEMA.families[2],
     ]
 )
+#: The shop's web front: requests by route and status class, a family with two labels (6 x 3
+#: series), added to the shop's families (so shop shards written before it fit it).
+ROUTES = ("basket", "checkout", "refund", "search", "account", "login")
+CODES = ("2xx", "4xx", "5xx")
+REQUESTS_SCHEMA = SHOP_SCHEMA.extend(
+    [
+        Family(
+            "shop_requests_total",
+            "Requests, by route and status class.",
+            key="requests",
+            labels=(("route", ROUTES), ("code", CODES)),
+        )
+    ]
+)
+#: REQUESTS_SCHEMA with one more route and one more code: its shards fit this one.
+WIDER_REQUESTS_SCHEMA = SHOP_SCHEMA.extend(
+    [
+        Family(
+            "shop_requests_total",
+            "Requests, by route and status class.",
+            key="requests",
+            labels=(("route", (*ROUTES, "wishlist")), ("code", (*CODES, "1xx"))),
+        )
+    ]
+)
+# Written out, not derived from the schema under test: the 18 (route, code) series.
+REQUESTS_AGGREGATE_SERIES: dict[str, set[tuple[tuple[str, str], ...]]] = {
+    "shop_orders_total": {(("outcome", "paid"),), (("outcome", "refused"),)},
+    "shop_refusals_total": {(("why", w),) for w in WHYS},
+    "shop_errors_total": {()},
+    "shop_requests_total": {(("route", r), ("code", c)) for r in ROUTES for c in CODES},
+    "shop_quarantined_shards_total": {()},
+    "shop_shards": {(("state", "live"),), (("state", "dead"),)},
+}
+
+
+def request_mix(seed: int, n: int) -> list[tuple[str, str]]:
+    """``n`` deterministic ``(route, code)`` pairs for worker ``seed``: a walk over the 18
+    series in steps of 7 (coprime to 18, so any 18 in a row cover all of them), the same in the
+    test process and its children."""
+    width = len(ROUTES) * len(CODES)
+    pairs = []
+    for i in range(n):
+        k = (seed + 7 * i) % width
+        pairs.append((ROUTES[k // len(CODES)], CODES[k % len(CODES)]))
+    return pairs
+
 
 #: A schema that no shop shard fits (other families altogether).
 OTHER_SCHEMA = Schema([Family("mill_grain_total", "Grain milled.", key="grain")])
