@@ -69,7 +69,13 @@ from gatemetrics.shards import (
     shard_for,
     write_file_atomically,
 )
-from gatemetrics.store import CounterStore, FamilyHandle, SeriesHandle, Snapshot
+from gatemetrics.store import (
+    CounterStore,
+    FamilyHandle,
+    HistogramHandle,
+    SeriesHandle,
+    Snapshot,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -85,6 +91,7 @@ __all__ = [
     "FamilyHandle",
     "FamilySamples",
     "GatemetricsError",
+    "HistogramHandle",
     "HistogramSeries",
     "Identity",
     "Kind",

@@ -42,13 +42,14 @@ from gatemetrics.schema import (
     MAX_COUNT,
     START_TIMESTAMP_KEY,
     Family,
+    HistogramSeries,
     LabelValues,
     Schema,
     check_generation,
     check_timestamp,
 )
 
-__all__ = ["CounterStore", "FamilyHandle", "SeriesHandle", "Snapshot"]
+__all__ = ["CounterStore", "FamilyHandle", "HistogramHandle", "SeriesHandle", "Snapshot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,7 @@ class Snapshot:
         base = self.schema.offset(key)
         return dict(zip(fam.values, self.counts[base : base + fam.width], strict=True))
 
-    def histogram(self, key: str, value: str | None = None) -> tuple[tuple[int, ...], float]:
+    def histogram(self, key: str, value: LabelValues = None) -> tuple[tuple[int, ...], float]:
         """One histogram series: its *cumulative* bucket counts (``+Inf`` last, so the last is
         the series' count) and its sum."""
         series = self.schema.histogram(key, value)
@@ -229,6 +230,10 @@ class CounterStore:
         value (or use two histograms) for anything that can be.
         """
         series = self._schema.histogram(key, _series(self._schema, key, label_value, labels))
+        self._observe(series, key, value)
+
+    def _observe(self, series: HistogramSeries, key: str, value: float) -> None:
+        """:meth:`observe` into a resolved series (for it and the histogram handles)."""
         if type(value) is not float:
             if type(value) is not int:
                 raise SchemaError(key, f"an observation must be a number, got {value!r}"[:200])
@@ -430,6 +435,15 @@ class FamilyHandle:
         if len(values) != len(fam.label_pairs):
             names = ", ".join(fam.label_names)
             raise SchemaError(fam.key, f"expected {len(fam.label_pairs)} label values ({names})")
+        if fam.kind == "histogram":
+            # Through Schema.histogram, the one check of a histogram series.
+            series = self._store.schema.histogram(
+                fam.key, values[0] if fam.label is not None else values
+            )
+            values = tuple(str.__str__(v) for v in values)
+            return self._children.setdefault(
+                values, HistogramHandle(self._store, fam.key, values, series)
+            )
         # Through Schema.slot, the one check of a series: a handle can name nothing it refuses.
         slot = self._store.schema.slot(fam.key, values[0] if fam.label is not None else values)
         if not all(type(v) is str for v in values):
@@ -445,6 +459,14 @@ class FamilyHandle:
             names = ", ".join(self.family.label_names)
             raise SchemaError(self.family.key, f"missing label values ({names}); use labels()")
         self._store.increment(self.family.key, None, amount)
+
+    def observe(self, value: float) -> None:
+        """Observe ``value`` in a histogram without a label (see :meth:`CounterStore.observe`;
+        :class:`SchemaError` for a labelled one: name the series with :meth:`labels`)."""
+        if self.family.label_pairs:
+            names = ", ".join(self.family.label_names)
+            raise SchemaError(self.family.key, f"missing label values ({names}); use labels()")
+        self._store.observe(self.family.key, value)
 
 
 class SeriesHandle:
@@ -491,6 +513,40 @@ class SeriesHandle:
     def get(self) -> int:
         """The series' current count."""
         return self._store.get(self.key, self.values if len(self.values) > 1 else self.values[0])
+
+    def observe(self, value: float) -> None:
+        """Refused (:class:`SchemaError`): a counter's series counts with :meth:`inc`."""
+        raise SchemaError(self.key, "a counter's series counts with inc(), not observe()")
+
+
+class HistogramHandle(SeriesHandle):
+    """One series of a histogram family (see :meth:`FamilyHandle.labels`): :meth:`observe`
+    is :meth:`CounterStore.observe` with the series resolved once (the same checks, the same
+    one write, so bindings persist it exactly as they persist ``observe``)."""
+
+    __slots__ = ("_series",)
+
+    def __init__(
+        self, store: CounterStore, key: str, values: tuple[str, ...], series: HistogramSeries
+    ) -> None:
+        super().__init__(store, key, values, -1)
+        self._series = series
+
+    def observe(self, value: float) -> None:
+        """Count one observation (:class:`SchemaError` for anything but a finite number
+        ``>= 0``, and nothing changes)."""
+        self._store._observe(self._series, self.key, value)
+
+    def inc(self, amount: int = 1) -> None:
+        """Refused (:class:`SchemaError`): a histogram's series records with :meth:`observe`."""
+        raise SchemaError(self.key, "a histogram's series records with observe(), not inc()")
+
+    def get(self) -> int:
+        """The series' count of observations."""
+        snap = self._store.snapshot()
+        return snap.histogram(self.key, self.values if len(self.values) > 1 else self.values[0])[0][
+            -1
+        ]
 
 
 def _series(schema: Schema, key: str, value: LabelValues, labels: Mapping[str, str]) -> LabelValues:

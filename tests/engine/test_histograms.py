@@ -26,6 +26,7 @@ from gatemetrics import (
     Schema,
     SchemaError,
     aggregate_dir,
+    bind,
     new_identity,
     render_json,
     render_prometheus,
@@ -775,3 +776,129 @@ def test_any_observations_render_as_their_model_whatever_the_read_order(
     # Compaction folds the shards into the archive: the same buckets and sums, bit for bit.
     assert render_prometheus(agg(directory, compact=True).snapshot()) == own
     assert render_prometheus(agg(directory).snapshot()) == own
+
+
+# -- several labels and handles ------------------------------------------------------------
+
+LATENCY = Family(
+    "web_request_seconds",
+    "Request latency, by route and status class.",
+    key="latency",
+    labels=(("route", ("create", "read")), ("code", ("2xx", "5xx"))),
+    kind="histogram",
+    buckets=(0.1, 1.0),
+)
+WEB_SCHEMA = Schema([Family("web_errors_total", "Errors.", key="errors"), LATENCY])
+
+
+def test_a_histogram_with_two_labels_has_a_series_per_combination_rendered_in_order() -> None:
+    store = CounterStore(WEB_SCHEMA)
+    store.observe("latency", 0.05, route="read", code="2xx")
+    store.observe("latency", 3.0, ("create", "5xx"))
+    store.family("latency").labels(route="read", code="5xx").observe(0.5)
+    store.family("latency").labels("read", "2xx").observe(0.25)
+    assert WEB_SCHEMA.size == 1 + 4 * 3
+    assert WEB_SCHEMA.float_size == 4
+    snap = store.snapshot()
+    assert snap.histogram("latency", ("read", "2xx")) == ((1, 2, 2), 0.3)
+    assert snap.histogram("latency", {"route": "create", "code": "5xx"}) == ((0, 0, 1), 3.0)
+    text = render_prometheus(snap)
+    assert text.splitlines()[5:12] == [
+        'web_request_seconds_bucket{route="create",code="2xx",le="0.1"} 0',
+        'web_request_seconds_bucket{route="create",code="2xx",le="1.0"} 0',
+        'web_request_seconds_bucket{route="create",code="2xx",le="+Inf"} 0',
+        'web_request_seconds_sum{route="create",code="2xx"} 0.0',
+        'web_request_seconds_count{route="create",code="2xx"} 0',
+        'web_request_seconds_bucket{route="create",code="5xx",le="0.1"} 0',
+        'web_request_seconds_bucket{route="create",code="5xx",le="1.0"} 0',
+    ]
+    parsed = parse(text)["web_request_seconds"].histograms
+    assert parsed[(("route", "read"), ("code", "5xx"))].buckets == {"0.1": 0, "1.0": 1, "+Inf": 1}
+    doc = store.to_dict()
+    assert doc["latency"]["read"]["2xx"] == {
+        "buckets": {"0.1": 1, "1.0": 2, "+Inf": 2},
+        "count": 2,
+        "sum": 0.3,
+    }
+    again = CounterStore(WEB_SCHEMA)
+    again.restore(doc)
+    assert again.snapshot() == snap
+    with pytest.raises(SchemaError, match="unknown label value"):
+        again.restore({**doc, "latency": {"read": {"3xx": doc["latency"]["read"]["2xx"]}}})
+    with pytest.raises(SchemaError, match="must not be 'le'"):
+        Family(
+            "x_seconds",
+            "X.",
+            key="x",
+            labels=(("a", ("1",)), ("le", ("2",))),
+            kind="histogram",
+            buckets=(1.0,),
+        )
+
+
+def test_a_shard_with_fewer_values_of_two_labels_maps_into_a_wider_histogram(
+    tmp_path: Path,
+) -> None:
+    promtool = require_tool("promtool")
+    narrow = Schema(
+        [
+            WEB_SCHEMA.families[0],
+            Family(
+                LATENCY.name,
+                LATENCY.documentation,
+                key="latency",
+                labels=(("route", ("read",)), ("code", ("5xx", "2xx"))),
+                kind="histogram",
+                buckets=LATENCY.buckets,
+            ),
+        ]
+    )
+    store = CounterStore(narrow)
+    store.observe("latency", 0.7, route="read", code="5xx")
+    shard = shard_for(store, tmp_path)
+    assert shard.save()
+    shard.close(save=False)
+    wide = CounterStore(WEB_SCHEMA)
+    wide.observe("latency", 0.01, route="create", code="2xx")
+    shard = shard_for(wide, tmp_path)
+    assert shard.save()
+    shard.close(save=False)
+    result = aggregate_dir(tmp_path, WEB_SCHEMA, namespace="web", compact=True)
+    snap = result.snapshot()
+    assert snap.histogram("latency", ("read", "5xx")) == ((0, 1, 1), 0.7)
+    assert snap.histogram("latency", ("create", "2xx")) == ((1, 1, 1), 0.01)
+    assert snap.histogram("latency", ("read", "2xx")) == ((0, 0, 0), 0.0)
+    text = aggregate_dir(tmp_path, WEB_SCHEMA, namespace="web").render_prometheus()
+    assert render_prometheus(snap) in text
+    done = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_histogram_handles_observe_once_per_call_and_refuse_what_is_not_theirs(
+    tmp_path: Path,
+) -> None:
+    store = CounterStore(SCHEMA)
+    binding = bind(store, tmp_path)
+    basket = store.family("basket").labels(outcome="paid")
+    assert store.family("basket").labels("paid") is basket  # resolved once, kept
+    generation = store.generation
+    basket.observe(3)
+    store.family("checkout").observe(0.2)
+    assert store.generation == generation + 2  # write-through: one save per observation
+    assert basket.get() == 1
+    with pytest.raises(SchemaError, match="observe"):
+        basket.inc()
+    with pytest.raises(SchemaError, match="inc"):
+        store.family("orders").labels("paid").observe(1.0)
+    with pytest.raises(SchemaError, match="finite and >= 0"):
+        basket.observe(-1.0)
+    with pytest.raises(SchemaError, match="unknown label value"):
+        store.family("basket").labels("stolen")
+    with pytest.raises(SchemaError, match="use labels"):
+        store.family("basket").observe(1.0)
+    binding.close()
+    snap = agg(tmp_path).snapshot()
+    assert snap.histogram("basket", "paid") == ((0, 1, 1, 1, 1), 3.0)
+    assert snap.histogram("checkout") == ((0, 0, 1, 1), 0.2)
