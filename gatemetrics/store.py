@@ -119,6 +119,9 @@ class Snapshot:
 class CounterStore:
     """Cumulative counters for every series of ``schema``, safe to use from many threads.
 
+    ``schema`` may hold counters and histograms; a gauge family is refused
+    (:class:`SchemaError`): see :func:`_refuse_gauges`.
+
     ``clock`` (seconds since the epoch) is injectable so tests control
     ``store_start_timestamp``.
     """
@@ -144,6 +147,7 @@ class CounterStore:
     def __init__(self, schema: Schema, *, clock: Callable[[], float] = time.time) -> None:
         if not isinstance(schema, Schema):
             raise TypeError(f"schema must be a Schema, not {type(schema).__name__}")
+        _refuse_gauges(schema)
         self._schema = schema
         self._lock = threading.Lock()
         self._counts: list[int] = schema.zeros()
@@ -561,6 +565,26 @@ def _series(schema: Schema, key: str, value: LabelValues, labels: Mapping[str, s
         raise SchemaError(key, "family has no label")
     values = fam.label_values(labels)
     return values[0] if fam.label is not None else values
+
+
+def _refuse_gauges(schema: Schema) -> None:
+    """:class:`SchemaError` for a schema with a gauge family: a store cannot record one.
+
+    A gauge here would only go up, and each worker's value would be summed across processes,
+    a dead worker's forever: no semantics a gauge's reader expects (prometheus_client's
+    livesum, max, min or mostrecent). Until gauges have such modes, a store refuses them
+    rather than export a number that means nothing. The aggregator's own pipeline gauge
+    (``<namespace>_shards{state}``) is computed by each aggregation, never stored in a shard,
+    and is unaffected; shards of the previous release that hold a gauge family still read.
+    """
+    for fam in schema.families:
+        if fam.kind == "gauge":
+            raise SchemaError(
+                f"family {fam.name!r}",
+                "a store cannot record a gauge: gauges have no cross-process semantics yet "
+                "(each worker's value would be summed, a dead worker's forever); use a counter "
+                "or a histogram",
+            )
 
 
 def _key_of(schema: Schema, slot: int) -> str:

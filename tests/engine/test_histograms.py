@@ -902,3 +902,40 @@ def test_histogram_handles_observe_once_per_call_and_refuse_what_is_not_theirs(
     snap = agg(tmp_path).snapshot()
     assert snap.histogram("basket", "paid") == ((0, 1, 1, 1, 1), 3.0)
     assert snap.histogram("checkout") == ((0, 0, 1, 1), 0.2)
+
+
+# -- gauges --------------------------------------------------------------------------------
+
+
+def test_a_store_refuses_a_gauge_family_and_says_why(tmp_path: Path) -> None:
+    schema = Schema([Family("queue_depth", "Jobs waiting.", key="depth", kind="gauge")])
+    with pytest.raises(SchemaError, match="no cross-process semantics"):
+        CounterStore(schema)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_aggregators_own_gauge_still_counts_live_and_dead_shards(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    dead_histogram_shard(tmp_path, [0.5])
+    live = reaper.python(
+        """
+        from gatemetrics import CounterStore, bind
+        from tests.engine.schema import HISTOGRAM_SCHEMA
+        binding = bind(CounterStore(HISTOGRAM_SCHEMA), sys.argv[1])
+        binding.save()
+        print("ready", flush=True)
+        sys.stdin.readline()
+        """,
+        str(tmp_path),
+        stdin=True,
+    )
+    assert live.stdout is not None
+    assert live.stdout.readline() == "ready\n"
+    families = parse(agg(tmp_path).render_prometheus())
+    assert families["shop_shards"].kind == "gauge"
+    assert families["shop_shards"].samples == {("state", "live"): 1, ("state", "dead"): 1}
+    assert live.stdin is not None
+    live.stdin.write("\n")
+    live.stdin.flush()
+    assert live.wait(timeout=30) == 0
