@@ -574,9 +574,11 @@ def _archive_text(result: Aggregate, now: float) -> str:
 
 
 def _schema_text(schema: Schema) -> str:
+    # Series as declared (a histogram's series counts once, not once per bucket).
+    series = sum(f.series for f in schema.families)
     return (
         f"{schema_fingerprint(schema).hex()[:12]} ({len(schema.families)} families, "
-        f"{schema.size} series)"
+        f"{series} series)"
     )
 
 
