@@ -939,3 +939,19 @@ def test_the_aggregators_own_gauge_still_counts_live_and_dead_shards(
     live.stdin.write("\n")
     live.stdin.flush()
     assert live.wait(timeout=30) == 0
+
+
+def test_a_histogram_handle_refuses_an_overflowing_sum_and_follows_a_restore() -> None:
+    store = CounterStore(SCHEMA)
+    checkout = store.family("checkout")
+    checkout.observe(1.7e308)
+    with pytest.raises(SchemaError, match="overflow"):
+        checkout.observe(1.7e308)  # the inlined path: both or neither
+    assert store.snapshot().histogram("checkout") == ((0, 0, 0, 1), 1.7e308)
+    store.restore(CounterStore(SCHEMA, clock=lambda: 2.0).to_dict())
+    checkout.observe(0.05)  # into the restored state, not the one it replaced
+    assert store.snapshot().histogram("checkout") == ((0, 1, 1, 1), 0.05)
+    basket = store.family("basket").labels("refused")
+    basket.observe(5)  # an int: the checked path, same result
+    basket.observe(5.0)
+    assert store.snapshot().histogram("basket", "refused") == ((0, 2, 2, 2, 2), 10.0)
