@@ -3,6 +3,7 @@ float cells, the archive, compaction, quarantine, SIGKILL at every step, and the
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ from gatemetrics import (
     aggregate_dir,
     bind,
     new_identity,
+    recorded_schema,
     render_json,
     render_prometheus,
     samples,
@@ -37,9 +39,11 @@ from gatemetrics import (
 )
 from gatemetrics._format import (
     Archive,
+    BadFile,
     Layout,
     decode_v2,
     parse_name,
+    schema_from_record,
     schema_record,
     v2_names,
 )
@@ -1004,3 +1008,53 @@ def test_the_readmes_histogram_example_records_in_a_worker_and_aggregates_as_sho
     invoice = parse(cli.stdout)["myshop_checkout_seconds"].histograms[("method", "invoice")]
     assert (invoice.count, invoice.sum) == (1, 0.04)
     assert sorted(os.listdir(directory)) == CLEAN  # the dead worker's shard compacted
+
+
+# -- the schema as recorded in files -------------------------------------------------------
+
+
+def test_a_directory_records_a_schema_with_histograms_and_reads_it_back(tmp_path: Path) -> None:
+    dead_histogram_shard(tmp_path, [0.5])
+    agg(tmp_path, compact=True)  # writes schema.json
+    recorded = recorded_schema(tmp_path)
+    assert recorded.schema == SCHEMA
+    assert recorded.schema.family("basket").buckets == BASKET_BUCKETS
+    assert schema_from_record(schema_record(SCHEMA)) == SCHEMA
+
+
+def _record_with(**changes: Any) -> dict[str, Any]:
+    record: dict[str, Any] = copy.deepcopy(schema_record(SCHEMA))  # the cached one is shared
+    record["families"][1].update(changes)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        (_record_with(buckets=[]), "at least one finite bucket"),
+        (_record_with(buckets=[0.1, 0.05]), "strictly increasing"),
+        (_record_with(buckets=["0.1"]), "must be a number"),
+        (_record_with(buckets=[True]), "must be a number"),
+        (_record_with(buckets=list(range(1, 66))), "malformed \\(buckets\\)"),
+        (_record_with(buckets={"0.1": 1}), "malformed \\(buckets\\)"),
+        (_record_with(kind="counter"), "a family's fields"),  # buckets on a counter record
+        ({"families": [{**_record_with()["families"][0], "buckets": [1.0]}]}, "fields"),
+        (
+            {
+                "families": [
+                    {
+                        **_record_with()["families"][1],
+                        "label": "route",
+                        "values": [f"r{i}" for i in range(1100)],
+                    }
+                ]
+            },
+            "more than 4096 series",  # 1100 series x 4 cells: bounded as cells, not series
+        ),
+    ],
+)
+def test_a_recorded_histogram_that_breaks_a_rule_is_refused(
+    record: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(BadFile, match=problem):
+        schema_from_record(record)
