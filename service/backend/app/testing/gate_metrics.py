@@ -239,6 +239,9 @@ class GateMetricStore(CounterStore):
                 slots.append(_AUDIT_FAILURE)
         if duration is None:
             self._add(slots)
+        elif type(duration) is float and 0.0 <= duration < math.inf:  # what the gate passes
+            bucket = _DURATION_FIRST + bisect_left(CHECK_DURATION_BUCKETS, duration)
+            self._add((*slots, bucket), sum_cell=_DURATION_SUM, value=duration)
         else:
             self._add_timed(slots, duration)
 
