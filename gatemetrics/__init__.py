@@ -1,8 +1,9 @@
 """gatemetrics: exact, crash-safe, multiprocess counters with a deterministic Prometheus exposition.
 
-The engine knows nothing of release gates: it offers counter families with fixed label values,
-one label or several (:class:`Family`, :class:`Schema`), a thread-safe in-memory store
-(:class:`CounterStore`, with prometheus_client-style handles: :class:`FamilyHandle`), deterministic
+The engine knows nothing of release gates: it offers counter and histogram families with fixed
+label values, one label or several, and a histogram's fixed buckets (:class:`Family`,
+:class:`Schema`), a thread-safe in-memory store (:class:`CounterStore`: ``increment``,
+``observe``, and prometheus_client-style handles: :class:`FamilyHandle`), deterministic
 rendering (:func:`render_prometheus`, :func:`render_json`), per-process shards on
 disk (:func:`save_to_dir`, :func:`bind`, :class:`Shard`), the aggregator that merges and
 compacts a shard directory (:func:`aggregate_dir`), and anyio helpers (:func:`periodic_saver`,

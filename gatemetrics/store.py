@@ -83,6 +83,8 @@ class Snapshot:
         """Counts of a family with one label by label value, in schema order (see
         :meth:`series` for a family with several)."""
         fam = self.schema.family(key)
+        if fam.kind == "histogram":
+            raise SchemaError(key, "a histogram family; use histogram()")
         if fam.label is None:
             if fam.label_pairs:
                 raise SchemaError(key, "family has several labels; use series()")

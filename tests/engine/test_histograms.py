@@ -213,6 +213,10 @@ def test_observe_refuses_a_series_outside_the_schema() -> None:
         store.observe("basket", 1.0, "stolen")
     with pytest.raises(SchemaError, match="observe"):
         store.increment("checkout")
+    with pytest.raises(SchemaError, match="use histogram"):
+        store.snapshot().family("basket")  # its slots are buckets, not series
+    with pytest.raises(SchemaError, match="use histogram"):
+        store.snapshot().series("basket")
     assert store.snapshot() == CounterStore(SCHEMA, clock=lambda: store.start_timestamp).snapshot()
 
 
