@@ -1062,3 +1062,28 @@ def test_a_recorded_histogram_that_breaks_a_rule_is_refused(
 ) -> None:
     with pytest.raises(BadFile, match=problem):
         schema_from_record(record)
+
+
+def test_prometheus_clients_own_parser_reads_the_histograms_as_histograms() -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    text = render_prometheus(_observed_store().snapshot())
+    parsed = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    checkout = parsed["shop_checkout_seconds"]
+    assert checkout.type == "histogram"
+    assert [(s.name, s.labels, s.value) for s in checkout.samples] == [
+        ("shop_checkout_seconds_bucket", {"le": "0.01"}, 1.0),
+        ("shop_checkout_seconds_bucket", {"le": "0.1"}, 3.0),
+        ("shop_checkout_seconds_bucket", {"le": "1.0"}, 3.0),
+        ("shop_checkout_seconds_bucket", {"le": "+Inf"}, 4.0),
+        ("shop_checkout_seconds_sum", {}, 0.005 + 0.05 + 0.05 + 2.0),
+        ("shop_checkout_seconds_count", {}, 4.0),
+    ]
+    basket = parsed["shop_basket_items"]
+    assert basket.type == "histogram"
+    assert len(basket.samples) == 14
+    sample = basket.samples[5]
+    assert (sample.name, sample.labels, sample.value) == (
+        "shop_basket_items_sum",
+        {"outcome": "paid"},
+        12.0,
+    )
