@@ -1010,7 +1010,14 @@ _ARCHIVE_CACHE_ENTRIES = 8
 
 @dataclass
 class Archive:
-    """The totals of absorbed (dead) incarnations, and the bookkeeping of compaction."""
+    """The totals of absorbed (dead) incarnations, and the bookkeeping of compaction.
+
+    A histogram's totals live inside ``counts`` in the dictionary layout (cumulative buckets,
+    count, sum; see :mod:`gatemetrics.schema`): no new field, so an archive without histograms
+    is byte for byte the previous release's. The previous release's reader, given an archive
+    with a histogram family, finds a family its schema lacks and stops (``SchemaError``,
+    nothing moved); it never drops or mis-counts the histogram.
+    """
 
     counts: list[int]
     absorbed: set[str]
