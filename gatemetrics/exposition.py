@@ -13,7 +13,8 @@ bound, then ``+Inf``), then ``<name>_sum`` (``repr`` of the float: ``0.0``, ``0.
 ``1e-05``) and ``<name>_count`` (equal to the ``+Inf`` bucket). JSON (:func:`render_json`)
 uses the dictionary layout, where a histogram series is
 ``{"buckets": {"0.001": n, ..., "+Inf": n}, "count": n, "sum": x}`` (see
-:mod:`gatemetrics.schema`).
+:mod:`gatemetrics.schema`); its keys are sorted as every JSON key is, so a reader takes the
+buckets by their ``le`` (as numbers), not by their order in the text.
 """
 
 from __future__ import annotations
