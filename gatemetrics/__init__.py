@@ -1,8 +1,9 @@
 """gatemetrics: exact, crash-safe, multiprocess counters with a deterministic Prometheus exposition.
 
-The engine knows nothing of release gates: it offers counter families with fixed label values,
-one label or several (:class:`Family`, :class:`Schema`), a thread-safe in-memory store
-(:class:`CounterStore`, with prometheus_client-style handles: :class:`FamilyHandle`), deterministic
+The engine knows nothing of release gates: it offers counter and histogram families with fixed
+label values, one label or several, and a histogram's fixed buckets (:class:`Family`,
+:class:`Schema`), a thread-safe in-memory store (:class:`CounterStore`: ``increment``,
+``observe``, and prometheus_client-style handles: :class:`FamilyHandle`), deterministic
 rendering (:func:`render_prometheus`, :func:`render_openmetrics`, :func:`render_json`),
 per-process shards on disk (:func:`save_to_dir`, :func:`bind`, :class:`Shard`), the aggregator
 that merges and compacts a shard directory (:func:`aggregate_dir`) and its shared-lock read for
@@ -56,10 +57,12 @@ from gatemetrics.schema import (
     MAX_COUNT,
     CountsDict,
     Family,
+    HistogramSeries,
     Kind,
     LabelValues,
     Schema,
     check_generation,
+    check_sum,
     check_timestamp,
 )
 from gatemetrics.shards import (
@@ -76,7 +79,13 @@ from gatemetrics.shards import (
     shard_for,
     write_file_atomically,
 )
-from gatemetrics.store import CounterStore, FamilyHandle, SeriesHandle, Snapshot
+from gatemetrics.store import (
+    CounterStore,
+    FamilyHandle,
+    HistogramHandle,
+    SeriesHandle,
+    Snapshot,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -94,6 +103,8 @@ __all__ = [
     "FamilyHandle",
     "FamilySamples",
     "GatemetricsError",
+    "HistogramHandle",
+    "HistogramSeries",
     "Identity",
     "Kind",
     "LabelValues",
@@ -116,6 +127,7 @@ __all__ = [
     "bind",
     "check_generation",
     "check_seconds",
+    "check_sum",
     "check_timestamp",
     "close_all_bindings",
     "default_namespace",

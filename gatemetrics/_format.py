@@ -36,8 +36,10 @@ label (:func:`_recorded_labels`), which a reader without several labels never ta
 
 A slot is ``seq (u64), store_generation (u64), saved_at (f64), store start (f64), one i64 per
 integer cell, one f64 per float cell`` followed by the crc32 of those bytes. The identity
-describes the cells, so families with several labels or histograms (bucket counts and a float
-sum) fit without a new version; today every schema has ``m == 0``.
+describes the cells, so families with several labels or histograms fit without a new version:
+the i64 cells are the schema's integer slots (a histogram's non-cumulative bucket counts among
+them), the f64 cells its float cells (one sum per histogram series; ``m == 0`` without
+histograms, and then a shard is byte for byte what it was before histograms existed).
 Slots start on 4 KiB boundaries, so writing one never touches the page of the other.
 
 Why a save can never be seen half done: the owner writes the slot that does *not* hold the
@@ -66,10 +68,13 @@ import orjson
 
 from gatemetrics.errors import SchemaError
 from gatemetrics.schema import (
+    MAX_BUCKETS,
     MAX_FAMILY_LABELS,
     Family,
+    LabelValues,
     Schema,
     check_generation,
+    check_sum,
     check_timestamp,
 )
 
@@ -187,18 +192,21 @@ def schema_fingerprint(schema: Schema) -> bytes:
 
 @functools.lru_cache(maxsize=64)
 def _schema_info(schema: Schema) -> tuple[dict[str, Any], bytes]:
-    record = {
-        "families": [
-            {
-                "name": f.name,
-                "key": f.key,
-                "kind": f.kind,
-                "documentation": f.documentation,
-                **_recorded_labels(f),
-            }
-            for f in schema.families
-        ]
-    }
+    families: list[dict[str, Any]] = []
+    for f in schema.families:
+        fam: dict[str, Any] = {
+            "name": f.name,
+            "key": f.key,
+            "kind": f.kind,
+            "documentation": f.documentation,
+            **_recorded_labels(f),
+        }
+        if f.kind == "histogram":
+            # Only a histogram has the field: every other family's record (and so every
+            # fingerprint of a schema without histograms) is what it was before they existed.
+            fam["buckets"] = list(f.buckets)
+        families.append(fam)
+    record = {"families": families}
     digest = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).digest()[:16]
     return record, digest
 
@@ -219,32 +227,29 @@ def _recorded_labels(fam: Family) -> dict[str, Any]:
     return {"label": list(fam.label_names), "values": [list(v) for _, v in fam.label_pairs]}
 
 
-def _cell_map(record: object, schema: Schema, fingerprint: bytes = b"") -> tuple[int, ...]:
-    """For a file written with another schema: the slot of ``schema`` for each of its cells.
+def _cell_map(
+    record: object, schema: Schema, fingerprint: bytes = b""
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """For a file written with another schema: the slot of ``schema`` for each of its integer
+    cells, and the float cell of ``schema`` for each of its float cells.
 
     Allowed only when the file's schema is a subset of ``schema`` (same family names, keys and
-    kinds, a subset of the label values): a writer with an older schema that had fewer values
-    still counts. Anything else raises :class:`BadFile`.
+    kinds, a histogram's same bounds, a subset of the label values): a writer with an older
+    schema that had fewer values still counts. Anything else raises :class:`BadFile`.
     """
     fams = record.get("families") if isinstance(record, dict) else None
     if not isinstance(fams, list) or not fams or len(fams) > 1024:
         raise BadFile("its schema record is malformed")
     cells: list[int] = []
+    floats: list[int] = []
     for fam in fams:
         if not isinstance(fam, dict):
             raise BadFile("its schema record is malformed")
-        key = fam.get("key")
-        try:
-            ours = schema.family(key) if isinstance(key, str) else None
-        except SchemaError:
-            ours = None
-        if ours is None or fam.get("name") != ours.name or fam.get("kind") != ours.kind:
-            raise ForeignSchema(
-                f"written with another schema (family {str(key)[:60]!r} differs)", fingerprint
-            )
+        ours = _our_family(fam, schema, fingerprint)
         label, values = fam.get("label"), fam.get("values")
         if isinstance(label, list) and isinstance(values, list) and len(ours.label_pairs) > 1:
-            cells.extend(_multi_label_cells(ours, schema, label, values, fingerprint))
+            for combo in _multi_label_series(ours, label, values, fingerprint):
+                _map_series(schema, ours.key, combo, cells, floats)
             continue
         if label != ours.label or not isinstance(values, list) or len(ours.label_pairs) > 1:
             raise ForeignSchema(
@@ -253,26 +258,58 @@ def _cell_map(record: object, schema: Schema, fingerprint: bytes = b"") -> tuple
         if label is None:
             if values:
                 raise BadFile("its schema record is malformed")
-            cells.append(schema.slot(ours.key))
+            _map_series(schema, ours.key, None, cells, floats)
             continue
         for value in values:
             if not isinstance(value, str) or value not in ours.values:
                 raise ForeignSchema(
                     f"written with another schema ({ours.key}.{str(value)[:60]})", fingerprint
                 )
-            cells.append(schema.slot(ours.key, value))
-    if len(set(cells)) != len(cells):
+            _map_series(schema, ours.key, value, cells, floats)
+    if len(set(cells)) != len(cells) or len(set(floats)) != len(floats):
         raise BadFile("its schema record repeats a series")
-    return tuple(cells)
+    return tuple(cells), tuple(floats)
 
 
-def _multi_label_cells(
-    ours: Family, schema: Schema, names: list[Any], values: list[Any], fingerprint: bytes
-) -> list[int]:
-    """The slots of ``ours`` (a family with several labels) for the cells of a recorded family
-    with labels ``names`` and per label ``values``: the same label names in the same order, and
-    per label a subset of our values, in any order (the writer's cells are the cross product of
-    its recorded values, last label fastest). Anything else is another schema."""
+def _our_family(fam: dict[str, Any], schema: Schema, fingerprint: bytes) -> Family:
+    """The family of ``schema`` a recorded family is (same key, name and kind, and a
+    histogram's same bounds); :class:`ForeignSchema` when there is none."""
+    key = fam.get("key")
+    try:
+        ours = schema.family(key) if isinstance(key, str) else None
+    except SchemaError:
+        ours = None
+    if ours is None or fam.get("name") != ours.name or fam.get("kind") != ours.kind:
+        raise ForeignSchema(
+            f"written with another schema (family {str(key)[:60]!r} differs)", fingerprint
+        )
+    if ours.kind == "histogram" and fam.get("buckets") != list(ours.buckets):
+        raise ForeignSchema(
+            f"written with another schema (buckets of {ours.key!r} differ)", fingerprint
+        )
+    return ours
+
+
+def _map_series(
+    schema: Schema, key: str, value: LabelValues, cells: list[int], floats: list[int]
+) -> None:
+    """Append one series' cells of ``schema`` (a histogram's buckets and sum, or one slot)."""
+    if schema.family(key).kind == "histogram":
+        series = schema.histogram(key, value)
+        cells.extend(range(series.first, series.first + len(series.bounds) + 1))
+        floats.append(series.sum_cell)
+    else:
+        cells.append(schema.slot(key, value))
+
+
+def _multi_label_series(
+    ours: Family, names: list[Any], values: list[Any], fingerprint: bytes
+) -> list[tuple[str, ...]]:
+    """The series of ``ours`` (a family with several labels), as tuples of label values, for
+    the series of a recorded family with labels ``names`` and per label ``values``: the same
+    label names in the same order, and per label a subset of our values, in any order (the
+    writer's series are the cross product of its recorded values, last label fastest; each
+    takes one cell, or a histogram's bucket cells and sum). Anything else is another schema."""
     if names != list(ours.label_names) or len(values) != len(names):
         raise ForeignSchema(
             f"written with another schema (labels of {ours.key!r} differ)", fingerprint
@@ -285,8 +322,8 @@ def _multi_label_cells(
                 raise ForeignSchema(
                     f"written with another schema ({ours.key}.{name}={str(v)[:60]})", fingerprint
                 )
-    # Bounded: every value is one of ours and none repeats, so this is at most ours.width.
-    return [schema.slot(ours.key, combo) for combo in itertools.product(*values)]
+    # Bounded: every value is one of ours and none repeats, so this is at most ours.series.
+    return list(itertools.product(*values))
 
 
 #: Bounds on a schema read from a file (a shard header or ``schema.json``): whoever may write the
@@ -297,6 +334,7 @@ _MAX_RECORDED_NAME = 200
 _MAX_RECORDED_VALUE = 128
 _MAX_RECORDED_HELP = 1024
 _RECORD_KEYS = frozenset({"name", "key", "kind", "documentation", "label", "values"})
+_HISTOGRAM_RECORD_KEYS = _RECORD_KEYS | {"buckets"}
 #: schema.json holds one schema record: a few hundred KiB at the bounds above.
 MAX_SCHEMA_FILE_BYTES = 1 << 20
 SCHEMA_FORMAT = "gatemetrics-schema"
@@ -333,18 +371,23 @@ def schema_from_record(record: object) -> Schema:
     families: list[Family] = []
     series = 0
     for fam in fams:
-        if not isinstance(fam, dict) or set(fam) != _RECORD_KEYS:
+        kind = fam.get("kind") if isinstance(fam, dict) else None
+        fields = _HISTOGRAM_RECORD_KEYS if kind == "histogram" else _RECORD_KEYS
+        if not isinstance(fam, dict) or set(fam) != fields:
             raise BadFile("its schema record is malformed (a family's fields)")
         labels = _record_labels(fam["label"], fam["values"])
+        buckets = fam.get("buckets", [])
+        if not isinstance(buckets, list) or len(buckets) > MAX_BUCKETS:
+            raise BadFile("its schema record is malformed (buckets)")
         width = 1
         for _, vals in labels:
             # Bounded as it grows: a hostile record's product never gets computed in full.
             width = min(width * max(1, len(vals)), MAX_RECORDED_SERIES + 1)
-        series += width
+        # Cells, not just series: a histogram series takes one per bucket (and +Inf).
+        series += width * (len(buckets) + 1 if kind == "histogram" else 1)
         if series > MAX_RECORDED_SERIES:
             raise BadFile(f"its schema record has more than {MAX_RECORDED_SERIES} series")
-        kind = fam["kind"]
-        if kind not in ("counter", "gauge"):
+        if kind not in ("counter", "gauge", "histogram"):
             raise BadFile("its schema record has a bad kind")
         try:
             families.append(
@@ -354,6 +397,7 @@ def schema_from_record(record: object) -> Schema:
                     key=_bounded_text(fam["key"], _MAX_RECORDED_NAME, "key"),
                     kind=kind,
                     labels=_bounded_labels(labels),
+                    buckets=tuple(buckets),
                 )
             )
         except SchemaError as exc:
@@ -495,8 +539,8 @@ class Layout:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
         self.int_cells = schema.size
-        self.float_cells = 0
-        self.slot = _slot_struct(self.int_cells)
+        self.float_cells = schema.float_size
+        self.slot = _slot_struct(self.int_cells, self.float_cells)
         self.slot_size = self.slot.size + _CRC.size
         self.slot_stride = _round_up(self.slot_size, PAGE)
         self.fingerprint = schema_fingerprint(schema)
@@ -535,14 +579,23 @@ class Layout:
         """The complete initial file: header, padding, then both slots at seq 0, all zeros."""
         slot_offset = _round_up(len(header), PAGE)
         zeros = (0,) * self.int_cells
-        slot = self.pack(0, 0, 0.0, start, zeros).ljust(self.slot_stride, b"\0")
+        no_sums = (0.0,) * self.float_cells
+        slot = self.pack(0, 0, 0.0, start, zeros, sums=no_sums).ljust(self.slot_stride, b"\0")
         return header.ljust(slot_offset, b"\0") + slot + slot
 
     def pack(
-        self, seq: int, generation: int, saved_at: float, start: float, counts: Iterable[int]
+        self,
+        seq: int,
+        generation: int,
+        saved_at: float,
+        start: float,
+        counts: Iterable[int],
+        *,
+        sums: Iterable[float] = (),
     ) -> bytes:
-        """One slot's bytes (with its checksum). ``struct.error`` for a count out of range."""
-        body = self.slot.pack(seq, generation, saved_at, start, *counts)
+        """One slot's bytes (with its checksum). ``struct.error`` for a count out of range (or
+        a wrong number of cells)."""
+        body = self.slot.pack(seq, generation, saved_at, start, *counts, *sums)
         return body + _CRC.pack(zlib.crc32(body))
 
     def slot_offset(self, header_len: int, seq: int) -> int:
@@ -553,8 +606,10 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=64)
-def _slot_struct(int_cells: int) -> struct.Struct:
-    return struct.Struct(f"{_SLOT_HEAD}{int_cells}q")
+def _slot_struct(int_cells: int, float_cells: int = 0) -> struct.Struct:
+    # Without float cells the format string is exactly what it was before histograms.
+    floats = f"{float_cells}d" if float_cells else ""
+    return struct.Struct(f"{_SLOT_HEAD}{int_cells}q{floats}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -580,6 +635,7 @@ class ShardRecord(NamedTuple):
     counts: tuple[int, ...]  # over the reader's schema
     seq: int = 0  # v2: the slot sequence the counts come from
     torn_slots: int = 0  # v2: slots read that failed their checksum
+    sums: tuple[float, ...] = ()  # the float cells (histogram sums) over the reader's schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,6 +654,7 @@ class V2Header:
     slot_stride: int
     slot: struct.Struct  # the slot's body (without its checksum)
     cells: tuple[int, ...] | None  # None: the reader's schema, cells map one to one
+    float_cells: tuple[int, ...] | None = None  # as ``cells``, for the float cells
 
     @property
     def file_size(self) -> int:
@@ -667,16 +724,18 @@ def decode_v2_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
     if fp == layout.fingerprint:
         # The fingerprint is the reader's own schema's: the cells are ours one to one, and the
         # schema record (which only a hostile writer could make disagree) is not needed.
-        cells = None
-        expected_ints = layout.int_cells
+        cells = floats = None
+        expected_ints, expected_floats = layout.int_cells, layout.float_cells
     else:
         start = _PREFIX.size + ident_len
         record = _json_object(view[start : start + schema_len], "schema record")
-        cells = _cell_map(record, layout.schema, fp)
-        expected_ints = len(cells)
-    if ident.get("cells") != {"int": expected_ints, "float": 0}:
+        cells, floats = _cell_map(record, layout.schema, fp)
+        expected_ints, expected_floats = len(cells), len(floats)
+    # The cells record must say exactly what the schema lays out: a histogram whose bucket
+    # cells do not match its bounds (or a sum cell too many or too few) never counts.
+    if ident.get("cells") != {"int": expected_ints, "float": expected_floats}:
         raise BadFile("its slot layout does not match its schema")
-    slot = layout.slot if cells is None else _slot_struct(expected_ints)
+    slot = layout.slot if cells is None else _slot_struct(expected_ints, expected_floats)
     if slot_size != slot.size + _CRC.size:
         raise BadFile("its slot size does not match its schema")
     pid, host = ident.get("pid"), ident.get("host")
@@ -688,7 +747,7 @@ def decode_v2_header(data: bytes, layout: Layout, incarnation: str) -> V2Header:
         started_at = check_timestamp(ident.get("started_at"))
     except SchemaError as exc:
         raise BadFile(f"invalid: started_at: {exc.problem}") from None
-    return V2Header(incarnation, pid, host, started_at, slot_offset, stride, slot, cells)
+    return V2Header(incarnation, pid, host, started_at, slot_offset, stride, slot, cells, floats)
 
 
 _Slot: TypeAlias = tuple[Any, ...]  # seq, generation, saved_at, start, *counts
@@ -776,7 +835,13 @@ def decode_v2_slots(
         raise BadFile(f"wrong size (its header says {head.file_size} bytes)")
     best, torn = _stable_slot(data, base, head, reread)
     seq, generation, saved_at, start = best[:_SLOT_HEAD_FIELDS]
-    raw: tuple[int, ...] = best[_SLOT_HEAD_FIELDS:]
+    n_floats = layout.float_cells if head.float_cells is None else len(head.float_cells)
+    sums: tuple[float, ...] = ()
+    if n_floats:
+        raw: tuple[int, ...] = best[_SLOT_HEAD_FIELDS:-n_floats]
+        sums = best[-n_floats:]
+    else:
+        raw = best[_SLOT_HEAD_FIELDS:]
     if raw and min(raw) < 0:
         raise BadFile("a count is negative")
     # Chained comparisons are False for NaN, so this refuses NaN, infinities and negatives.
@@ -787,6 +852,13 @@ def decode_v2_slots(
         for cell, value in zip(head.cells, raw, strict=True):
             mapped[cell] = value
         raw = tuple(mapped)
+    if head.float_cells is not None:
+        mapped_sums = [0.0] * layout.float_cells
+        for cell, total in zip(head.float_cells, sums, strict=True):
+            mapped_sums[cell] = total
+        sums = tuple(mapped_sums)
+    if sums:
+        _check_sums(layout.schema, raw, sums)
     return ShardRecord(
         2,
         head.incarnation,
@@ -799,7 +871,19 @@ def decode_v2_slots(
         raw,
         seq,
         torn,
+        sums,
     )
+
+
+def _check_sums(schema: Schema, counts: tuple[int, ...], sums: tuple[float, ...]) -> None:
+    """:class:`BadFile` unless every histogram sum is finite, non-negative, and 0 for a series
+    without observations (a sum only the writer's own observations could have made)."""
+    for series in schema.histogram_series():
+        n = sum(counts[series.first : series.first + len(series.bounds) + 1])
+        try:
+            check_sum(series.key, sums[series.sum_cell], n)
+        except SchemaError as exc:
+            raise BadFile(f"invalid histogram sum: {exc}"[:300]) from None
 
 
 def decode_v2(
@@ -874,7 +958,7 @@ def decode_v1(data: bytes, schema: Schema, incarnation: str) -> ShardRecord:
         saved_at = _as_field("saved_at", check_timestamp, doc["saved_at"])
         generation = _as_field("generation", check_generation, doc["generation"])
         raw = doc["counts"]
-        counts = schema.parse_counts(raw)
+        counts, sums = schema.parse_cells(raw)
         if not isinstance(raw, dict) or "store_generation" not in raw:
             raise SchemaError("counts.store_generation", "missing")
         check_generation(raw["store_generation"])
@@ -882,7 +966,16 @@ def decode_v1(data: bytes, schema: Schema, incarnation: str) -> ShardRecord:
     except SchemaError as exc:
         raise BadFile(f"invalid: {exc}"[:300]) from None
     return ShardRecord(
-        1, incarnation, pid, host, started_at, generation, saved_at, start, tuple(counts)
+        1,
+        incarnation,
+        pid,
+        host,
+        started_at,
+        generation,
+        saved_at,
+        start,
+        tuple(counts),
+        sums=tuple(sums),
     )
 
 
@@ -917,7 +1010,14 @@ _ARCHIVE_CACHE_ENTRIES = 8
 
 @dataclass
 class Archive:
-    """The totals of absorbed (dead) incarnations, and the bookkeeping of compaction."""
+    """The totals of absorbed (dead) incarnations, and the bookkeeping of compaction.
+
+    A histogram's totals live inside ``counts`` in the dictionary layout (cumulative buckets,
+    count, sum; see :mod:`gatemetrics.schema`): no new field, so an archive without histograms
+    is byte for byte the previous release's. The previous release's reader, given an archive
+    with a histogram family, finds a family its schema lacks and stops (``SchemaError``,
+    nothing moved); it never drops or mis-counts the histogram.
+    """
 
     counts: list[int]
     absorbed: set[str]
@@ -928,12 +1028,16 @@ class Archive:
     first_start: float | None = None
     exists: bool = False
     problem: str | None = None
+    #: The float cells (histogram sums). They live inside ``counts``'s histogram entries in
+    #: the file, so an archive without histograms is byte for byte what it was before.
+    sums: list[float] = field(default_factory=list)
 
     def encode(self, schema: Schema) -> bytes:
+        sums = self.sums if self.sums or not schema.float_size else schema.float_zeros()
         doc: dict[str, Any] = {
             "format": ARCHIVE_FORMAT,
             "version": ARCHIVE_VERSION,
-            "counts": schema.counts_to_dict(self.counts),
+            "counts": schema.counts_to_dict(self.counts, sums),
             "absorbed": sorted(self.absorbed),
             "absorbed_total": self.absorbed_total,
             "quarantined_total": self.quarantined_total,
@@ -954,6 +1058,7 @@ class Archive:
             self.first_start,
             self.exists,
             self.problem,
+            list(self.sums),
         )
 
     @classmethod
@@ -982,7 +1087,7 @@ class Archive:
     def _decode(cls, data: bytes, schema: Schema) -> Archive:
         doc = _versioned_document(data, _ARCHIVE_KEYS, ARCHIVE_FORMAT, ARCHIVE_VERSION, "archive")
         try:
-            counts = schema.parse_counts(doc["counts"])
+            counts, sums = schema.parse_cells(doc["counts"])
             absorbed = doc["absorbed"]
             quarantining = doc["quarantining"]
             if not isinstance(absorbed, list) or not all(valid_incarnation(a) for a in absorbed):
@@ -1010,6 +1115,7 @@ class Archive:
             updated_at,
             first,
             exists=True,
+            sums=sums,
         )
 
 

@@ -93,11 +93,12 @@ import os
 import re
 import shutil
 import stat
+import sys
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -415,16 +416,24 @@ class Aggregate:
     files_read: int
     quarantine_entries: int
     compaction: CompactionReport | None = None
+    #: The merged float cells (histogram sums; empty without histograms): each the
+    #: ``math.fsum`` of the archive's and the counted shards' sums, so the same files give the
+    #: same bits whatever order they were read in.
+    sums: tuple[float, ...] = ()
 
     def snapshot(self) -> Snapshot:
         """The merged counts over the caller's schema (no pipeline families)."""
-        return Snapshot(self.schema, self.counts, 0, self.start_timestamp)
+        return Snapshot(self.schema, self.counts, 0, self.start_timestamp, self._sums())
 
     def pipeline_snapshot(self) -> Snapshot:
         """The merged counts followed by the pipeline families."""
         full = pipeline_schema(self.schema, self.namespace)
         counts = (*self.counts, self.quarantined_total, self.live, self.dead)
-        return Snapshot(full, counts, 0, self.start_timestamp)
+        # The pipeline families come after the caller's and have no float cells.
+        return Snapshot(full, counts, 0, self.start_timestamp, self._sums())
+
+    def _sums(self) -> tuple[float, ...]:
+        return self.sums or tuple(self.schema.float_zeros())
 
     def render_prometheus(self) -> str:
         """The deterministic text exposition: the schema's families, then the pipeline's."""
@@ -438,7 +447,7 @@ class Aggregate:
         """The dictionary layout of all families as JSON with sorted keys (no metadata)."""
         snap = self.pipeline_snapshot()
         return orjson.dumps(
-            snap.schema.counts_to_dict(snap.counts), option=orjson.OPT_SORT_KEYS
+            snap.schema.counts_to_dict(snap.counts, snap.sums), option=orjson.OPT_SORT_KEYS
         ).decode()
 
 
@@ -623,11 +632,13 @@ class _Run:
         self.states: dict[str, Literal["live", "dead"]] = {}
         # Descriptors of dead v2 shards: their flock stays ours until the run ends.
         self.held: dict[str, int] = {}
-        self.archive = Archive(schema.zeros(), set())
+        self.archive = Archive(schema.zeros(), set(), sums=schema.float_zeros())
         self.totals: list[int] = schema.zeros()
+        self.sum_totals: list[float] = schema.float_zeros()
         self.starts: list[float] = []
         self.reports: list[ShardReport] = []
         self.absorb: dict[str, tuple[int, ...]] = {}
+        self.absorb_sums: dict[str, tuple[float, ...]] = {}
         # Shards read and valid, not yet summed: (report index, name, incarnation, state, record).
         self.counted: list[tuple[int, str, str, _State, ShardRecord]] = []
         self.problems: dict[str, str] = {}  # file name -> why it is to be quarantined
@@ -666,6 +677,7 @@ class _Run:
         self._list()
         self.archive = self._read_archive()
         self.totals = list(self.archive.counts)
+        self.sum_totals = list(self.archive.sums) or self.schema.float_zeros()
         if self.archive.first_start is not None:
             self.starts.append(self.archive.first_start)
         for inc, entry in sorted(self.entries.items()):
@@ -717,6 +729,7 @@ class _Run:
             files_read=self.files_read,
             quarantine_entries=self._quarantine_entries(),
             compaction=compaction,
+            sums=tuple(self.sum_totals),
         )
 
     def _refuse_if_nothing_fits(self) -> None:
@@ -907,10 +920,16 @@ class _Run:
             )
             totals = [min(t, MAX_COUNT) for t in totals]
         self.totals = totals
+        if self.sum_totals:
+            # fsum is exactly rounded, so the order of its terms cannot change the result;
+            # they go in a fixed order anyway (the archive, then shards by incarnation).
+            columns = zip(self.sum_totals, *(row[4].sums for row in counted), strict=True)
+            self.sum_totals = [_finite_sum(column) for column in columns]
         for _, _, inc, state, record in counted:
             self.starts.append(record.start)
             if state == "dead" and self.compact:
                 self.absorb[inc] = record.counts
+                self.absorb_sums[inc] = record.sums
 
     def _bad(self, name: str, inc: str, state: _State, problem: str, fmt: int) -> None:
         self.reports.append(self._bad_report(name, inc, state, problem, fmt))
@@ -1170,6 +1189,7 @@ class _Run:
         # MAX_COUNT (see _settle), timestamps are finite and non-negative.
         new = Archive(
             counts=list(self._totals_absorbed(old)),
+            sums=self._sums_absorbed(old),
             absorbed=(old.absorbed - disproved) | set(self.absorb),
             absorbed_total=min(old.absorbed_total + len(self.absorb), MAX_COUNT),
             quarantined_total=min(
@@ -1219,6 +1239,14 @@ class _Run:
         for absorbed in self.absorb.values():
             counts = list(map(operator.add, counts, absorbed))
         return [min(c, MAX_COUNT) for c in counts]
+
+    def _sums_absorbed(self, old: Archive) -> list[float]:
+        """The archive's histogram sums after absorbing this run's dead shards (fsum)."""
+        base = old.sums or self.schema.float_zeros()
+        if not base:
+            return []
+        rows = [self.absorb_sums[inc] for inc in sorted(self.absorb_sums)]
+        return [_finite_sum(column) for column in zip(base, *rows, strict=True)]
 
     def _remove_files(
         self, new: Archive, to_quarantine: list[str], quarantined: int
@@ -1513,6 +1541,17 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _finite_sum(column: Iterable[float]) -> float:
+    """``math.fsum`` of non-negative finite sums, held at the largest float if it would
+    overflow (no real histogram gets there: the files are hostile; every reader refuses an
+    infinite sum, so an archive must never hold one)."""
+    try:
+        total = math.fsum(column)
+    except OverflowError:
+        return sys.float_info.max
+    return total if total < math.inf else sys.float_info.max
 
 
 def _timestamp(value: float) -> float | None:

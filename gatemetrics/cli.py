@@ -590,9 +590,11 @@ def _archive_text(result: Aggregate, now: float) -> str:
 
 
 def _schema_text(schema: Schema) -> str:
+    # Series as declared (a histogram's series counts once, not once per bucket).
+    series = sum(f.series for f in schema.families)
     return (
         f"{schema_fingerprint(schema).hex()[:12]} ({len(schema.families)} families, "
-        f"{schema.size} series)"
+        f"{series} series)"
     )
 
 
@@ -609,11 +611,14 @@ def _series_totals(result: Aggregate) -> list[tuple[str, int]]:
     totals: list[tuple[str, int]] = []
     i = 0
     for fam in snap.schema.families:
+        # A histogram's line is its series' count (``<name>_count``): the total of its buckets.
+        buckets = len(fam.buckets) + 1 if fam.kind == "histogram" else 1
+        name = f"{fam.name}_count" if fam.kind == "histogram" else fam.name
         for pairs in fam.series_labels:
-            inner = ",".join(f'{name}="{value}"' for name, value in pairs)
-            series = f"{fam.name}{{{inner}}}" if pairs else fam.name
-            totals.append((series, snap.counts[i]))
-            i += 1
+            inner = ",".join(f'{label}="{value}"' for label, value in pairs)
+            series = f"{name}{{{inner}}}" if pairs else name
+            totals.append((series, sum(snap.counts[i : i + buckets])))
+            i += buckets
     return totals
 
 

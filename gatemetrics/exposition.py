@@ -8,6 +8,15 @@ declared order, the last label varying fastest: :attr:`Family.series_labels`); a
 a label has a single unlabelled sample. Counts are rendered as integers. The same counts give
 byte-identical output in any process, whatever order the counts were gathered in.
 
+A histogram family renders, per series (label value), as prometheus_client does: its
+cumulative ``<name>_bucket`` samples with the series' labels and then ``le`` (``repr`` of each
+bound, then ``+Inf``), then ``<name>_sum`` (``repr`` of the float: ``0.0``, ``0.25``,
+``1e-05``) and ``<name>_count`` (equal to the ``+Inf`` bucket). JSON (:func:`render_json`)
+uses the dictionary layout, where a histogram series is
+``{"buckets": {"0.001": n, ..., "+Inf": n}, "count": n, "sum": x}`` (see
+:mod:`gatemetrics.schema`); its keys are sorted as every JSON key is, so a reader takes the
+buckets by their ``le`` (as numbers), not by their order in the text.
+
 OpenMetrics (:func:`render_openmetrics`, over :func:`samples`, generic by kind) differs from the
 text format where the spec says so: a counter's ``# HELP``/``# TYPE`` name the family without
 ``_total`` while its sample keeps it; HELP escapes ``"`` as well; a histogram's ``le`` is written
@@ -59,7 +68,7 @@ def escape_label_value(value: str) -> str:
 
 
 def _templates(schema: Schema) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Per family, its two header lines; per slot, ``name{label="value"} ``. Cached."""
+    """Per family, its two header lines; per sample, ``name{label="value"} ``. Cached."""
     return schema.derived("prometheus", _build_templates)
 
 
@@ -69,7 +78,15 @@ def _build_templates(schema: Schema) -> tuple[tuple[str, ...], tuple[str, ...]]:
     for fam in schema.families:
         help_line = f"# HELP {fam.name} {escape_help(fam.documentation)}\n"
         headers.append(f"{help_line}# TYPE {fam.name} {fam.kind}\n")
-        prefixes.extend(f"{fam.name}{_label_text(pairs)} " for pairs in fam.series_labels)
+        if fam.kind != "histogram":
+            prefixes.extend(f"{fam.name}{_label_text(pairs)} " for pairs in fam.series_labels)
+            continue
+        for pairs in fam.series_labels:
+            prefixes.extend(
+                f"{fam.name}_bucket{_label_text((*pairs, ('le', le)))} " for le in fam.bucket_labels
+            )
+            prefixes.append(f"{fam.name}_sum{_label_text(pairs)} ")
+            prefixes.append(f"{fam.name}_count{_label_text(pairs)} ")
     return tuple(headers), tuple(prefixes)
 
 
@@ -105,12 +122,24 @@ def samples(snapshot: Snapshot) -> Iterator[FamilySamples]:
     """Every family of ``snapshot`` with its samples, in exposition order (the one model the
     text renderers and bridges share; :func:`render_prometheus` is its fast equivalent)."""
     counts = snapshot.counts
+    sums = snapshot.sums
     i = 0
+    f = 0
     for fam in snapshot.schema.families:
         out: list[Sample] = []
         for pairs in fam.series_labels:
-            out.append(Sample("", pairs, counts[i]))
-            i += 1
+            if fam.kind != "histogram":
+                out.append(Sample("", pairs, counts[i]))
+                i += 1
+                continue
+            running = 0
+            for le in fam.bucket_labels:
+                running += counts[i]
+                i += 1
+                out.append(Sample("_bucket", (*pairs, ("le", le)), running))
+            out.append(Sample("_sum", pairs, sums[f]))
+            out.append(Sample("_count", pairs, running))
+            f += 1
         yield FamilySamples(fam.name, fam.documentation, fam.kind, tuple(out))
 
 
@@ -118,13 +147,32 @@ def render_prometheus(snapshot: Snapshot) -> str:
     """The Prometheus text exposition of ``snapshot``, ending with a line feed."""
     headers, prefixes = _templates(snapshot.schema)
     counts = snapshot.counts
+    sums = snapshot.sums
     parts: list[str] = []
-    i = 0
+    i = 0  # the slot
+    p = 0  # the sample (a histogram has more samples than slots)
+    f = 0  # the float cell
     for header, fam in zip(headers, snapshot.schema.families, strict=True):
         parts.append(header)
-        for _ in range(fam.width):
-            parts.append(f"{prefixes[i]}{counts[i]}\n")
-            i += 1
+        if fam.kind != "histogram":
+            for _ in range(fam.width):
+                parts.append(f"{prefixes[p]}{counts[i]}\n")
+                i += 1
+                p += 1
+            continue
+        buckets = len(fam.buckets) + 1
+        for _ in range(fam.series):
+            running = 0
+            for _ in range(buckets):
+                running += counts[i]
+                parts.append(f"{prefixes[p]}{running}\n")
+                i += 1
+                p += 1
+            # repr: the shortest text that reads back as the same float, in every process.
+            parts.append(f"{prefixes[p]}{sums[f]!r}\n")
+            parts.append(f"{prefixes[p + 1]}{running}\n")
+            p += 2
+            f += 1
     return "".join(parts)
 
 

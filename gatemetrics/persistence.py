@@ -138,6 +138,9 @@ class PersistedStore(Protocol):
     def begin_save(self) -> SaveState:
         """Advance the generation; the counts and metadata that carry it, atomically."""
 
+    def begin_save_cells(self) -> tuple[SaveState, tuple[float, ...]]:
+        """:meth:`begin_save`, and the float cells (histogram sums) of the same state."""
+
     def abort_save(self, generation: int) -> None:
         """Undo the ``begin_save`` that returned ``generation``, unless a later one moved on."""
 

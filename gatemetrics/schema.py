@@ -1,4 +1,4 @@
-"""Counter families with a fixed set of label values, and the schema that lays them out.
+"""Counter and histogram families with fixed label values, and the schema that lays them out.
 
 Cardinality is bounded by construction: a family declares every label value it will ever carry,
 and nothing (no API call, no file on disk) can add another. A family has no label, one label
@@ -15,6 +15,18 @@ The dictionary layout (``to_dict``/``from_dict``, and the payload of a shard) is
      "store_generation": n, "store_start_timestamp": seconds}
 
 (one level of nesting per label, in declared label order).
+
+A histogram's series (one per label value combination, or one without a label) is, in that
+layout, at the place a counter's count would be::
+
+    {"buckets": {"0.001": n, ..., "+Inf": n}, "count": n, "sum": x}
+
+with cumulative bucket counts keyed by their upper bound as the exposition renders it
+(``repr(float)``; ``"+Inf"`` last), ``count`` equal to the ``+Inf`` bucket, and ``sum`` a finite,
+non-negative float. In the flat slot list a histogram series takes one *integer* slot per
+bucket, ``+Inf`` included, holding the *non-cumulative* count of that bucket (an observation
+adds one to one slot), and one *float* cell, its sum; :attr:`Schema.float_size` counts the
+float cells, which live in a list of their own (``Snapshot.sums``).
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, TypeVar
 
@@ -30,16 +42,19 @@ from gatemetrics.errors import SchemaError
 
 __all__ = [
     "GENERATION_KEY",
+    "MAX_BUCKETS",
     "MAX_COUNT",
     "MAX_FAMILY_LABELS",
     "MAX_FAMILY_SERIES",
     "START_TIMESTAMP_KEY",
     "CountsDict",
     "Family",
+    "HistogramSeries",
     "Kind",
     "LabelValues",
     "Schema",
     "check_generation",
+    "check_sum",
     "check_timestamp",
 ]
 
@@ -61,8 +76,16 @@ MAX_FAMILY_SERIES = 4096
 #: Most labels one family may declare.
 MAX_FAMILY_LABELS = 16
 
-#: What a family is: a ``counter`` (only goes up) or a ``gauge``.
-Kind: TypeAlias = Literal["counter", "gauge"]
+#: Most buckets a histogram family may declare (``+Inf`` not included): every bucket is a
+#: series of its own in every scrape.
+MAX_BUCKETS = 64
+#: Name endings a histogram's name must not have: the exposition appends ``_bucket``, ``_sum``
+#: and ``_count`` to it, and ``_total``/``_created`` are what a counter's samples end in.
+_HISTOGRAM_RESERVED_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+#: What a family is: a ``counter`` (only goes up), a ``gauge`` (only the aggregator's own
+#: pipeline families: see :class:`~gatemetrics.CounterStore`) or a ``histogram``.
+Kind: TypeAlias = Literal["counter", "gauge", "histogram"]
 #: The dictionary layout's type (see the module documentation).
 CountsDict: TypeAlias = dict[str, Any]
 #: How a caller names one series of a family: ``None`` (no label), the value (one label), the
@@ -88,6 +111,12 @@ class Family:
     is empty), a family with several holds them in ``labels`` (and ``label`` is ``None``):
     :attr:`label_pairs` and :attr:`label_names` describe either, and are what generic code
     reads (``label is None`` does not mean "no label" any more).
+
+    A ``histogram`` declares ``buckets``: its finite upper bounds, strictly increasing, at most
+    :data:`MAX_BUCKETS` (``+Inf`` is implicit and always last). Its name must not end in
+    ``_total``, ``_bucket``, ``_sum``, ``_count`` or ``_created`` (the exposition appends
+    ``_bucket``, ``_sum`` and ``_count``), and no label of it may be ``le``. An observation
+    counts in the first bucket whose bound is ``>=`` the value, as in prometheus_client.
     """
 
     name: str
@@ -97,6 +126,7 @@ class Family:
     values: tuple[str, ...] = ()
     kind: Kind = "counter"
     labels: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    buckets: tuple[float, ...] = ()
     # Every label's (name, values), however declared, and the number of series: computed once
     # (the exposition and the slot tables ask on every use).
     _pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(init=False, repr=False, compare=False)
@@ -107,8 +137,10 @@ class Family:
         where = f"family {self.name!r}"
         if not isinstance(self.name, str) or not _METRIC_NAME.match(self.name):
             raise SchemaError(where, "metric name must match [a-zA-Z_:][a-zA-Z0-9_:]*")
-        if self.kind not in ("counter", "gauge"):
-            raise SchemaError(where, f"kind must be 'counter' or 'gauge', not {self.kind!r}")
+        if self.kind not in ("counter", "gauge", "histogram"):
+            raise SchemaError(
+                where, f"kind must be 'counter', 'gauge' or 'histogram', not {self.kind!r}"
+            )
         if self.kind == "counter" and not self.name.endswith("_total"):
             raise SchemaError(where, "a counter's name must end in _total")
         if not isinstance(self.documentation, str) or not self.documentation.strip():
@@ -132,6 +164,29 @@ class Family:
         for _, values in pairs:
             width *= len(values)
         object.__setattr__(self, "_width", width)
+        self._check_histogram(where)
+
+    def _check_histogram(self, where: str) -> None:
+        """What the kind asks of the name, the labels and the buckets."""
+        if self.kind != "histogram":
+            if self.buckets != ():
+                raise SchemaError(where, "only a histogram declares buckets")
+            return
+        object.__setattr__(self, "buckets", _check_buckets(where, self.buckets))
+        if self.name.endswith(_HISTOGRAM_RESERVED_SUFFIXES):
+            raise SchemaError(
+                where,
+                "kind 'histogram': the name must not end in _total, _bucket, _sum, _count "
+                "or _created (its samples append _bucket, _sum and _count)",
+            )
+        if "le" in self._names:
+            raise SchemaError(where, "a histogram's label must not be 'le' (its buckets' label)")
+        cells = self._width * (len(self.buckets) + 1)
+        if cells > MAX_FAMILY_SERIES:
+            raise SchemaError(
+                where,
+                f"{cells} bucket series (series times buckets and +Inf) exceed {MAX_FAMILY_SERIES}",
+            )
 
     @property
     def label_pairs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -145,9 +200,30 @@ class Family:
         return self._names
 
     @property
-    def width(self) -> int:
-        """How many series (slots) the family has."""
+    def series(self) -> int:
+        """How many series (label value combinations) the family has."""
         return self._width
+
+    @property
+    def width(self) -> int:
+        """How many integer slots the family takes: one per series, or for a histogram one per
+        bucket (``+Inf`` included) per series."""
+        if self.kind == "histogram":
+            return self._width * (len(self.buckets) + 1)
+        return self._width
+
+    @property
+    def float_width(self) -> int:
+        """How many float cells the family takes: a histogram's sum per series, else none."""
+        return self._width if self.kind == "histogram" else 0
+
+    @property
+    def bucket_labels(self) -> tuple[str, ...]:
+        """A histogram's ``le`` values as rendered (``repr(float)``, then ``"+Inf"``), the way
+        prometheus_client renders them; ``()`` for any other kind."""
+        if self.kind != "histogram":
+            return ()
+        return (*(repr(b) for b in self.buckets), "+Inf")
 
     @property
     def series_values(self) -> tuple[tuple[str, ...], ...]:
@@ -256,6 +332,59 @@ def _label_pairs(where: str, labels: object) -> tuple[tuple[str, tuple[str, ...]
     return tuple(pairs)
 
 
+def _checked_families(families: Iterable[Family]) -> tuple[Family, ...]:
+    """A schema's families: at least one, all :class:`Family`, unique names and keys."""
+    fams = tuple(families)
+    if not fams:
+        raise SchemaError("", "a schema needs at least one family")
+    for fam in fams:
+        if not isinstance(fam, Family):
+            raise SchemaError("", f"not a Family: {fam!r}")
+    names = [f.name for f in fams]
+    keys = [f.key for f in fams]
+    if len(set(names)) != len(names):
+        raise SchemaError("", "family names must be unique")
+    if len(set(keys)) != len(keys):
+        raise SchemaError("", "family keys must be unique")
+    return fams
+
+
+def _check_buckets(where: str, buckets: object) -> tuple[float, ...]:
+    """A histogram's bounds as a tuple of floats; :class:`SchemaError` unless they are finite
+    numbers (not ``bool``), strictly increasing, between 1 and :data:`MAX_BUCKETS` of them."""
+    if isinstance(buckets, str | bytes) or not isinstance(buckets, Iterable):
+        raise SchemaError(where, "buckets must be a sequence of numbers")
+    bounds = tuple(buckets)
+    if not bounds:
+        raise SchemaError(where, "kind 'histogram' needs at least one finite bucket bound")
+    if len(bounds) > MAX_BUCKETS:
+        raise SchemaError(where, f"at most {MAX_BUCKETS} buckets, got {len(bounds)}")
+    out: list[float] = []
+    for b in bounds:
+        if type(b) not in (int, float):
+            raise SchemaError(where, f"a bucket bound must be a number, got {_tname(b)}")
+        bound = float(b)
+        if not math.isfinite(bound):
+            raise SchemaError(
+                where, f"bucket bounds must be finite (+Inf is implicit), got {bound!r}"
+            )
+        if out and bound <= out[-1]:
+            raise SchemaError(where, "bucket bounds must be strictly increasing")
+        out.append(bound)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSeries:
+    """Where one histogram series lives: its first bucket slot, its sum's float cell, and the
+    family's bounds (``len(bounds) + 1`` bucket slots, ``+Inf`` last)."""
+
+    first: int
+    sum_cell: int
+    bounds: tuple[float, ...]
+    key: str
+
+
 @dataclass(frozen=True)
 class Schema:
     """An ordered set of families and the flat slot layout derived from it. Immutable."""
@@ -265,30 +394,32 @@ class Schema:
     _slots: dict[tuple[str, str | tuple[str, ...] | None], int] = field(
         init=False, repr=False, compare=False
     )
+    _histograms: dict[tuple[str, str | tuple[str, ...] | None], HistogramSeries] = field(
+        init=False, repr=False, compare=False
+    )
     _by_key: dict[str, Family] = field(init=False, repr=False, compare=False)
+    _size: int = field(init=False, repr=False, compare=False)
+    _float_size: int = field(init=False, repr=False, compare=False)
     # Derived data computed once per schema; see derived().
     _cache: dict[str, Any] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __init__(self, families: Iterable[Family]) -> None:
-        fams = tuple(families)
-        if not fams:
-            raise SchemaError("", "a schema needs at least one family")
-        for fam in fams:
-            if not isinstance(fam, Family):
-                raise SchemaError("", f"not a Family: {fam!r}")
-        names = [f.name for f in fams]
-        keys = [f.key for f in fams]
-        if len(set(names)) != len(names):
-            raise SchemaError("", "family names must be unique")
-        if len(set(keys)) != len(keys):
-            raise SchemaError("", "family keys must be unique")
+        fams = _checked_families(families)
         offsets: dict[str, int] = {}
         slots: dict[tuple[str, str | tuple[str, ...] | None], int] = {}
+        histograms: dict[tuple[str, str | tuple[str, ...] | None], HistogramSeries] = {}
         i = 0
+        f = 0
         for fam in fams:
             offsets[fam.key] = i
-            if not fam.label_pairs:
+            if fam.kind == "histogram":
+                for values in fam.series_values:
+                    series = HistogramSeries(i, f, fam.buckets, fam.key)
+                    histograms[(fam.key, _series_key(fam, values))] = series
+                    i += len(fam.buckets) + 1
+                    f += 1
+            elif not fam.label_pairs:
                 slots[(fam.key, None)] = i
                 i += 1
             elif fam.label is not None:
@@ -302,7 +433,10 @@ class Schema:
         object.__setattr__(self, "families", fams)
         object.__setattr__(self, "_offsets", offsets)
         object.__setattr__(self, "_slots", slots)
+        object.__setattr__(self, "_histograms", histograms)
         object.__setattr__(self, "_by_key", {f.key: f for f in fams})
+        object.__setattr__(self, "_size", i)
+        object.__setattr__(self, "_float_size", f)
         object.__setattr__(self, "_cache", {})
         object.__setattr__(self, "_hash", hash(fams))
 
@@ -313,8 +447,14 @@ class Schema:
 
     @property
     def size(self) -> int:
-        """Total number of slots (series) in the schema."""
-        return len(self._slots)
+        """Total number of integer slots in the schema (one per counter series, one per bucket
+        of each histogram series)."""
+        return self._size
+
+    @property
+    def float_size(self) -> int:
+        """Total number of float cells (one sum per histogram series; 0 without histograms)."""
+        return self._float_size
 
     def family(self, key: str) -> Family:
         """The family with dictionary key ``key``; :class:`SchemaError` if there is none."""
@@ -335,6 +475,8 @@ class Schema:
         except (KeyError, TypeError):
             pass
         fam = self.family(key)
+        if fam.kind == "histogram":
+            raise SchemaError(key, "a histogram family is recorded with observe()") from None
         if not fam.label_pairs:
             raise SchemaError(key, "family has no label") from None
         if isinstance(value, Mapping):
@@ -351,6 +493,33 @@ class Schema:
             if v not in declared:
                 raise SchemaError(f"{key}.{name}", f"unknown label value {str(v)[:60]!r}")
         raise SchemaError(key, "unknown label values")  # unreachable: every value was declared
+
+    def histogram(self, key: str, value: LabelValues = None) -> HistogramSeries:
+        """Where one histogram series lives, its labels named as :meth:`slot` names them;
+        :class:`SchemaError` for anything else."""
+        try:
+            return self._histograms[(key, value)]  # type: ignore[index]  # a Mapping: below
+        except (KeyError, TypeError):
+            pass
+        fam = self.family(key)
+        if fam.kind != "histogram":
+            raise SchemaError(key, f"a {fam.kind}, not a histogram")
+        if not fam.label_pairs:
+            raise SchemaError(key, "family has no label")
+        if isinstance(value, Mapping):
+            values = fam.label_values(value)
+            return self.histogram(key, values[0] if fam.label is not None else values)
+        if fam.label is not None:
+            raise SchemaError(f"{key}.{str(value)[:60]}", "unknown label value")
+        names = ", ".join(fam.label_names)
+        raise SchemaError(
+            key,
+            f"expected a tuple of declared values of its {len(fam.label_pairs)} labels ({names})",
+        )
+
+    def histogram_series(self) -> tuple[HistogramSeries, ...]:
+        """Every histogram series in slot order (its float cell order too)."""
+        return tuple(self._histograms.values())
 
     def offset(self, key: str) -> int:
         """The first slot of family ``key``."""
@@ -378,17 +547,36 @@ class Schema:
         """A fresh, all-zero slot list."""
         return [0] * self.size
 
+    def float_zeros(self) -> list[float]:
+        """A fresh, all-zero list of float cells."""
+        return [0.0] * self._float_size
+
     # -- dictionary layout -------------------------------------------------------------------
 
-    def counts_to_dict(self, counts: Iterable[int]) -> CountsDict:
-        """Turn a slot list into the dictionary layout (families only, no metadata)."""
+    def counts_to_dict(self, counts: Iterable[int], sums: Iterable[float] = ()) -> CountsDict:
+        """Turn a slot list (and the float cells, for a schema with histograms) into the
+        dictionary layout (families only, no metadata)."""
         values = list(counts)
+        floats = list(sums)
         if len(values) != self.size:
             raise SchemaError("", f"expected {self.size} counts, got {len(values)}")
+        if len(floats) != self._float_size:
+            raise SchemaError("", f"expected {self._float_size} sums, got {len(floats)}")
         out: CountsDict = {}
         i = 0
+        f = 0
         for fam in self.families:
-            if not fam.label_pairs:
+            if fam.kind == "histogram":
+                n = len(fam.buckets) + 1
+                series: list[dict[str, Any]] = []
+                for _ in range(fam.series):
+                    series.append(_histogram_dict(fam, values[i : i + n], floats[f]))
+                    i += n
+                    f += 1
+                out[fam.key] = (
+                    _nested_counts(fam.label_pairs, series, 0) if fam.label_pairs else (series[0])
+                )
+            elif not fam.label_pairs:
                 out[fam.key] = values[i]
                 i += 1
             elif fam.label is not None:
@@ -408,6 +596,19 @@ class Schema:
         :data:`MAX_COUNT` raises :class:`SchemaError` naming the field. A family or label value
         that is *missing* counts as zero, so a shard written by an older schema with fewer label
         values still reads. Keys in ``allow_extra`` (and the metadata keys) are ignored here.
+
+        Only the integer slots: a caller that keeps a histogram's sums uses :meth:`parse_cells`.
+        """
+        return self.parse_cells(data, allow_extra=allow_extra)[0]
+
+    def parse_cells(
+        self, data: object, *, allow_extra: Iterable[str] = ()
+    ) -> tuple[list[int], list[float]]:
+        """:meth:`parse_counts`, and the float cells (histogram sums) as well.
+
+        A histogram series must have exactly the layout the module documents: its bounds as
+        the schema declares them, cumulative counts that never go down, ``count`` equal to the
+        ``+Inf`` bucket, and a finite, non-negative sum that is 0 when nothing was observed.
         """
         if not isinstance(data, Mapping):
             raise SchemaError("", f"expected a mapping, got {type(data).__name__}")
@@ -418,6 +619,7 @@ class Schema:
         # which raises the precise error.
         value_slots = self._value_slots()
         counts = self.zeros()
+        sums = self.float_zeros()
         for key, value in data.items():
             if type(key) is not str:
                 if not isinstance(key, str):
@@ -434,8 +636,14 @@ class Schema:
                 else:
                     counts[slots] = _check_count(key, value)
                 continue
+            if type(slots) is HistogramSeries:
+                _parse_histogram(key, value, slots, counts, sums)
+                continue
+            if type(slots) is tuple:  # a labelled histogram: its nested table of series
+                _parse_labelled_histograms(key, value, slots[0], counts, sums)
+                continue
             _parse_labelled(key, value, slots, counts)
-        return counts
+        return counts, sums
 
     def _value_slots(self) -> dict[str, Any]:
         """Per family key: its slot (no label) or a dict of label value to slot. Cached."""
@@ -443,10 +651,11 @@ class Schema:
 
 
 def _nested_counts(
-    labels: tuple[tuple[str, tuple[str, ...]], ...], counts: list[int], start: int
+    labels: tuple[tuple[str, tuple[str, ...]], ...], counts: Sequence[Any], start: int
 ) -> dict[str, Any]:
     """A several-label family's counts from ``start`` as nested mappings, one level per label
-    (the dictionary layout); the last label's values map to the counts."""
+    (the dictionary layout); the last label's values map to the counts (or to whatever
+    ``counts`` holds per series: a histogram's series mappings)."""
     (_, values), rest = labels[0], labels[1:]
     if not rest:
         return dict(zip(values, counts[start : start + len(values)], strict=True))
@@ -459,7 +668,14 @@ def _nested_counts(
 def _value_slots(schema: Schema) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for fam in schema.families:
-        if not fam.label_pairs:
+        if fam.kind == "histogram":
+            if not fam.label_pairs:
+                table[fam.key] = schema.histogram(fam.key)
+                continue
+            series = [schema.histogram(fam.key, _series_key(fam, v)) for v in fam.series_values]
+            # In a 1-tuple, so that the parser tells it from a counter's table of slots.
+            table[fam.key] = (_nested_counts(fam.label_pairs, series, 0),)
+        elif not fam.label_pairs:
             table[fam.key] = schema.slot(fam.key)
         elif fam.label is not None:
             table[fam.key] = {v: schema.slot(fam.key, v) for v in fam.values}
@@ -495,6 +711,83 @@ def _parse_labelled(key: str, value: object, slots: dict[str, Any], counts: list
             counts[idx] = n
         else:
             counts[idx] = _check_count(f"{key}.{label_value}", n)
+
+
+_HISTOGRAM_KEYS = frozenset({"buckets", "count", "sum"})
+
+
+def _histogram_dict(fam: Family, buckets: list[int], total: float) -> dict[str, Any]:
+    """One histogram series in the dictionary layout (cumulative buckets)."""
+    cumulative: dict[str, int] = {}
+    running = 0
+    for le, n in zip(fam.bucket_labels, buckets, strict=True):
+        running += n
+        cumulative[le] = running
+    return {"buckets": cumulative, "count": running, "sum": total}
+
+
+def _parse_labelled_histograms(
+    key: str, value: object, table: dict[str, Any], counts: list[int], sums: list[float]
+) -> None:
+    """A labelled histogram's mapping (one level per label, a series mapping at the bottom)."""
+    if not isinstance(value, Mapping):
+        raise SchemaError(key, f"expected a mapping of label values, got {_tname(value)}")
+    for label_value, one in value.items():
+        if not isinstance(label_value, str):
+            raise SchemaError(f"{key}.{label_value!r}", "label values must be strings")
+        found = table.get(str.__str__(label_value))
+        where = f"{key}.{label_value}"[:200]
+        if found is None:
+            raise SchemaError(where, "unknown label value")
+        if type(found) is HistogramSeries:
+            _parse_histogram(where, one, found, counts, sums)
+        else:  # another label follows
+            _parse_labelled_histograms(where, one, found, counts, sums)
+
+
+def _parse_histogram(
+    where: str, value: object, series: HistogramSeries, counts: list[int], sums: list[float]
+) -> None:
+    """Validate one histogram series' mapping (see the module documentation) into ``counts``
+    (non-cumulative, one slot per bucket) and ``sums``."""
+    if not isinstance(value, Mapping) or set(value) != _HISTOGRAM_KEYS:
+        raise SchemaError(where, "a histogram series must be {buckets, count, sum}")
+    buckets = value["buckets"]
+    les = (*(repr(b) for b in series.bounds), "+Inf")
+    if not isinstance(buckets, Mapping) or set(buckets) != set(les):
+        raise SchemaError(f"{where}.buckets", "must have exactly the declared bounds and +Inf")
+    previous = 0
+    for i, le in enumerate(les):
+        n = _check_count(f"{where}.buckets.{le}", buckets[le])
+        if n < previous:
+            raise SchemaError(f"{where}.buckets.{le}", "cumulative bucket counts went down")
+        counts[series.first + i] = n - previous
+        previous = n
+    if _check_count(f"{where}.count", value["count"]) != previous:
+        raise SchemaError(f"{where}.count", "does not equal the +Inf bucket")
+    sums[series.sum_cell] = check_sum(f"{where}.sum", value["sum"], previous)
+
+
+def check_sum(where: str, value: object, count: int) -> float:
+    """Validate a histogram sum: a finite, non-negative number (not ``bool``), and 0 when
+    ``count`` (the series' observations) is 0."""
+    if type(value) not in (int, float):
+        raise SchemaError(where, f"a sum must be a number, got {_tname(value)}")
+    total = float(value)  # type: ignore[arg-type]
+    # A chained comparison is False for NaN: this refuses NaN, infinities and negatives.
+    if not 0.0 <= total < math.inf:
+        raise SchemaError(where, f"a sum must be finite and non-negative, got {total!r}")
+    if count == 0 and total != 0.0:
+        raise SchemaError(where, "a sum without observations")
+    return total
+
+
+def _series_key(fam: Family, values: tuple[str, ...]) -> str | tuple[str, ...] | None:
+    """How :meth:`Schema.slot` and :meth:`Schema.histogram` name the series ``values`` (its
+    label values in declared order): ``None``, the one value, or the tuple."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _tname(value: object) -> str:

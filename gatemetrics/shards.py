@@ -214,6 +214,11 @@ class Shard:
         # this incarnation's last good save.
         self._baseline: tuple[int, ...] | None = None
         self._last_saved: tuple[int, ...] | None = None
+        # Histogram sums are floats: a baseline built by adding saved differences back up could
+        # round above the store's own sum, and the next incarnation would save a negative one.
+        # So the baseline is the store's absolute sums at the ended incarnation's last save.
+        self._sum_baseline: tuple[float, ...] | None = None
+        self._last_sums: tuple[float, ...] | None = None  # absolute, at the last save
         self._restores_seen = store.restores
         self._last_log = 0.0
         # Group commit (see save): every save draws a ticket before it takes its snapshot, and
@@ -290,15 +295,22 @@ class Shard:
                 with self._ticket_lock:  # drawn before the snapshot (see above)
                     self._tickets_issued += 1
                     ticket = self._tickets_issued
-                counts, generation, start, restores = store.begin_save()
+                (counts, generation, start, restores), totals = store.begin_save_cells()
                 baseline = self._baseline
                 if baseline is not None:
                     counts = tuple(c - b for c, b in zip(counts, baseline, strict=True))
                 if restores != self._restores_seen:
-                    self._check_monotonic(counts)
+                    self._check_monotonic(counts, totals)
+                sums = totals
+                if self._sum_baseline is not None:
+                    # Never below zero: totals >= baseline (sums only grow), and a float
+                    # difference of two ordered floats is >= 0; max() keeps that explicit.
+                    sums = tuple(
+                        max(0.0, t - b) for t, b in zip(totals, self._sum_baseline, strict=True)
+                    )
                 seq = self._seq + 1
                 layout = self._layout
-                data = layout.pack(seq, generation, self._clock(), start, counts)
+                data = layout.pack(seq, generation, self._clock(), start, counts, sums=sums)
                 if os.pwrite(fd, data, layout.slot_offset(self._header_len, seq)) != len(data):
                     raise OSError(errno.EIO, "short write to the shard")
                 _faults.point("save.written")
@@ -316,6 +328,7 @@ class Shard:
                 return False
             self._seq = seq
             self._last_saved = counts
+            self._last_sums = totals
             self._restores_seen = restores
             self._ticket_durable = ticket
             return True
@@ -354,6 +367,7 @@ class Shard:
         if self._last_saved is not None:
             base = self._baseline or (0,) * len(self._last_saved)
             self._baseline = tuple(b + s for b, s in zip(base, self._last_saved, strict=True))
+            self._sum_baseline = self._last_sums
         self._identity = None
         self._inode = None
         self._last_saved = None
@@ -393,6 +407,8 @@ class Shard:
         self._seq = 0
         self._baseline = None
         self._last_saved = None
+        self._sum_baseline = None
+        self._last_sums = None
         store = self._store_ref()
         self._restores_seen = store.restores if store is not None else 0
 
@@ -512,13 +528,17 @@ class Shard:
                     os.unlink(tmp)
         return fd, st
 
-    def _check_monotonic(self, counts: tuple[int, ...]) -> None:
-        # Only after a restore(): a restored store with smaller counts than it saved would make
-        # the aggregate go down. Refuse, loudly (restore the larger counts, or use a new store).
+    def _check_monotonic(self, counts: tuple[int, ...], sums: tuple[float, ...]) -> None:
+        # Only after a restore(): a restored store with smaller counts (or histogram sums) than
+        # it saved would make the aggregate go down. Refuse, loudly (restore the larger
+        # counts, or use a new store).
         last = self._last_saved
         low = any(c < 0 for c in counts) or (
             last is not None and any(c < s for c, s in zip(counts, last, strict=True))
         )
+        floor = self._last_sums if self._last_sums is not None else self._sum_baseline
+        if floor is not None and any(t < f for t, f in zip(sums, floor, strict=True)):
+            low = True
         if low:
             raise ShardWriteError(
                 self.path or self._directory, "store counts went down since the last save"

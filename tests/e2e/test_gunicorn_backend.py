@@ -590,6 +590,13 @@ def test_counts_are_exact_through_recycling_and_sigkill_from_gunicorn_to_prometh
         assert resp.status == 200
         assert resp.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         assert only_gate(gate_totals(resp.body.decode())) == only_gate(final)
+        # Each check was observed once, in the same write as its decision: through every
+        # recycle and the SIGKILL, the check-duration histogram counts exactly the decisions.
+        scraped = parse(resp.body.decode())
+        durations = scraped["release_gate_check_duration_seconds"].histograms[None]
+        assert durations.count == sum(scraped[DECISION].samples.values()) > 0
+        assert durations.sum is not None
+        assert durations.sum > 0.0
 
         # The cron ran throughout, never failed, and its totals never went down; compaction in
         # the master (child_exit) kept the directory small while workers came and went.

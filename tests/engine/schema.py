@@ -14,7 +14,10 @@ from pathlib import Path
 from gatemetrics import CounterStore, Family, Schema, shard_for
 
 __all__ = [
+    "BASKET_BUCKETS",
+    "CHECKOUT_BUCKETS",
     "CODES",
+    "HISTOGRAM_SCHEMA",
     "OTHER_SCHEMA",
     "OUTCOMES",
     "REQUESTS_AGGREGATE_SERIES",
@@ -127,6 +130,32 @@ def record_order(
     store.increment_slots(slots)
 
 
+#: The shop with histograms: checkout time (no label) and basket size by outcome, between two
+#: counters, so that integer slots, bucket slots and float cells interleave.
+CHECKOUT_BUCKETS = (0.01, 0.1, 1.0)
+BASKET_BUCKETS = (1.0, 5.0, 10.0, 50.0)
+HISTOGRAM_SCHEMA = Schema(
+    [
+        SHOP_SCHEMA.families[0],
+        Family(
+            "shop_checkout_seconds",
+            "Time a checkout takes.",
+            key="checkout",
+            kind="histogram",
+            buckets=CHECKOUT_BUCKETS,
+        ),
+        Family(
+            "shop_basket_items",
+            "Items per basket, by outcome.",
+            key="basket",
+            label="outcome",
+            values=OUTCOMES,
+            kind="histogram",
+            buckets=BASKET_BUCKETS,
+        ),
+        SHOP_SCHEMA.families[2],
+    ]
+)
 #: The shop's web front: requests by route and status class, a family with two labels (6 x 3
 #: series), added to the shop's families (so shop shards written before it fit it).
 ROUTES = ("basket", "checkout", "refund", "search", "account", "login")

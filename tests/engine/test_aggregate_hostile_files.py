@@ -266,6 +266,11 @@ def _written_with(schema: Schema) -> HostileMaker:
     """A real shard written by this release over ``schema``, under ``path``'s incarnation."""
 
     def make(path: Path, _name: str, _data: bytes) -> None:
+        if any(f.kind == "gauge" for f in schema.families):
+            # A store refuses a gauge now; the previous release wrote such shards, through
+            # the same layout.
+            _write_with_layout(schema, path)
+            return
         store = CounterStore(schema)
         store.increment(schema.families[0].key, schema.families[0].values[0], 7)
         ident = Identity(incarnation_of(path.name), 4242, "elsewhere", 1.0)
@@ -278,6 +283,21 @@ def _written_with(schema: Schema) -> HostileMaker:
             os.rename(written, path)
 
     return make
+
+
+def _write_with_layout(schema: Schema, path: Path) -> None:
+    """The shard ``_written_with`` makes, written through the v2 layout itself."""
+    layout = Layout(schema)
+    header = layout.header(
+        incarnation=incarnation_of(path.name), pid=4242, host="elsewhere", started_at=1.0
+    )
+    counts = schema.zeros()
+    counts[schema.slot(schema.families[0].key, schema.families[0].values[0])] = 7
+    data = bytearray(layout.new_file(header, 1.0))
+    slot = layout.pack(1, 1, 1.0, 1.0, counts, sums=schema.float_zeros())
+    offset = layout.slot_offset(len(header), 1)
+    data[offset : offset + len(slot)] = slot
+    path.write_bytes(bytes(data))
 
 
 def _shop_schema_with(key: str, **changes: Any) -> Schema:

@@ -860,8 +860,8 @@ def test_the_readmes_two_label_example_records_in_a_worker_and_aggregates_as_sho
     tmp_path: Path,
 ) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### A schema of your own, with two labels", 1)[1].split("\n## ", 1)[0]
-    section = section.split("\n### ", 1)[0]
+    section = readme.split("### A schema of your own, with two labels", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]  # up to the next heading
     [metrics, web] = re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL)
     [console] = re.findall(r"```console\n(.*?)\n```", section, flags=re.DOTALL)
     command, *shown = console.splitlines()

@@ -35,7 +35,13 @@ from gatemetrics import (
     shard_for,
 )
 from tests.exposition_parser import parse
-from tests.gate.gate_shards import GATE_FAMILIES, GATE_SERIES, REASONS
+from tests.gate.gate_shards import (
+    CHECK_DURATION_LE,
+    GATE_COUNTER_FAMILIES,
+    GATE_FAMILIES,
+    GATE_SERIES,
+    REASONS,
+)
 from tests.processes import run_python
 from tests.shard_tools import in_forked_child
 from tests.strategies import any_reason, store_ops, valid_reason
@@ -210,6 +216,11 @@ def test_to_dict_has_the_documented_layout() -> None:
         "breach_counts": {"NO_OVERRIDE": 0},
         "audit_write_failures": 0,
         "metric_write_failures": 0,
+        "check_duration": {
+            "buckets": dict.fromkeys(CHECK_DURATION_LE, 0),
+            "count": 0,
+            "sum": 0.0,
+        },
         "store_generation": 0,
         "store_start_timestamp": 42.0,
     }
@@ -298,7 +309,10 @@ def test_labels_stay_bounded_under_any_operations(ops: list[Any]) -> None:
     families = parse(GateMetricExporter.export_prometheus(store))
     assert list(families) == FAMILIES
     for name, fam in families.items():
-        assert set(fam.samples) == ALLOWED_SERIES[name]
+        assert (
+            set(fam.histograms if fam.kind == "histogram" else fam.samples)
+            == (ALLOWED_SERIES[name])
+        )
     doc = store.to_dict()
     assert set(doc["reason_counts"]) == set(REASONS)
     assert set(doc["decision_counts"]) == {"ALLOW", "DENY"}
@@ -322,8 +336,9 @@ def test_equal_counts_give_byte_identical_exposition(
     text = GateMetricExporter.export_prometheus(a)
     assert text == GateMetricExporter.export_prometheus(b)
     assert GateMetricExporter.export_json(a) == GateMetricExporter.export_json(b)
-    for name in FAMILIES:
+    for name in GATE_COUNTER_FAMILIES:
         assert f"# TYPE {name} counter\n" in text
+    assert "# TYPE release_gate_check_duration_seconds histogram\n" in text
 
 
 # -- exposition ------------------------------------------------------------------------------
@@ -332,11 +347,19 @@ def test_equal_counts_give_byte_identical_exposition(
 def test_exposition_has_every_series_at_zero_from_the_start() -> None:
     families = parse(GateMetricExporter.export_prometheus(GateMetricStore()))
     assert list(families) == FAMILIES
-    for name, fam in families.items():
+    for name in GATE_COUNTER_FAMILIES:
+        fam = families[name]
         assert fam.kind == "counter"
         assert fam.help
         assert set(fam.samples) == ALLOWED_SERIES[name]
         assert set(fam.samples.values()) == {0}
+    durations = families["release_gate_check_duration_seconds"]
+    assert durations.kind == "histogram"
+    assert durations.help == "Time a release-gate check spends, audit write included."
+    (series,) = durations.histograms.values()
+    assert list(series.buckets) == CHECK_DURATION_LE
+    assert set(series.buckets.values()) == {0}
+    assert (series.sum, series.count) == (0.0, 0)
 
 
 def test_exposition_reflects_counts() -> None:

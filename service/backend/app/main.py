@@ -13,7 +13,7 @@ path                           methods    answer
 ``/release-gate/check``        POST       the :class:`GateDecision` as JSON (``allowed``,
                                           ``verdict``, ``reasons``, ``override_applied``,
                                           ``audit_detail``)
-``/metrics``                   GET, HEAD  the merged exposition of the shard directory: the five
+``/metrics``                   GET, HEAD  the merged exposition of the shard directory: the six
                                           gate families and the two pipeline families, text 0.0.4,
                                           or OpenMetrics 1.0.0 when ``Accept`` prefers it
 ``/healthz``                   GET, HEAD  ``{"status": "ok", "pid": <worker pid>}``

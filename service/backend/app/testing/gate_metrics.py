@@ -11,7 +11,14 @@ family                                      label      values
 ``release_gate_contract_breach_total``      kind       NO_OVERRIDE
 ``release_gate_audit_write_failures_total`` (none)
 ``release_gate_metric_write_failures_total`` (none)
+``release_gate_check_duration_seconds``     (none)     histogram, buckets ``CHECK_DURATION_BUCKETS``
 =========================================== ========== =========================================
+
+``release_gate_check_duration_seconds`` is the time one gate check spends, audit write (file
+lock, write, fsync) included, measured with ``time.perf_counter`` by the gate and observed in
+the same atomic step as the check's counts (see :meth:`GateMetricStore.record_outcome`). Its
+buckets, 1 ms to 2.5 s, are chosen for an fsync-bound path: a healthy local disk answers in the
+low milliseconds, a struggling one in hundreds.
 
 The schema is built from three fixed label sets: ``_DECISION_LABELS``, ``_REASON_LABELS`` (the
 :class:`BlockReasonCode` values) and ``_BREACH_KINDS``. Nothing else can add a label value.
@@ -37,9 +44,11 @@ problem), never an exception; ``strict=True`` raises instead (the engine's
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -65,6 +74,7 @@ from gatemetrics import (
 )
 
 __all__ = [
+    "CHECK_DURATION_BUCKETS",
     "GATE_NAMESPACE",
     "GATE_SCHEMA",
     "GateMetricExporter",
@@ -81,6 +91,9 @@ _FAILURE_KEY = "metric_write_failures"
 _DECISION_LABELS = ("ALLOW", "DENY")
 _REASON_LABELS = tuple(r.value for r in BlockReasonCode)
 _BREACH_KINDS = ("NO_OVERRIDE",)
+#: Upper bounds (seconds) of ``release_gate_check_duration_seconds`` (``+Inf`` is implicit). The
+#: dashboard's latency panel and the slow-audit alert are written for exactly these.
+CHECK_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 #: The temp-file-and-rename helper persistence uses wherever a whole file is replaced (the
 #: archive, the textfile): the engine's own, not a copy.
@@ -121,6 +134,15 @@ GATE_SCHEMA = Schema(
             "Failed attempts to persist this process's gate metrics (counts stay in memory).",
             key="metric_write_failures",
         ),
+        # Last, so that every other family keeps its slots: shards and archives written before
+        # the histogram existed still read (the family counts as empty there).
+        Family(
+            "release_gate_check_duration_seconds",
+            "Time a release-gate check spends, audit write included.",
+            key="check_duration",
+            kind="histogram",
+            buckets=CHECK_DURATION_BUCKETS,
+        ),
     )
 )
 
@@ -129,6 +151,9 @@ _DENY = GATE_SCHEMA.slot("decision_counts", "DENY")
 _BREACH = GATE_SCHEMA.slot("breach_counts", "NO_OVERRIDE")
 _AUDIT_FAILURE = GATE_SCHEMA.slot("audit_write_failures")
 _METRIC_FAILURE = GATE_SCHEMA.slot("metric_write_failures")
+_DURATION = GATE_SCHEMA.histogram("check_duration")
+_DURATION_FIRST = _DURATION.first
+_DURATION_SUM = _DURATION.sum_cell
 # Keyed by the plain string value: a StrEnum member hashes and compares equal to its value, so
 # one lookup serves both BlockReasonCode members and strings.
 _REASON_SLOTS: dict[str, int] = {
@@ -157,26 +182,34 @@ class GateMetricStore(CounterStore):
 
     __slots__ = ()
 
+    #: Tells :class:`~backend.app.testing.release_gate.ReleaseGate` that :meth:`record_outcome`
+    #: takes the check's ``duration`` (a sink without it is called as before).
+    records_check_duration: ClassVar[bool] = True
+
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(GATE_SCHEMA, clock=clock)
 
     # -- recording ---------------------------------------------------------------------------
 
-    def record_outcome(
+    def record_outcome(  # noqa: PLR0912 - the hot path, inlined on purpose (PROFILE.md)
         self,
         allowed: bool,
         reasons: Iterable[BlockReasonCode | str] | str | None = (),
         *,
         breach: bool = False,
         audit_write_failure: bool = False,
+        duration: float | None = None,
     ) -> None:
         """Count everything one gate check emits in one atomic step.
 
         The decision (and, for a DENY, each distinct valid reason once), plus optionally a
-        contract breach and an audit write failure. Readers never see half of one check's
-        counts, and a store that persists on every change persists once per check. ``allowed``
-        must be a real ``bool`` (a truthy string such as ``"false"`` would otherwise count the
-        wrong way); ``reasons`` is ignored for an ALLOW.
+        contract breach, an audit write failure and the check's ``duration`` in seconds (one
+        observation of ``release_gate_check_duration_seconds``). Readers never see half of one
+        check's counts, and a store that persists on every change persists once per check.
+        ``allowed`` must be a real ``bool`` (a truthy string such as ``"false"`` would otherwise
+        count the wrong way); ``reasons`` is ignored for an ALLOW. A ``duration`` that is not a
+        finite, non-negative number is skipped (the rest is counted): recording never raises
+        for odd values.
         """
         slots: tuple[int, ...] | list[int]
         if allowed is True:
@@ -205,7 +238,23 @@ class GateMetricStore(CounterStore):
                 slots.append(_BREACH)
             if audit_write_failure:
                 slots.append(_AUDIT_FAILURE)
-        self._add(slots)
+        if duration is None:
+            self._add(slots)
+        elif type(duration) is float and 0.0 <= duration < math.inf:  # what the gate passes
+            bucket = _DURATION_FIRST + bisect_left(CHECK_DURATION_BUCKETS, duration)
+            self._add((*slots, bucket), sum_cell=_DURATION_SUM, value=duration)
+        else:
+            self._add_timed(slots, duration)
+
+    def _add_timed(self, slots: tuple[int, ...] | list[int], duration: object) -> None:
+        """:meth:`_add` of ``slots`` and one observation of the check's duration, in one step
+        (a ``duration`` that is not a finite, non-negative number is skipped)."""
+        seconds = _seconds(duration)
+        if seconds is None:
+            self._add(slots)
+            return
+        bucket = _DURATION_FIRST + bisect_left(CHECK_DURATION_BUCKETS, seconds)
+        self._add([*slots, bucket], sum_cell=_DURATION_SUM, value=seconds)
 
     def record_decision(
         self, allowed: bool, reasons: Iterable[BlockReasonCode | str] | str | None = ()
@@ -244,6 +293,11 @@ class GateMetricStore(CounterStore):
 
     def metric_write_failures(self) -> int:
         return self.get("metric_write_failures")
+
+    def check_durations(self) -> tuple[tuple[int, ...], float]:
+        """``release_gate_check_duration_seconds``: its cumulative bucket counts (one per bound
+        of :data:`CHECK_DURATION_BUCKETS`, then ``+Inf``, the count of checks) and its sum."""
+        return self.snapshot().histogram("check_duration")
 
     @property
     def store_generation(self) -> int:
@@ -361,7 +415,9 @@ class GateMetricView:
         """A view with every count at zero, saying why there is nothing to show."""
         view = cls.__new__(cls)
         view._aggregate = None
-        view._snapshot = Snapshot(GATE_SCHEMA, tuple(GATE_SCHEMA.zeros()))
+        view._snapshot = Snapshot(
+            GATE_SCHEMA, tuple(GATE_SCHEMA.zeros()), sums=tuple(GATE_SCHEMA.float_zeros())
+        )
         view._problem = problem
         return view
 
@@ -410,6 +466,10 @@ class GateMetricView:
     def metric_write_failures(self) -> int:
         return self._snapshot.get("metric_write_failures")
 
+    def check_durations(self) -> tuple[tuple[int, ...], float]:
+        """The merged ``release_gate_check_duration_seconds`` (see the store's)."""
+        return self._snapshot.histogram("check_duration")
+
     @property
     def store_generation(self) -> int:
         """Always 0: a merged view is never persisted."""
@@ -435,6 +495,18 @@ def _log_problem_once(path: str, problem: str) -> None:
             _LOGGED_PROBLEMS.clear()
         _LOGGED_PROBLEMS[path] = problem
     _log.warning("gate metrics: an empty view of %s: %s", path, problem)
+
+
+def _seconds(duration: object) -> float | None:
+    """``duration`` as a finite, non-negative float, or None to skip it (never raises)."""
+    if type(duration) is float:
+        seconds = duration
+    elif type(duration) is int:
+        seconds = float(duration) if 0 <= duration < 2**53 else math.nan
+    else:
+        return None
+    # A chained comparison is False for NaN: this skips NaN, infinities and negatives.
+    return seconds if 0.0 <= seconds < math.inf else None
 
 
 def _slot_of(reason: object) -> int | None:

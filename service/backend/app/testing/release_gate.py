@@ -6,7 +6,11 @@ Each check runs three steps, in this order:
 2. **Audit** (fail-closed): exactly one entry is written to the audit log. If the write raises,
    the decision returned is a DENY, whatever was decided, and ``audit_detail`` says so.
 3. **Emit** (fail-open): one ``record_outcome`` call on the metric store counts the decision
-   actually returned, its reasons, a contract breach and an audit write failure, atomically.
+   actually returned, its reasons, a contract breach, an audit write failure and (for a store
+   that takes it, :class:`GateMetricStore`) the check's duration, atomically. The duration is
+   ``time.perf_counter`` from the start of the call (``check`` or ``acheck``) to the
+   emission: deciding, the audit write with its lock and fsync, and for ``acheck`` the hop to
+   the worker thread.
    Any exception from the store is swallowed (logged, rate-limited): no field of the decision
    ever depends on the metrics.
 
@@ -350,11 +354,13 @@ class _CheckCall:
     event loop, which takes it in :meth:`cancel`, never waits on I/O through it.
     """
 
-    __slots__ = ("_done", "_gate", "_lock", "_plan", "_state", "decision")
+    __slots__ = ("_done", "_gate", "_lock", "_plan", "_started", "_state", "decision")
 
-    def __init__(self, gate: ReleaseGate, plan: _Plan) -> None:
+    def __init__(self, gate: ReleaseGate, plan: _Plan, started: float | None = None) -> None:
         self._gate = gate
         self._plan = plan
+        # time.perf_counter() when acheck began (now, for a call made without one).
+        self._started = time.perf_counter() if started is None else started
         self._lock = threading.Lock()
         self._state = _PENDING
         self._done = threading.Event()
@@ -375,7 +381,7 @@ class _CheckCall:
                 if self._state == _CANCELLED:
                     return None  # cancelled during the write: count nothing
                 self._state = _EMITTING
-            self._gate._emit(decision, plan.breach, audit_error is not None)
+            self._gate._emit(decision, plan.breach, audit_error is not None, self._started)
             self.decision = decision
             return decision
         finally:
@@ -427,7 +433,13 @@ class ReleaseGate:
     audit write (file lock, write, fsync) and on the store; async code uses :meth:`acheck`.
     """
 
-    __slots__ = ("_audit_failures", "_audit_log", "_metric_failures", "_metric_store")
+    __slots__ = (
+        "_audit_failures",
+        "_audit_log",
+        "_metric_failures",
+        "_metric_store",
+        "_timed",
+    )
 
     def __init__(
         self,
@@ -459,6 +471,8 @@ class ReleaseGate:
         if not 0 <= failure_log_interval < float("inf"):
             raise ValueError("failure_log_interval must be >= 0 and finite")
         self._audit_log = audit_log
+        # Only a sink that says so takes the duration: another GateMetricSink keeps its call.
+        self._timed = getattr(type(metric_store), "records_check_duration", False) is True
         self._metric_store = metric_store
         self._audit_failures = _RateLimitedLog(logging.ERROR, float(failure_log_interval))
         self._metric_failures = _RateLimitedLog(logging.WARNING, float(failure_log_interval))
@@ -488,10 +502,11 @@ class ReleaseGate:
         makes this raise (exceptions that are not ``Exception``, such as
         ``KeyboardInterrupt``, still propagate).
         """
+        started = time.perf_counter()
         plan = self._plan(policy_result, override, release_scope, now_ms)
         audit_error = self._write_audit(plan)
         decision = _settle(plan, audit_error)
-        self._emit(decision, plan.breach, audit_error is not None)
+        self._emit(decision, plan.breach, audit_error is not None, started)
         return decision
 
     async def acheck(
@@ -522,8 +537,9 @@ class ReleaseGate:
           emission and raises: in that window only, a decision is counted that was not
           returned (asyncio offers no way to both honour the cancellation and return).
         """
+        started = time.perf_counter()
         plan = self._plan(policy_result, override, release_scope, now_ms)
-        call = _CheckCall(self, plan)
+        call = _CheckCall(self, plan, started)
         try:
             # Abandonable, so that an anyio cancellation reaches us while the thread runs, as
             # a native one always does; _CheckCall keeps the thread from outliving acheck. (A
@@ -585,8 +601,20 @@ class ReleaseGate:
             return _error_token(exc)
         return None
 
-    def _emit(self, decision: GateDecision, breach: bool, audit_failed: bool) -> None:
+    def _emit(
+        self, decision: GateDecision, breach: bool, audit_failed: bool, started: float
+    ) -> None:
         try:
+            if self._timed:
+                # Measured here, right before the one atomic record: everything the check did.
+                self._metric_store.record_outcome(  # type: ignore[call-arg]
+                    decision.allowed,
+                    decision.reasons,
+                    breach=breach,
+                    audit_write_failure=audit_failed,
+                    duration=time.perf_counter() - started,
+                )
+                return
             self._metric_store.record_outcome(
                 decision.allowed, decision.reasons, breach=breach, audit_write_failure=audit_failed
             )
