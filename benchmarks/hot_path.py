@@ -20,19 +20,40 @@ handle resolved in advance, and the engine's ``increment(key, a=..., b=...)`` fo
 A third table observes into an unlabelled histogram with the gate's buckets, one value in each
 bucket and one past the last: ``store.family(key).observe(v)`` (and ``store.observe(key, v)``)
 on an unbound store against prometheus_client multiprocess ``Histogram.observe(v)``.
+
+A fourth table repeats the two-label increment and the histogram observation on stores bound
+write-through (``gatemetrics.bind``, the engine's default durability, each store in its own
+shard directory): every call returns once its save is in the shard, so it is the unbound call
+plus one save. Both sides of each row, and the unbound call for reference, are interleaved in
+one measurement; the figure checks afterwards that the shards hold exactly what the stores
+counted (read back through ``aggregate_dir``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from benchmarks._harness import Context, fmt_figure, fmt_ratio, interleaved, ratio
+from benchmarks._harness import (
+    Context,
+    Figure,
+    fmt_figure,
+    fmt_ns,
+    fmt_ratio,
+    interleaved,
+    ratio,
+)
 from benchmarks._report import target
+
+if TYPE_CHECKING:
+    from gatemetrics import CounterStore, Snapshot
 
 TITLE = "Hot path: record_outcome vs prometheus_client multiprocess"
 TARGET = 5.0
+#: Write-through: prometheus_client's time over ours, at least this (no slower than theirs).
+WRITE_THROUGH_TARGET = 1.0
 ROUTES = ("basket", "checkout", "refund", "search", "account", "login")
 CODES = ("2xx", "4xx", "5xx")
 
@@ -136,6 +157,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     two_rows, two_data = _two_labels(loops, runs)
     hist_rows, hist_data = _histogram(loops, runs)
+    wt_rows, wt_data = _write_through(ctx, loops, runs)
 
     files = sorted(p.name for p in mp_dir.glob("counter_*.db"))
     if f"counter_{os.getpid()}.db" not in files:
@@ -153,7 +175,11 @@ def run(ctx: Context) -> dict[str, Any]:
             "increments: `Counter.labels(v).inc()` per series (its documented usage), and, "
             "for reference, children looked up once in advance. Same process, interleaved, "
             f"{loops:,} calls per sample, {runs} samples after a warm-up; time per call. "
-            "Ratios are prometheus_client's time over `record_outcome`'s."
+            "Ratios are prometheus_client's time over `record_outcome`'s. The last table "
+            "makes the two-label increment and the histogram observation on stores bound "
+            "write-through (`gatemetrics.bind`, the engine's default durability, each in its "
+            "own shard directory) against prometheus_client doing the same, with the unbound "
+            "call for reference, interleaved in one measurement per form."
         ),
         "tables": [
             {
@@ -190,6 +216,19 @@ def run(ctx: Context) -> dict[str, Any]:
                 ],
                 "rows": hist_rows,
             },
+            {
+                "caption": "Write-through: the same calls on bound stores (default durability "
+                f"`{wt_data['durability']}`), each returning once its save is in the shard",
+                "header": [
+                    "form",
+                    "gatemetrics, write-through",
+                    "prometheus_client",
+                    "ratio",
+                    "for reference: gatemetrics, unbound",
+                    "added by the save",
+                ],
+                "rows": wt_rows,
+            },
         ],
         "targets": [
             target(
@@ -219,6 +258,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 op=">=",
                 threshold=TARGET,
             ),
+            *write_through_targets(wt_data),
         ],
         "notes": [
             "`record_outcome` resolves the slots to increment from the schema's constants and "
@@ -236,9 +276,23 @@ def run(ctx: Context) -> dict[str, Any]:
             "the last, into an unlabelled histogram with the gate's buckets; gatemetrics counts "
             "one bucket slot and adds to the float sum in its one write (one lock), "
             "prometheus_client adds to its sum and bucket values in its mmap file.",
+            "Write-through: each gatemetrics store is bound with `gatemetrics.bind` (mode "
+            "`write-through`, the engine's default durability) into its own shard directory, "
+            "so every `inc()` or `observe(v)` is the unbound call plus one save (`Shard.save`: "
+            "snapshot, pack and checksum the slot, one `pwrite`; see benchmarks/PROFILE.md). "
+            "prometheus_client's multiprocess values are stores into its mmap file, which is "
+            "what a write-through save is measured against. After the timing the shards are "
+            f"read back with `aggregate_dir`: they held {wt_data['checked_increments']:,} "
+            f"increments and {wt_data['checked_observations']:,} observations, exactly what "
+            "the stores counted (checked).",
             f"prometheus_client wrote {files[0]} in `PROMETHEUS_MULTIPROC_DIR` (checked).",
         ],
-        "data": {**data, "two labels": two_data, "histogram": hist_data},
+        "data": {
+            **data,
+            "two labels": two_data,
+            "histogram": hist_data,
+            "write-through": wt_data,
+        },
     }
 
 
@@ -402,3 +456,178 @@ def _histogram(loops: int, runs: int) -> tuple[list[list[Any]], dict[str, Any]]:
         "ratio_observe_by_key": rk,
     }
     return rows, data
+
+
+def write_through_targets(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The write-through targets from :func:`_write_through`'s data: each form at least
+    :data:`WRITE_THROUGH_TARGET` (prometheus_client's time over ours), judged on the ratio of
+    medians, with the range of the per-round ratios shown."""
+    durability = data["durability"]
+    forms = (
+        ("two labels", "`family.labels(a, b).inc()`", "`Counter.labels(a, b).inc()`"),
+        ("histogram", "`family.observe(v)`", "`Histogram.observe(v)`"),
+    )
+    out = []
+    for name, ours, theirs in forms:
+        row = data[name]
+        r = row["ratio"]
+        out.append(
+            target(
+                f"write-through ({durability}, the default), {name}: {ours} no slower than "
+                f"prometheus_client multiprocess {theirs} (ratio >= {WRITE_THROUGH_TARGET:g})",
+                measured=f"{fmt_ratio(r, digits=2)} ({fmt_ns(row['gatemetrics_ns']['median'])} "
+                f"against {fmt_ns(row['prometheus_client_ns']['median'])})",
+                value=r["median"],
+                op=">=",
+                threshold=WRITE_THROUGH_TARGET,
+            )
+        )
+    return out
+
+
+def _write_through(ctx: Context, loops: int, runs: int) -> tuple[list[list[Any]], dict[str, Any]]:
+    """The write-through table: the two-label increment and the histogram observation on
+    stores bound write-through, against prometheus_client doing the same, interleaved."""
+    from prometheus_client import Counter, Histogram
+
+    from gatemetrics import CounterStore, Family, Schema, aggregate_dir, bind
+
+    schema = Schema(
+        [
+            Family(
+                "bench_wt_requests_total",
+                "Requests.",
+                key="requests",
+                labels=(("route", ROUTES), ("code", CODES)),
+            ),
+            Family(
+                "bench_wt_latency_seconds",
+                "Latency.",
+                key="latency",
+                kind="histogram",
+                buckets=_BUCKETS,
+            ),
+        ]
+    )
+    # One store per measured form, each bound into its own directory (as a worker's store
+    # is), and one unbound store for the reference column.
+    counting, observing, unbound = CounterStore(schema), CounterStore(schema), CounterStore(schema)
+    directories = {"two labels": ctx.tmp / "wt-two-labels", "histogram": ctx.tmp / "wt-histogram"}
+    bindings = [
+        bind(counting, directories["two labels"]),
+        bind(observing, directories["histogram"]),
+    ]
+    try:
+        durabilities = {b.shard.durability.value for b in bindings}
+        if len(durabilities) != 1 or any(b.mode != "write-through" for b in bindings):
+            raise RuntimeError(f"expected write-through bindings of one durability: {bindings}")
+        # registry=None: the earlier tables registered their metrics in the default registry;
+        # in multiprocess mode the values go to the mmap file whatever the registry.
+        counter = Counter("bench_wt_requests", "Requests.", ["route", "code"], registry=None)
+        histogram = Histogram(
+            "bench_wt_latency_seconds", "Latency.", buckets=_BUCKETS, registry=None
+        )
+        pairs = [(r, CODES[i % 3]) for i, r in enumerate(ROUTES)]
+        observed = _OBSERVED
+        wt_family = counting.family("requests")
+        wt_latency = observing.family("latency")
+        ref_family = unbound.family("requests")
+        ref_latency = unbound.family("latency")
+
+        def ours_inc() -> None:
+            for r, c in pairs:
+                wt_family.labels(r, c).inc()
+
+        def unbound_inc() -> None:
+            for r, c in pairs:
+                ref_family.labels(r, c).inc()
+
+        def theirs_inc() -> None:
+            for r, c in pairs:
+                counter.labels(r, c).inc()
+
+        def ours_observe() -> None:
+            for v in observed:
+                wt_latency.observe(v)
+
+        def unbound_observe() -> None:
+            for v in observed:
+                ref_latency.observe(v)
+
+        def theirs_observe() -> None:
+            for v in observed:
+                histogram.observe(v)
+
+        measured = {
+            "two labels": (
+                {"ours": ours_inc, "theirs": theirs_inc, "unbound": unbound_inc},
+                len(pairs),
+            ),
+            "histogram": (
+                {"ours": ours_observe, "theirs": theirs_observe, "unbound": unbound_observe},
+                len(observed),
+            ),
+        }
+        per: dict[str, dict[str, Figure]] = {}
+        for name, (sides, calls) in measured.items():
+            figs = interleaved(sides, loops=max(1, loops // calls), runs=runs)
+            per[name] = {k: v.scaled(1 / calls) for k, v in figs.items()}
+        # What the shards hold is what the stores counted: every save really wrote.
+        on_disk = {
+            name: aggregate_dir(d, schema, namespace="bench_wt").snapshot()
+            for name, d in directories.items()
+        }
+    finally:
+        for b in bindings:
+            b.close(save=False)
+    increments, observations = _check_on_disk(on_disk, counting, observing)
+    forms = {
+        "two labels": "`labels(a, b).inc()`",
+        "histogram": "`family.observe(v)` vs `Histogram.observe(v)`",
+    }
+    rows = []
+    data: dict[str, Any] = {
+        "durability": durabilities.pop(),
+        "checked_increments": increments,
+        "checked_observations": observations,
+    }
+    for name, form in forms.items():
+        f = per[name]
+        r = ratio(f["theirs"], f["ours"])
+        added = f["ours"].median - f["unbound"].median
+        rows.append(
+            [
+                form,
+                fmt_figure(f["ours"]),
+                fmt_figure(f["theirs"]),
+                fmt_ratio(r, digits=2),
+                fmt_figure(f["unbound"]),
+                fmt_ns(added),
+            ]
+        )
+        data[name] = {
+            "gatemetrics_ns": f["ours"].to_json(),
+            "prometheus_client_ns": f["theirs"].to_json(),
+            "gatemetrics_unbound_ns": f["unbound"].to_json(),
+            "save_added_ns": added,
+            "ratio": r,
+        }
+    return rows, data
+
+
+def _check_on_disk(
+    on_disk: Mapping[str, Snapshot], counting: CounterStore, observing: CounterStore
+) -> tuple[int, int]:
+    """Raise unless the write-through shards hold exactly what their stores counted; the
+    increments and observations they hold."""
+    increments = sum(on_disk["two labels"].series("requests").values())
+    observations = on_disk["histogram"].histogram("latency")[0][-1]
+    if on_disk["two labels"].counts != counting.snapshot().counts or increments == 0:
+        raise RuntimeError("the write-through shard does not hold what its store counted")
+    if (
+        on_disk["histogram"].counts != observing.snapshot().counts
+        or on_disk["histogram"].sums != observing.snapshot().sums
+        or observations == 0
+    ):
+        raise RuntimeError("the write-through histogram shard does not hold what it observed")
+    return increments, observations

@@ -376,10 +376,15 @@ class CounterStore:
 
     def begin_save_cells(self) -> tuple[SaveState, tuple[float, ...]]:
         """:meth:`begin_save`, and the float cells (histogram sums) of the same state."""
-        with self._lock:
+        # Every write-through save calls this: acquire/try/finally, as in _add (PROFILE.md).
+        lock = self._lock
+        lock.acquire()
+        try:
             self._generation = generation = self._generation + 1
             state = (tuple(self._counts), generation, self._start, self._restores)
             return state, tuple(self._sums)
+        finally:
+            lock.release()
 
     def abort_save(self, generation: int) -> None:
         """Undo the :meth:`begin_save` that returned ``generation``, unless another save has

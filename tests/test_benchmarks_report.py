@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import _engine, gunicorn_throughput, live_shards
+from benchmarks import _engine, gunicorn_throughput, hot_path, live_shards
 from benchmarks.__main__ import FIGURES, _figures
 from benchmarks._harness import (
     Figure,
@@ -277,3 +277,31 @@ def test_durability_names_resolve_to_the_engines_settings() -> None:
     assert _engine.default_durability_name() in (_engine.PROCESS_CRASH, _engine.POWER_LOSS)
     with pytest.raises(ValueError, match="durability must be"):
         _engine.durability("full")
+
+
+def _write_through_data(two_labels: float, histogram: float) -> dict[str, object]:
+    def row(r: float) -> dict[str, object]:
+        return {
+            "gatemetrics_ns": {"median": 1000.0},
+            "prometheus_client_ns": {"median": 1000.0 * r},
+            "ratio": {"median": r, "min": r - 0.1, "max": r + 0.1},
+        }
+
+    return {
+        "durability": "process-crash",
+        "two labels": row(two_labels),
+        "histogram": row(histogram),
+    }
+
+
+def test_figure_1_write_through_targets_need_each_form_no_slower_than_prometheus_client() -> None:
+    labels, histogram = hot_path.write_through_targets(_write_through_data(1.0, 0.99))
+    assert labels["met"] is True  # exactly as fast is "no slower"
+    assert histogram["met"] is False
+    assert (labels["op"], labels["threshold"]) == (">=", 1.0)
+    assert "process-crash" in labels["text"]
+    assert "labels(a, b).inc()" in labels["text"]
+    assert "Histogram.observe(v)" in histogram["text"]
+    assert histogram["measured"] == "0.99x [0.89-1.09] (1.00 µs against 990 ns)"
+    verdicts = [t["met"] for t in hot_path.write_through_targets(_write_through_data(0.5, 1.2))]
+    assert verdicts == [False, True]
