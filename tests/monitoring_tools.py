@@ -198,31 +198,11 @@ release_gate_shards{{state="dead"}} {dead}
 """
 
 
-#: The gate's latency histogram as the team fixed it (issue 13): one check, audit write included,
-#: without labels of its own, these bucket bounds exactly. The alert rules and the dashboard read
-#: it; written by hand (all zero, as a fresh host exports it) while the gate's store does not
-#: export it yet.
-CHECK_DURATION = "release_gate_check_duration_seconds"
-CHECK_DURATION_BOUNDS = (
-    "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "+Inf"
-)  # fmt: skip
-CHECK_DURATION_FAMILY = (
-    f"# HELP {CHECK_DURATION} Time a release-gate check spends, audit write included.\n"
-    f"# TYPE {CHECK_DURATION} histogram\n"
-    + "".join(f'{CHECK_DURATION}_bucket{{le="{le}"}} 0\n' for le in CHECK_DURATION_BOUNDS)
-    + f"{CHECK_DURATION}_sum 0\n{CHECK_DURATION}_count 0\n"
-)
-
-
 def textfile_exposition(
     store: GateMetricStore, *, quarantined: int = 0, live: int = 2, dead: int = 0
 ) -> str:
     """What the aggregator writes for ``store``: the gate's families, then the pipeline's."""
     gate = GateMetricExporter.export_prometheus(store)
-    # Once the store exports the histogram itself, its own copy is the one to test (a second
-    # copy would be a duplicate family, which node_exporter refuses).
-    if f"# TYPE {CHECK_DURATION} " not in gate:
-        gate += CHECK_DURATION_FAMILY
     return gate + PIPELINE_FAMILIES.format(quarantined=quarantined, live=live, dead=dead)
 
 

@@ -92,6 +92,11 @@ def test_run_demo_kills_recycles_and_reports_exact_counts() -> None:
     assert re.search(r"recycle worker w2 pid \d+: exited gracefully", text)
     assert "start   replacement worker w2" in text
     assert "4 worker processes (1 SIGKILLed, 1 recycled)" in text
+    timed = re.search(r"checks timed \(histogram\) +(\d+) +(\d+)\n", text)
+    returned = re.search(r"returned (\d+) ", text)
+    assert timed is not None
+    assert returned is not None
+    assert timed[1] == timed[2] == returned[1]  # one observation per returned check
     assert "progress" in text
     assert re.search(r"audit log entries: (\d+) \(one per returned check: yes\)", text)
     # Compaction left no shard files behind: every worker is dead by now.

@@ -8,10 +8,8 @@ import hashlib
 import json
 import math
 import os
-import re
 import signal
 import subprocess
-import sys
 from bisect import bisect_left
 from pathlib import Path
 from typing import Any
@@ -58,6 +56,7 @@ from tests.engine.schema import (
 )
 from tests.exposition_parser import parse
 from tests.processes import Reaper, require_tool
+from tests.readme_examples import run_readme_example
 
 SCHEMA = HISTOGRAM_SCHEMA
 CLEAN = ["aggregate.lock", "archive.json", "schema.json"]
@@ -973,43 +972,11 @@ def test_a_histogram_handle_refuses_an_overflowing_sum_and_follows_a_restore() -
 def test_the_readmes_histogram_example_records_in_a_worker_and_aggregates_as_shown(
     tmp_path: Path,
 ) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Histograms\n", 1)[1]
-    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
-    [metrics, web] = re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL)
-    [console] = re.findall(r"```console\n(.*?)\n```", section, flags=re.DOTALL)
-    command, *shown = console.splitlines()
-    package = tmp_path / "app" / "myshop"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "metrics.py").write_text(metrics)
-    (package / "web.py").write_text(web)
-    directory = tmp_path / "shards"
-    directory.mkdir(mode=0o700)
-    env = {**os.environ, "GATEMETRICS_DIR": str(directory), "PYTHONPATH": str(tmp_path / "app")}
-    worker = subprocess.run(
-        [sys.executable, "-W", "error", "-c", "import myshop.web"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert worker.returncode == 0, worker.stderr
-    assert command.startswith("$ gatemetrics aggregate ")
-    args = [a.replace('"$GATEMETRICS_DIR"', str(directory)) for a in command.split()[3:]]
-    cli = subprocess.run(
-        [sys.executable, "-m", "gatemetrics", "aggregate", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert cli.returncode == 0, cli.stderr
+    run = run_readme_example("### Histograms", "myshop", tmp_path)
+    directory, shown = run.directory, run.shown
     assert shown[-1] == "..."
-    assert cli.stdout.splitlines()[: len(shown) - 1] == shown[:-1]
-    invoice = parse(cli.stdout)["myshop_checkout_seconds"].histograms[("method", "invoice")]
+    assert run.stdout.splitlines()[: len(shown) - 1] == shown[:-1]
+    invoice = parse(run.stdout)["myshop_checkout_seconds"].histograms[("method", "invoice")]
     assert (invoice.count, invoice.sum) == (1, 0.04)
     assert sorted(os.listdir(directory)) == CLEAN  # the dead worker's shard compacted
 

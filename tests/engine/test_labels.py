@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import struct
 import subprocess
@@ -63,6 +62,7 @@ from tests.engine.schema import (
 )
 from tests.exposition_parser import parse
 from tests.processes import Reaper, read_line, run_python
+from tests.readme_examples import run_readme_example
 
 REQUESTS = REQUESTS_SCHEMA.family("requests")
 
@@ -859,44 +859,11 @@ def test_an_unbounded_multi_label_schema_json_is_ignored(tmp_path: Path) -> None
 def test_the_readmes_two_label_example_records_in_a_worker_and_aggregates_as_shown(
     tmp_path: Path,
 ) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### A schema of your own, with two labels", 1)[1]
-    section = re.split(r"\n##+ ", section, maxsplit=1)[0]  # up to the next heading
-    [metrics, web] = re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL)
-    [console] = re.findall(r"```console\n(.*?)\n```", section, flags=re.DOTALL)
-    command, *shown = console.splitlines()
-    package = tmp_path / "app" / "myapp"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "metrics.py").write_text(metrics)
-    (package / "web.py").write_text(web)
-    directory = tmp_path / "shards"
-    directory.mkdir(mode=0o700)
-    env = {**os.environ, "GATEMETRICS_DIR": str(directory), "PYTHONPATH": str(tmp_path / "app")}
-    # A worker process: imports the module (which binds and records), exits (its last save).
-    worker = subprocess.run(
-        [sys.executable, "-W", "error", "-c", "import myapp.web"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert worker.returncode == 0, worker.stderr
-    assert command.startswith("$ gatemetrics aggregate ")
-    args = [a.replace('"$GATEMETRICS_DIR"', str(directory)) for a in command.split()[3:]]
-    cli = subprocess.run(
-        [sys.executable, "-m", "gatemetrics", "aggregate", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert cli.returncode == 0, cli.stderr
+    run = run_readme_example("### A schema of your own, with two labels", "myapp", tmp_path)
+    directory, shown = run.directory, run.shown
     assert shown[-1] == "..."
-    assert cli.stdout.splitlines()[: len(shown) - 1] == shown[:-1]
-    families = parse(cli.stdout)
+    assert run.stdout.splitlines()[: len(shown) - 1] == shown[:-1]
+    families = parse(run.stdout)
     assert sum(families["myapp_http_requests_total"].series.values()) == 2  # not the bad route
     assert families["myapp_jobs_total"].samples[("outcome", "done")] == 1
     # The worker exited: its shard was dead, and is compacted into the archive.

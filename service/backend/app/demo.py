@@ -386,6 +386,11 @@ def _summary(demo: _Demo, final: Aggregate, files: list[str], audited: int, out:
         ok = ok and want == count
         print(f"  {name:<28} {want:>9} {count:>9}{mark}", file=out)
     made = expected["decision ALLOW"] + expected["decision DENY"]
+    # Every returned check is timed once, in the same atomic save as its decision.
+    timed = got.histogram("check_duration")[0][-1]
+    ok = ok and timed == made
+    mark = "" if timed == made else "  MISMATCH"
+    print(f"  {'checks timed (histogram)':<28} {made:>9} {timed:>9}{mark}", file=out)
     print(
         f"  checks planned {demo.planned}, returned {made}"
         f" (the SIGKILLed worker never made the other {demo.planned - made})",
