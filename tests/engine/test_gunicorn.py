@@ -28,6 +28,7 @@ from gatemetrics import gunicorn as hooks
 from tests.engine.aggregate_helpers import FAILURES, agg, orders
 from tests.engine.schema import SHOP_NAMESPACE, SHOP_SCHEMA, record_order
 from tests.processes import ROOT, Reaper, require_tool, wait_until
+from tests.readme_examples import readme_blocks
 
 
 class FakeServer:
@@ -228,15 +229,12 @@ def test_real_gunicorn_counts_exactly_through_recycling_and_sigkill(
 def readme_end_to_end() -> tuple[dict[str, str], list[tuple[str, list[str]]]]:
     """The section's files (by the path its first comment names) and its console commands,
     each with the lines shown after it."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### End to end: gunicorn workers, the aggregator, a scrape", 1)[1]
-    section = re.split(r"\n##+ ", section, maxsplit=1)[0]  # up to the next heading
+    blocks, [console] = readme_blocks("### End to end: gunicorn workers, the aggregator, a scrape")
     files = {}
-    for block in re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL):
+    for block in blocks:
         first = block.splitlines()[0]
         assert first.startswith("# "), first
         files[first[2:].split(":")[0]] = block
-    [console] = re.findall(r"```console\n(.*?)\n```", section, flags=re.DOTALL)
     commands: list[tuple[str, list[str]]] = []
     for line in console.splitlines():
         if line.startswith("$ "):
