@@ -26,7 +26,14 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from gatemetrics import metrics_wsgi_app, read_dir, render_openmetrics, render_prometheus
+from gatemetrics import (
+    le_labels,
+    metrics_wsgi_app,
+    read_dir,
+    render_json,
+    render_openmetrics,
+    render_prometheus,
+)
 from gatemetrics.exposition import samples
 from gatemetrics.prometheus_client import ShardDirectoryCollector
 from tests.engine.bridge_schema import (
@@ -271,6 +278,13 @@ def test_the_textfile_and_the_collector_write_every_bucket_bound_the_same(
     reg = registry(directory)
     text = render_prometheus(directory.snapshot())
     assert 'bridge_upload_bytes_bucket{le="2.5e+06"} ' in text
+    upload = SCHEMA.family("upload")
+    assert le_labels(upload) == ("1024.0", "1e+06", "2.5e+06", "+Inf")
+    # The files and JSON keep their repr keys: archives written before still read.
+    assert upload.bucket_labels == ("1024.0", "1000000.0", "2500000.0", "+Inf")
+    assert set(json.loads(render_json(directory.snapshot()))["upload"]["buckets"]) == set(
+        upload.bucket_labels
+    )
     assert spelled(parse_text(text)) == spelled(parse_text(generate_latest(reg).decode()), skip=UP)
     om = render_openmetrics(directory.snapshot())
     assert spelled(parse_openmetrics(om)) == spelled(
