@@ -9,13 +9,15 @@ a label has a single unlabelled sample. Counts are rendered as integers. The sam
 byte-identical output in any process, whatever order the counts were gathered in.
 
 A histogram family renders, per series (label value), as prometheus_client does: its
-cumulative ``<name>_bucket`` samples with the series' labels and then ``le`` (``repr`` of each
-bound, then ``+Inf``), then ``<name>_sum`` (``repr`` of the float: ``0.0``, ``0.25``,
-``1e-05``) and ``<name>_count`` (equal to the ``+Inf`` bucket). JSON (:func:`render_json`)
-uses the dictionary layout, where a histogram series is
+cumulative ``<name>_bucket`` samples with the series' labels and then ``le`` (each bound as
+prometheus_client writes it, :func:`le_labels`: ``repr`` up to six integer digits, ``0.005``,
+``1.0``, an exponent past them, ``2.5e+06``, then ``+Inf``), then ``<name>_sum`` (``repr`` of
+the float: ``0.0``, ``0.25``, ``1e-05``) and ``<name>_count`` (equal to the ``+Inf`` bucket).
+JSON (:func:`render_json`) uses the dictionary layout, where a histogram series is
 ``{"buckets": {"0.001": n, ..., "+Inf": n}, "count": n, "sum": x}`` (see
-:mod:`gatemetrics.schema`); its keys are sorted as every JSON key is, so a reader takes the
-buckets by their ``le`` (as numbers), not by their order in the text.
+:mod:`gatemetrics.schema`; the bucket keys are ``repr``, as the files hold them); its keys are
+sorted as every JSON key is, so a reader takes the buckets by their ``le`` (as numbers), not
+by their order in the text.
 
 OpenMetrics (:func:`render_openmetrics`, over :func:`samples`, generic by kind) differs from the
 text format where the spec says so: a counter's ``# HELP``/``# TYPE`` name the family without
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from gatemetrics.schema import Schema
+from gatemetrics.schema import Family, Schema
 from gatemetrics.store import Snapshot
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "Sample",
     "escape_help",
     "escape_label_value",
+    "le_labels",
     "openmetrics_text",
     "render_json",
     "render_openmetrics",
@@ -67,6 +70,18 @@ def escape_label_value(value: str) -> str:
     return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
 
 
+def le_labels(fam: Family) -> tuple[str, ...]:
+    """A histogram's ``le`` label values in every exposition: each bound as prometheus_client
+    writes it (``floatToGoString``: ``0.005``, ``1.0``, ``2.5e+06``), then ``+Inf``.
+
+    Not :attr:`Family.bucket_labels` (``repr``, the JSON layout's keys, kept for the files
+    already written): the two differ from a million up (``2500000.0``), and a label value is
+    part of a series' identity, so the textfile, ``/metrics`` and the prometheus_client
+    collector must write the same one or a fleet query sees two series per bucket.
+    """
+    return (*(_om_float(b) for b in fam.buckets), "+Inf") if fam.kind == "histogram" else ()
+
+
 def _templates(schema: Schema) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Per family, its two header lines; per sample, ``name{label="value"} ``. Cached."""
     return schema.derived("prometheus", _build_templates)
@@ -83,7 +98,7 @@ def _build_templates(schema: Schema) -> tuple[tuple[str, ...], tuple[str, ...]]:
             continue
         for pairs in fam.series_labels:
             prefixes.extend(
-                f"{fam.name}_bucket{_label_text((*pairs, ('le', le)))} " for le in fam.bucket_labels
+                f"{fam.name}_bucket{_label_text((*pairs, ('le', le)))} " for le in le_labels(fam)
             )
             prefixes.append(f"{fam.name}_sum{_label_text(pairs)} ")
             prefixes.append(f"{fam.name}_count{_label_text(pairs)} ")
@@ -127,13 +142,14 @@ def samples(snapshot: Snapshot) -> Iterator[FamilySamples]:
     f = 0
     for fam in snapshot.schema.families:
         out: list[Sample] = []
+        les = le_labels(fam)
         for pairs in fam.series_labels:
             if fam.kind != "histogram":
                 out.append(Sample("", pairs, counts[i]))
                 i += 1
                 continue
             running = 0
-            for le in fam.bucket_labels:
+            for le in les:
                 running += counts[i]
                 i += 1
                 out.append(Sample("_bucket", (*pairs, ("le", le)), running))

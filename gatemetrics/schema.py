@@ -219,8 +219,10 @@ class Family:
 
     @property
     def bucket_labels(self) -> tuple[str, ...]:
-        """A histogram's ``le`` values as rendered (``repr(float)``, then ``"+Inf"``), the way
-        prometheus_client renders them; ``()`` for any other kind."""
+        """A histogram's bucket keys in the dictionary layout and JSON (``repr(float)``, then
+        ``"+Inf"``); ``()`` for any other kind. The expositions' ``le`` values are
+        :func:`gatemetrics.exposition.le_labels`, the same up to a million (then ``2.5e+06``
+        there, ``2500000.0`` here)."""
         if self.kind != "histogram":
             return ()
         return (*(repr(b) for b in self.buckets), "+Inf")

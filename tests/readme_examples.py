@@ -20,16 +20,24 @@ class ExampleRun:
     stdout: str  # what the command printed
 
 
+def readme_blocks(heading: str) -> tuple[list[str], list[str]]:
+    """The Python and the console code blocks of the README's section ``heading`` (up to the
+    next heading), in order."""
+    section = README.read_text(encoding="utf-8").split(f"{heading}\n", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+    return (
+        re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL),
+        re.findall(r"```console\n(.*?)\n```", section, flags=re.DOTALL),
+    )
+
+
 def run_readme_example(heading: str, package: str, tmp_path: Path) -> ExampleRun:
     """Run the example under ``heading`` (up to the next heading) with its modules as
     ``package``: the first Python block is ``<package>/metrics.py``, the second
     ``<package>/web.py``, imported by one worker process that records and exits (its last
     save); then the console block's command, with ``"$GATEMETRICS_DIR"`` set. Fails the test
     when the worker or the command fails."""
-    section = README.read_text(encoding="utf-8").split(f"{heading}\n", 1)[1]
-    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
-    [metrics, web] = re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL)
-    [console] = re.findall(r"```console\n(.*?)\n```", section, flags=re.DOTALL)
+    [metrics, web], [console] = readme_blocks(heading)
     command, *shown = console.splitlines()
     where = tmp_path / "app" / package
     where.mkdir(parents=True)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import logging
+import math
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -18,12 +21,14 @@ from typing import Any
 import orjson
 import pytest
 from filelock import FileLock
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from gatemetrics import CounterStore, bind, save_to_dir, shard_for
 from gatemetrics import gunicorn as hooks
 from tests.engine.aggregate_helpers import FAILURES, agg, orders
 from tests.engine.schema import SHOP_NAMESPACE, SHOP_SCHEMA, record_order
 from tests.processes import ROOT, Reaper, require_tool, wait_until
+from tests.readme_examples import readme_blocks
 
 
 class FakeServer:
@@ -216,3 +221,205 @@ def test_real_gunicorn_counts_exactly_through_recycling_and_sigkill(
     assert result.live == 0
     # child_exit compacted recycled workers away in the master while gunicorn ran.
     assert result.archive.absorbed_total >= 4
+
+
+# -- the README's end-to-end example, run as written under a real gunicorn --------------------
+
+
+def readme_end_to_end() -> tuple[dict[str, str], list[tuple[str, list[str]]]]:
+    """The section's files (by the path its first comment names) and its console commands,
+    each with the lines shown after it."""
+    blocks, [console] = readme_blocks("### End to end: gunicorn workers, the aggregator, a scrape")
+    files = {}
+    for block in blocks:
+        first = block.splitlines()[0]
+        assert first.startswith("# "), first
+        files[first[2:].split(":")[0]] = block
+    commands: list[tuple[str, list[str]]] = []
+    for line in console.splitlines():
+        if line.startswith("$ "):
+            commands.append((line[2:], []))
+        else:
+            commands[-1][1].append(line)
+    return files, commands
+
+
+def grep_e(command: str) -> tuple[str, re.Pattern[str] | None]:
+    """``cmd | grep -E 'pattern'`` as ``cmd`` and the pattern (ERE ``\\{`` reads the same)."""
+    if " | " not in command:
+        return command, None
+    command, grep = command.split(" | ")
+    [pattern] = re.fullmatch(r"grep -E '(.*)'", grep).groups()  # type: ignore[union-attr]
+    return command, re.compile(pattern)
+
+
+def kept(text: str, pattern: re.Pattern[str] | None) -> list[str]:
+    return [line for line in text.splitlines() if pattern is None or pattern.search(line)]
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (gunicorn's workers), from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def scrape(sock: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = get(sock, "/metrics")
+    assert status == 200, body
+    return exposition_values(body)
+
+
+def exposition_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in parse_text(text)
+        for s in fam.samples
+    }
+
+
+@pytest.mark.slow
+def test_the_readmes_end_to_end_example_counts_exactly_under_gunicorn_through_a_sigkill(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    if importlib.util.find_spec("gunicorn") is None:
+        require_tool("gunicorn")  # skips on a laptop without the server extra; fails in CI
+    files, commands = readme_end_to_end()
+    assert sorted(files) == ["gunicorn.conf.py", "mystore/app.py", "mystore/metrics.py"]
+    site = tmp_path / "site"
+    (site / "mystore").mkdir(parents=True)
+    (site / "mystore" / "__init__.py").write_text("")
+    for name, code in files.items():
+        (site / name).write_text(code + "\n")
+    shards = tmp_path / "shards"
+    sock = str(tmp_path / "g.sock")
+    env = {**os.environ, "GATEMETRICS_DIR": str(shards), "PYTHONPATH": str(site)}
+    [export, serve, requests, metrics, aggregate] = commands
+
+    assert export[0].startswith("export GATEMETRICS_DIR=")
+    # gunicorn as written, on a socket of this test instead of port 8000, in the foreground.
+    args = serve[0].split()
+    assert args[0] == "gunicorn"
+    assert args[-1] == "&"
+    gunicorn_args = [*args[1:-1], "--bind", f"unix:{sock}", "--no-control-socket"]
+    master = reaper.track(
+        subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", *gunicorn_args],
+            cwd=site,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        graceful=True,
+    )
+
+    def up() -> bool:
+        try:
+            return get(sock, "/nowhere")[0] == 404
+        except OSError:
+            return False
+
+    wait_until(up, timeout=30, interval=0.05)
+    # The README's requests, with what curl prints.
+    bodies = []
+    for curl in requests[0].split("; "):
+        [url] = re.fullmatch(r"curl -s '?localhost:8000(\S*?)'?", curl).groups()  # type: ignore[union-attr]
+        bodies.extend(get(sock, url)[1].splitlines())
+    assert bodies == requests[1]
+    # The README's scrape, as shown, from whichever worker answers.
+    command, pattern = grep_e(metrics[0])
+    [url] = re.fullmatch(r"curl -s localhost:8000(\S+)", command).groups()  # type: ignore[union-attr]
+    assert kept(get(sock, url)[1], pattern) == metrics[1]
+    # The README's aggregation while gunicorn runs (as a cron does), as shown.
+    command, pattern = grep_e(aggregate[0])
+    cli_args = [a.replace('"$GATEMETRICS_DIR"', str(shards)) for a in command.split()]
+    assert cli_args[:2] == ["gatemetrics", "aggregate"]
+
+    def run_aggregate() -> str:
+        cli = subprocess.run(
+            [sys.executable, "-m", "gatemetrics", *cli_args[1:]],
+            cwd=site,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        return cli.stdout
+
+    assert kept(run_aggregate(), pattern) == aggregate[1]
+
+    # More traffic, and a worker SIGKILLed half-way (between requests: none is in flight).
+    counted = {(route, code): 0 for route in ("cart", "pay") for code in ("2xx", "4xx", "5xx")}
+    counted["cart", "2xx"] = counted["pay", "2xx"] = counted["pay", "4xx"] = 1  # the README's three
+    rng = random.Random(13)
+    wait_until(lambda: len(children_of(master.pid)) == 2, timeout=30)
+    answers = {  # path: (status, the series it counts in, if any)
+        "/cart": (200, ("cart", "2xx")),
+        "/pay": (200, ("pay", "2xx")),
+        "/pay?declined": (402, ("pay", "4xx")),
+        "/nowhere": (404, None),
+    }
+
+    def send(n: int) -> None:
+        for _ in range(n):
+            path = rng.choice(sorted(answers))
+            status, series = answers[path]
+            assert get(sock, path)[0] == status, path
+            if series is not None:
+                counted[series] += 1
+
+    def replaced(killed: int) -> bool:
+        kids = children_of(master.pid)
+        return killed not in kids and len(kids) == 2
+
+    send(40)
+    killed = rng.choice(children_of(master.pid))
+    os.kill(killed, signal.SIGKILL)
+    # The master reaps it (child_exit folds its shard) and starts another worker.
+    wait_until(lambda: replaced(killed), timeout=30)
+    send(40)
+    per_route = {
+        r: sum(n for (route, _), n in counted.items() if route == r) for r in ("cart", "pay")
+    }
+
+    def check(values: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+        """Exact counts against the client's; cumulative buckets; the sums, by route."""
+        for (route, code), n in counted.items():
+            key = ("mystore_requests_total", (("code", code), ("route", route)))
+            assert values[key] == n, (route, code)
+        sums = {}
+        for route, n in per_route.items():
+            assert values["mystore_request_seconds_count", (("route", route),)] == n
+            buckets = [
+                values["mystore_request_seconds_bucket", (("le", le), ("route", route))]
+                for le in ("0.01", "0.1", "1.0", "+Inf")
+            ]
+            assert buckets == sorted(buckets)
+            assert buckets[-1] == n
+            sums[route] = values["mystore_request_seconds_sum", (("route", route),)]
+            assert sums[route] > 0
+        assert values["mystore_metric_write_failures_total", ()] == 0
+        return sums
+
+    scraped = check(scrape(sock))
+    master.send_signal(signal.SIGTERM)
+    _, err = master.communicate(timeout=60)
+    assert master.returncode == 0, err[-3000:]
+    final = exposition_values(run_aggregate())
+    aggregated = check(final)
+    # A compaction rounds a folded sum once: equal to the last bit, never more.
+    for route, total in scraped.items():
+        assert math.isclose(aggregated[route], total, rel_tol=1e-15, abs_tol=0), route
+    assert final["mystore_shards", (("state", "live"),)] == 0
