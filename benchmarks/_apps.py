@@ -58,7 +58,7 @@ def _off() -> None:
 
 def _prometheus_record_outcome() -> Callable[..., None]:
     """A ``record_outcome`` making the gate's increments with prometheus_client counters."""
-    from prometheus_client import Counter, values
+    from prometheus_client import Counter, Histogram, values
 
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or not getattr(
         values.ValueClass, "_multiprocess", False
@@ -66,6 +66,10 @@ def _prometheus_record_outcome() -> Callable[..., None]:
         raise SystemExit("the prometheus variant needs PROMETHEUS_MULTIPROC_DIR set before start")
     counters: dict[str, Any] = {}
     for fam in GATE_SCHEMA.families:
+        if fam.kind == "histogram":
+            # The same buckets as ours: the variant does the work the gate's store does.
+            counters[fam.key] = Histogram(fam.name, fam.documentation, buckets=fam.buckets)
+            continue
         labels = [fam.label] if fam.label else []
         counter = Counter(fam.name.removesuffix("_total"), fam.documentation, labels)
         for value in fam.values:
@@ -75,6 +79,7 @@ def _prometheus_record_outcome() -> Callable[..., None]:
     reason = counters["reason_counts"]
     breach_counter = counters["breach_counts"]
     audit_failures = counters["audit_write_failures"]
+    check_duration = counters["check_duration"]
 
     def record_outcome(
         self: GateMetricStore,
@@ -83,7 +88,10 @@ def _prometheus_record_outcome() -> Callable[..., None]:
         *,
         breach: bool = False,
         audit_write_failure: bool = False,
+        duration: float | None = None,
     ) -> None:
+        # The gate passes ``duration`` (GateMetricStore.records_check_duration): a variant
+        # without it would fail open on every check and count nothing.
         if allowed is True:
             decision.labels("ALLOW").inc()
         elif allowed is False:
@@ -96,6 +104,8 @@ def _prometheus_record_outcome() -> Callable[..., None]:
             breach_counter.labels("NO_OVERRIDE").inc()
         if audit_write_failure:
             audit_failures.inc()
+        if duration is not None:
+            check_duration.observe(duration)
 
     return record_outcome
 
