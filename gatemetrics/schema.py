@@ -261,6 +261,14 @@ class Family:
                 )
         return out  # type: ignore[return-value]  # every element checked to be a str
 
+    def series_key(self, values: tuple[str, ...]) -> str | tuple[str, ...] | None:
+        """How :meth:`Schema.slot` and :meth:`Schema.histogram` name the series whose label
+        values (in declared label order) are ``values``: ``None`` without a label, the one
+        value for one label, the tuple for several."""
+        if self.label is not None:
+            return values[0]
+        return values or None
+
     def _raise_label_mismatch(self, labels: Mapping[str, object]) -> None:
         names = self._names
         unknown = sorted(str(n)[:60] for n in labels if n not in names)
@@ -418,7 +426,7 @@ class Schema:
             if fam.kind == "histogram":
                 for values in fam.series_values:
                     series = HistogramSeries(i, f, fam.buckets, fam.key)
-                    histograms[(fam.key, _series_key(fam, values))] = series
+                    histograms[(fam.key, fam.series_key(values))] = series
                     i += len(fam.buckets) + 1
                     f += 1
             elif not fam.label_pairs:
@@ -483,7 +491,7 @@ class Schema:
             raise SchemaError(key, "family has no label") from None
         if isinstance(value, Mapping):
             values = fam.label_values(value)
-            return self.slot(key, values[0] if fam.label is not None else values)
+            return self.slot(key, fam.series_key(values))
         if fam.label is not None:
             raise SchemaError(f"{key}.{value}", "unknown label value") from None
         if not isinstance(value, tuple) or len(value) != len(fam.label_pairs):
@@ -510,7 +518,7 @@ class Schema:
             raise SchemaError(key, "family has no label")
         if isinstance(value, Mapping):
             values = fam.label_values(value)
-            return self.histogram(key, values[0] if fam.label is not None else values)
+            return self.histogram(key, fam.series_key(values))
         if fam.label is not None:
             raise SchemaError(f"{key}.{str(value)[:60]}", "unknown label value")
         names = ", ".join(fam.label_names)
@@ -674,7 +682,7 @@ def _value_slots(schema: Schema) -> dict[str, Any]:
             if not fam.label_pairs:
                 table[fam.key] = schema.histogram(fam.key)
                 continue
-            series = [schema.histogram(fam.key, _series_key(fam, v)) for v in fam.series_values]
+            series = [schema.histogram(fam.key, fam.series_key(v)) for v in fam.series_values]
             # In a 1-tuple, so that the parser tells it from a counter's table of slots.
             table[fam.key] = (_nested_counts(fam.label_pairs, series, 0),)
         elif not fam.label_pairs:
@@ -782,14 +790,6 @@ def check_sum(where: str, value: object, count: int) -> float:
     if count == 0 and total != 0.0:
         raise SchemaError(where, "a sum without observations")
     return total
-
-
-def _series_key(fam: Family, values: tuple[str, ...]) -> str | tuple[str, ...] | None:
-    """How :meth:`Schema.slot` and :meth:`Schema.histogram` name the series ``values`` (its
-    label values in declared order): ``None``, the one value, or the tuple."""
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
 
 
 def _tname(value: object) -> str:

@@ -370,9 +370,7 @@ class CounterStore:
 
     def begin_save(self) -> SaveState:
         """Advance the generation for a save: ``(counts, generation, start, restores)``."""
-        with self._lock:
-            self._generation = generation = self._generation + 1
-            return tuple(self._counts), generation, self._start, self._restores
+        return self.begin_save_cells()[0]
 
     def begin_save_cells(self) -> tuple[SaveState, tuple[float, ...]]:
         """:meth:`begin_save`, and the float cells (histogram sums) of the same state."""
@@ -453,15 +451,13 @@ class FamilyHandle:
             raise SchemaError(fam.key, f"expected {len(fam.label_pairs)} label values ({names})")
         if fam.kind == "histogram":
             # Through Schema.histogram, the one check of a histogram series.
-            series = self._store.schema.histogram(
-                fam.key, values[0] if fam.label is not None else values
-            )
+            series = self._store.schema.histogram(fam.key, fam.series_key(values))
             values = tuple(str.__str__(v) for v in values)
             return self._children.setdefault(
                 values, HistogramHandle(self._store, fam.key, values, series)
             )
         # Through Schema.slot, the one check of a series: a handle can name nothing it refuses.
-        slot = self._store.schema.slot(fam.key, values[0] if fam.label is not None else values)
+        slot = self._store.schema.slot(fam.key, fam.series_key(values))
         if not all(type(v) is str for v in values):
             # Equal to a declared value, yet not a str (a str subclass): kept as the plain value,
             # so the cache and the handle hold only the family's own strings.
@@ -534,7 +530,8 @@ class SeriesHandle:
 
     def get(self) -> int:
         """The series' current count."""
-        return self._store.get(self.key, self.values if len(self.values) > 1 else self.values[0])
+        store = self._store
+        return store.get(self.key, store.schema.family(self.key).series_key(self.values))
 
     def observe(self, value: float) -> None:
         """Refused (:class:`SchemaError`): a counter's series counts with :meth:`inc`."""
@@ -594,9 +591,8 @@ class HistogramHandle(SeriesHandle):
     def get(self) -> int:
         """The series' count of observations."""
         snap = self._store.snapshot()
-        return snap.histogram(self.key, self.values if len(self.values) > 1 else self.values[0])[0][
-            -1
-        ]
+        buckets, _ = snap.histogram(self.key, snap.schema.family(self.key).series_key(self.values))
+        return buckets[-1]
 
 
 def _series(schema: Schema, key: str, value: LabelValues, labels: Mapping[str, str]) -> LabelValues:
@@ -609,8 +605,7 @@ def _series(schema: Schema, key: str, value: LabelValues, labels: Mapping[str, s
     fam = schema.family(key)
     if not fam.label_pairs:
         raise SchemaError(key, "family has no label")
-    values = fam.label_values(labels)
-    return values[0] if fam.label is not None else values
+    return fam.series_key(fam.label_values(labels))
 
 
 def _refuse_gauges(schema: Schema) -> None:

@@ -130,3 +130,16 @@ def test_parse_counts_reads_str_subclass_keys_by_their_value() -> None:
             return 0
 
     assert _schema().parse_counts({Key("a"): {Key("y"): 2}, Key("b"): 3}) == [0, 2, 3]
+
+
+def test_series_key_names_a_series_as_slot_looks_it_up() -> None:
+    plain = Family("plain_total", "P.", key="plain")
+    one = Family("one_total", "O.", key="one", label="v", values=("a", "b"))
+    two = Family("two_total", "T.", key="two", labels=(("x", ("a",)), ("y", ("b", "c"))))
+    assert plain.series_key(()) is None
+    assert one.series_key(("b",)) == "b"
+    assert two.series_key(("a", "c")) == ("a", "c")
+    schema = Schema((plain, one, two))
+    for fam in schema.families:
+        slots = [schema.slot(fam.key, fam.series_key(v)) for v in fam.series_values]
+        assert slots == list(range(schema.offset(fam.key), schema.offset(fam.key) + fam.width))
