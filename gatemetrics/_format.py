@@ -297,7 +297,7 @@ def _map_series(
     """Append one series' cells of ``schema`` (a histogram's buckets and sum, or one slot)."""
     if schema.family(key).kind == "histogram":
         series = schema.histogram(key, value)
-        cells.extend(range(series.first, series.first + len(series.bounds) + 1))
+        cells.extend(range(series.first, series.end))
         floats.append(series.sum_cell)
     else:
         cells.append(schema.slot(key, value))
@@ -897,8 +897,7 @@ def _check_sums(schema: Schema, counts: tuple[int, ...], sums: tuple[float, ...]
 def _sum_spans(schema: Schema) -> tuple[tuple[int, int, int, HistogramSeries], ...]:
     """Per histogram series: its first bucket slot, the slot after its last, its sum cell."""
     return tuple(
-        (series.first, series.first + len(series.bounds) + 1, series.sum_cell, series)
-        for series in schema.histogram_series()
+        (series.first, series.end, series.sum_cell, series) for series in schema.histogram_series()
     )
 
 

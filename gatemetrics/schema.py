@@ -394,6 +394,11 @@ class HistogramSeries:
     bounds: tuple[float, ...]
     key: str
 
+    @property
+    def end(self) -> int:
+        """The slot after the series' last bucket (its buckets are ``first`` to ``end - 1``)."""
+        return self.first + len(self.bounds) + 1
+
 
 @dataclass(frozen=True)
 class Schema:

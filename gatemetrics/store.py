@@ -98,7 +98,7 @@ class Snapshot:
         series = self.schema.histogram(key, value)
         running = 0
         cumulative: list[int] = []
-        for n in self.counts[series.first : series.first + len(series.bounds) + 1]:
+        for n in self.counts[series.first : series.end]:
             running += n
             cumulative.append(running)
         return tuple(cumulative), self.sums[series.sum_cell]
