@@ -45,6 +45,7 @@ from gatemetrics.aggregate import (
     recorded_schema,
 )
 from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
+from gatemetrics.exposition import samples
 from gatemetrics.schema import Schema
 from gatemetrics.shards import write_file_atomically
 
@@ -607,18 +608,15 @@ def _shard_state(s: Any) -> str:
 
 
 def _series_totals(result: Aggregate) -> list[tuple[str, int]]:
-    snap = result.pipeline_snapshot()
     totals: list[tuple[str, int]] = []
-    i = 0
-    for fam in snap.schema.families:
-        # A histogram's line is its series' count (``<name>_count``): the total of its buckets.
-        buckets = len(fam.buckets) + 1 if fam.kind == "histogram" else 1
-        name = f"{fam.name}_count" if fam.kind == "histogram" else fam.name
-        for pairs in fam.series_labels:
-            inner = ",".join(f'{label}="{value}"' for label, value in pairs)
-            series = f"{name}{{{inner}}}" if pairs else name
-            totals.append((series, sum(snap.counts[i : i + buckets])))
-            i += buckets
+    for fam in samples(result.pipeline_snapshot()):
+        for sample in fam.samples:
+            # A histogram's line is its series' count (``<name>_count``), not its buckets.
+            if sample.suffix not in ("", "_count"):
+                continue
+            name = f"{fam.name}{sample.suffix}"
+            inner = ",".join(f'{label}="{value}"' for label, value in sample.labels)
+            totals.append((f"{name}{{{inner}}}" if inner else name, int(sample.value)))
     return totals
 
 
