@@ -145,6 +145,32 @@ if _os.geteuid() == 0:
 """
 
 
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    umask: int = -1,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m gatemetrics args...`` to completion in this environment; its return code
+    and text output. ``env`` is laid over this process's environment, less ``GATEMETRICS_DIR``
+    (a directory the suite's caller may have set must never leak into a command under test).
+
+    The one way tests run the command line as a user would.
+    """
+    base = {k: v for k, v in os.environ.items() if k != "GATEMETRICS_DIR"}
+    return subprocess.run(
+        [sys.executable, "-m", "gatemetrics", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+        env={**base, **(env or {})},
+        umask=umask,
+    )
+
+
 def run_python(
     code: str, *args: str, honour_file_modes: bool = False, timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:

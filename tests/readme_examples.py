@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.processes import run_cli
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -58,13 +60,6 @@ def run_readme_example(heading: str, package: str, tmp_path: Path) -> ExampleRun
     assert worker.returncode == 0, worker.stderr
     assert command.startswith("$ gatemetrics aggregate ")
     args = [a.replace('"$GATEMETRICS_DIR"', str(directory)) for a in command.split()[3:]]
-    cli = subprocess.run(
-        [sys.executable, "-m", "gatemetrics", "aggregate", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    cli = run_cli("aggregate", *args, env=env)
     assert cli.returncode == 0, cli.stderr
     return ExampleRun(directory, shown, cli.stdout)

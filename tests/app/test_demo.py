@@ -18,21 +18,9 @@ from backend.app.testing.release_gate import ReleaseGate
 from backend.app.testing.release_policy import BlockReasonCode, ReleasePolicyResult, ReleaseVerdict
 from tests.exposition_parser import parse
 from tests.gate.gate_shards import GATE_FAMILIES, PIPELINE_FAMILIES
-from tests.processes import ROOT, Reaper, read_line, wait_until
+from tests.processes import ROOT, Reaper, read_line, run_cli, wait_until
 
 FAMILIES = GATE_FAMILIES + PIPELINE_FAMILIES
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gatemetrics", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 OK, HOLD, BLOCK = ReleaseVerdict
@@ -131,7 +119,7 @@ def test_the_summary_counts_shard_files_of_both_formats() -> None:
 
 
 def test_demo_without_arguments_prints_exposition_and_an_exact_summary() -> None:
-    result = run_cli("demo")
+    result = run_cli("demo", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "result: exact" in result.stdout
     assert "MISMATCH" not in result.stdout
@@ -149,7 +137,7 @@ def test_demo_without_arguments_prints_exposition_and_an_exact_summary() -> None
     [("--decisions", "0"), ("--decisions", "-3"), ("--decisions", "many"), ("--workers", "1")],
 )
 def test_demo_rejects_bad_arguments(option: str, value: str) -> None:
-    result = run_cli("demo", option, value)
+    result = run_cli("demo", option, value, timeout=120)
     assert result.returncode == 2
     assert option in result.stderr
 

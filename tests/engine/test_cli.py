@@ -38,25 +38,9 @@ from tests.engine.schema import (
     dead_shop_v1_shard,
 )
 from tests.exposition_parser import parse
-from tests.processes import ATTACKER_UID, ROOT, Reaper, require_tool, wait_until
+from tests.processes import ATTACKER_UID, ROOT, Reaper, require_tool, run_cli, wait_until
 
 FAMILIES = SHOP_FAMILIES + SHOP_PIPELINE_FAMILIES
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, umask: int = -1
-) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k != "GATEMETRICS_DIR"}
-    return subprocess.run(
-        [sys.executable, "-m", "gatemetrics", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-        env={**base, **(env or {})},
-        umask=umask,
-    )
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -27,7 +27,7 @@ from gatemetrics import CounterStore, bind, save_to_dir, shard_for
 from gatemetrics import gunicorn as hooks
 from tests.engine.aggregate_helpers import FAILURES, agg, orders
 from tests.engine.schema import SHOP_NAMESPACE, SHOP_SCHEMA, record_order
-from tests.processes import ROOT, Reaper, require_tool, wait_until
+from tests.processes import ROOT, Reaper, require_tool, run_cli, wait_until
 from tests.readme_examples import readme_blocks
 
 
@@ -346,15 +346,7 @@ def test_the_readmes_end_to_end_example_counts_exactly_under_gunicorn_through_a_
     assert cli_args[:2] == ["gatemetrics", "aggregate"]
 
     def run_aggregate() -> str:
-        cli = subprocess.run(
-            [sys.executable, "-m", "gatemetrics", *cli_args[1:]],
-            cwd=site,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        cli = run_cli(*cli_args[1:], cwd=site, env=env)
         assert cli.returncode == 0, cli.stderr
         return cli.stdout
 

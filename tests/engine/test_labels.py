@@ -61,7 +61,7 @@ from tests.engine.schema import (
     request_mix,
 )
 from tests.exposition_parser import parse
-from tests.processes import Reaper, read_line, run_python
+from tests.processes import Reaper, read_line, run_cli, run_python
 from tests.readme_examples import run_readme_example
 
 REQUESTS = REQUESTS_SCHEMA.family("requests")
@@ -637,13 +637,7 @@ def test_workers_killed_or_closed_count_exactly_through_aggregate_and_compaction
     assert archive["counts"]["requests"]["login"]["5xx"] == expected[("login", "5xx")]
     assert decode_schema_file((tmp_path / "schema.json").read_bytes())[0] == REQUESTS_SCHEMA
     # The command line reads the directory's recorded schema: the same totals, every series.
-    cli = subprocess.run(
-        [sys.executable, "-m", "gatemetrics", "aggregate", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    cli = run_cli("aggregate", "--dir", str(tmp_path))
     assert cli.returncode == 0, cli.stderr
     families = parse(cli.stdout)
     assert list(families) == list(REQUESTS_AGGREGATE_SERIES)

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from gatemetrics import (
 from tests.engine.aggregate_helpers import agg
 from tests.engine.schema import SHOP_NAMESPACE, dead_shop_shard
 from tests.engine.test_exposition import TRICKY
-from tests.processes import ROOT
+from tests.processes import run_cli
 
 
 def om_parse(text: str) -> dict[str, Metric]:
@@ -169,17 +167,6 @@ def test_an_aggregate_renders_the_same_samples_as_its_text_exposition(tmp_path: 
     shards = {s.labels["state"]: s.value for s in families["shop_shards"].samples}
     assert shards == {"live": 0, "dead": 1}
     assert result.render_openmetrics() == render_openmetrics(result.pipeline_snapshot())
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gatemetrics", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
 
 
 def test_the_cli_prints_openmetrics_and_still_compacts(tmp_path: Path) -> None:
