@@ -590,12 +590,15 @@ def _archive_text(result: Aggregate, now: float) -> str:
     return archive
 
 
+def _declared_series(schema: Schema) -> int:
+    """Series as declared: a histogram's series counts once, not once per bucket slot."""
+    return sum(f.series for f in schema.families)
+
+
 def _schema_text(schema: Schema) -> str:
-    # Series as declared (a histogram's series counts once, not once per bucket).
-    series = sum(f.series for f in schema.families)
     return (
         f"{schema_fingerprint(schema).hex()[:12]} ({len(schema.families)} families, "
-        f"{series} series)"
+        f"{_declared_series(schema)} series)"
     )
 
 
@@ -692,7 +695,7 @@ def status_document(
         "schema": {
             "fingerprint": schema_fingerprint(result.schema).hex(),
             "families": len(result.schema.families),
-            "series": result.schema.size,
+            "series": _declared_series(result.schema),
             "namespace": result.namespace,
         },
         "archive": {

@@ -55,7 +55,7 @@ from tests.engine.schema import (
     SHOP_SCHEMA,
 )
 from tests.exposition_parser import parse
-from tests.processes import Reaper, require_tool
+from tests.processes import Reaper, require_tool, run_cli
 from tests.readme_examples import run_readme_example
 
 SCHEMA = HISTOGRAM_SCHEMA
@@ -1054,3 +1054,22 @@ def test_prometheus_clients_own_parser_reads_the_histograms_as_histograms() -> N
         {"outcome": "paid"},
         12.0,
     )
+
+
+def test_status_counts_a_histogram_series_once_and_totals_its_observations(
+    tmp_path: Path,
+) -> None:
+    dead_histogram_shard(tmp_path, [0.5, 0.01, 7.0], baskets=2)
+    result = run_cli(
+        "status", "--dir", str(tmp_path), "--schema", "tests.engine.schema:HISTOGRAM_SCHEMA",
+        "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    doc = orjson.loads(result.stdout)
+    # Declared series, not slots: a histogram series counts once, however many buckets it has.
+    assert doc["schema"]["series"] == sum(f.series for f in SCHEMA.families)
+    totals = doc["totals"]
+    assert totals["shop_checkout_seconds_count"] == 3
+    assert totals['shop_basket_items_count{outcome="paid"}'] == 2
+    assert totals['shop_basket_items_count{outcome="refused"}'] == 0
+    assert not any("_bucket" in series or "_sum" in series for series in totals)
