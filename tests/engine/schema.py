@@ -35,6 +35,7 @@ __all__ = [
     "WHYS",
     "WIDER_REQUESTS_SCHEMA",
     "WIDER_SHOP_SCHEMA",
+    "dead_shard",
     "dead_shop_shard",
     "dead_shop_v1_shard",
     "record_order",
@@ -216,6 +217,12 @@ def dead_shop_shard(directory: Path, paid: int = 1, refused: int = 0) -> str:
     if refused:
         store.increment("orders", "refused", refused)
         store.increment("refusals", "no_stock", refused)
+    return dead_shard(store, directory)
+
+
+def dead_shard(store: CounterStore, directory: Path) -> str:
+    """Save ``store`` into its shard in ``directory`` and let the owner go (the lifetime lock
+    released, as when a worker exits): the shard is dead. Returns its file name."""
     shard = shard_for(store, directory)
     assert shard.save()
     path = shard.path

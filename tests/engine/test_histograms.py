@@ -53,6 +53,7 @@ from tests.engine.schema import (
     HISTOGRAM_SCHEMA,
     SHOP_NAMESPACE,
     SHOP_SCHEMA,
+    dead_shard,
 )
 from tests.exposition_parser import parse
 from tests.processes import Reaper, require_tool, run_cli
@@ -87,12 +88,7 @@ def dead_histogram_shard(directory: Path, checkouts: list[float], baskets: int =
         store.observe("checkout", v)
     for i in range(baskets):
         store.observe("basket", float(i), "paid")
-    shard = shard_for(store, directory)
-    assert shard.save()
-    path = shard.path
-    assert path is not None
-    shard.close(save=False)
-    return os.path.basename(path)
+    return dead_shard(store, directory)
 
 
 # -- declaration ---------------------------------------------------------------------------
@@ -562,9 +558,7 @@ def test_a_shard_written_with_other_buckets_is_another_schema(tmp_path: Path) ->
     )
     store = CounterStore(other)
     store.observe("checkout", 1.5)
-    shard = shard_for(store, tmp_path)
-    assert shard.save()
-    shard.close(save=False)
+    dead_shard(store, tmp_path)
     dead_histogram_shard(tmp_path, [0.05])
     result = agg(tmp_path)
     problems = [r.problem for r in result.shards if r.action == "quarantined"]
@@ -591,9 +585,7 @@ def test_a_shard_with_fewer_label_values_maps_its_buckets_and_sum(tmp_path: Path
     store = CounterStore(older)
     store.observe("basket", 20.0, "refused")
     store.observe("checkout", 0.5)
-    shard = shard_for(store, tmp_path)
-    assert shard.save()
-    shard.close(save=False)
+    dead_shard(store, tmp_path)
     snap = agg(tmp_path).snapshot()
     assert snap.histogram("basket", "refused") == ((0, 0, 0, 1, 1), 20.0)
     assert snap.histogram("basket", "paid") == ((0,) * 5, 0.0)
@@ -864,14 +856,10 @@ def test_a_shard_with_fewer_values_of_two_labels_maps_into_a_wider_histogram(
     )
     store = CounterStore(narrow)
     store.observe("latency", 0.7, route="read", code="5xx")
-    shard = shard_for(store, tmp_path)
-    assert shard.save()
-    shard.close(save=False)
+    dead_shard(store, tmp_path)
     wide = CounterStore(WEB_SCHEMA)
     wide.observe("latency", 0.01, route="create", code="2xx")
-    shard = shard_for(wide, tmp_path)
-    assert shard.save()
-    shard.close(save=False)
+    dead_shard(wide, tmp_path)
     result = aggregate_dir(tmp_path, WEB_SCHEMA, namespace="web", compact=True)
     snap = result.snapshot()
     assert snap.histogram("latency", ("read", "5xx")) == ((0, 1, 1), 0.7)

@@ -56,6 +56,7 @@ from tests.engine.schema import (
     SHOP_NAMESPACE,
     SHOP_SCHEMA,
     WIDER_REQUESTS_SCHEMA,
+    dead_shard,
     dead_shop_shard,
     dead_shop_v1_shard,
     request_mix,
@@ -681,12 +682,7 @@ def dead_requests_shard(directory: Path, pairs: list[tuple[str, str]]) -> str:
     for route, code in pairs:
         store.increment("requests", route=route, code=code)
     store.increment("orders", "refused")
-    shard = shard_for(store, directory)
-    assert shard.save()
-    path = shard.path
-    assert path is not None
-    shard.close(save=False)
-    return os.path.basename(path)
+    return dead_shard(store, directory)
 
 
 def test_a_reader_with_more_values_maps_every_series_by_name(tmp_path: Path) -> None:
