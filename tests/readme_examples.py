@@ -18,7 +18,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @dataclass(frozen=True)
 class ExampleRun:
     directory: Path  # the shard directory the worker wrote and the aggregator compacted
-    shown: list[str]  # the output lines the README shows (ending in "...")
     stdout: str  # what the command printed
 
 
@@ -38,7 +37,8 @@ def run_readme_example(heading: str, package: str, tmp_path: Path) -> ExampleRun
     ``package``: the first Python block is ``<package>/metrics.py``, the second
     ``<package>/web.py``, imported by one worker process that records and exits (its last
     save); then the console block's command, with ``"$GATEMETRICS_DIR"`` set. Fails the test
-    when the worker or the command fails."""
+    when the worker or the command fails, or the command's output does not begin with the
+    lines the README shows."""
     [metrics, web], [console] = readme_blocks(heading)
     command, *shown = console.splitlines()
     where = tmp_path / "app" / package
@@ -62,4 +62,7 @@ def run_readme_example(heading: str, package: str, tmp_path: Path) -> ExampleRun
     args = [a.replace('"$GATEMETRICS_DIR"', str(directory)) for a in command.split()[3:]]
     cli = run_cli("aggregate", *args, env=env)
     assert cli.returncode == 0, cli.stderr
-    return ExampleRun(directory, shown, cli.stdout)
+    # The README shows the output's first lines, then "...": they must be what it prints.
+    assert shown[-1] == "..."
+    assert cli.stdout.splitlines()[: len(shown) - 1] == shown[:-1]
+    return ExampleRun(directory, cli.stdout)

@@ -961,9 +961,7 @@ def test_the_readmes_histogram_example_records_in_a_worker_and_aggregates_as_sho
     tmp_path: Path,
 ) -> None:
     run = run_readme_example("### Histograms", "myshop", tmp_path)
-    directory, shown = run.directory, run.shown
-    assert shown[-1] == "..."
-    assert run.stdout.splitlines()[: len(shown) - 1] == shown[:-1]
+    directory = run.directory
     invoice = parse(run.stdout)["myshop_checkout_seconds"].histograms[("method", "invoice")]
     assert (invoice.count, invoice.sum) == (1, 0.04)
     assert sorted(os.listdir(directory)) == CLEAN  # the dead worker's shard compacted
