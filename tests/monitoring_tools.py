@@ -386,6 +386,23 @@ def monitoring_stack(
         yield result
 
 
+def set_field(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """An edit of a parsed document (a corruption, in the validators' tests) that sets one field
+    by a dotted path with integer list indices, or with ``value`` None removes it."""
+
+    def edit(data: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = data
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+
+    return edit
+
+
 # -- Grafana's published types ---------------------------------------------------------------
 
 

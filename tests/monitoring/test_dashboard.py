@@ -31,6 +31,7 @@ from tests.monitoring_tools import (
     promtool_check_expressions,
     rules_by_alert,
     run,
+    set_field,
 )
 
 # Run by the nox session `monitoring`; the `tests` session deselects this marker.
@@ -123,40 +124,30 @@ def test_dashboard_type_checks_against_grafana_schema(grafana_typecheck: Typeche
     assert "type-checks against @grafana/schema" in result.stdout
 
 
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    """A corruption that sets one field, by a dotted path with integer list indices."""
-
-    def corrupt(data: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node: Any = data
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        node[last] = value
-
-    return corrupt
-
-
 CORRUPTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "gridPos.w as a string": (
-        _set("panels.0.gridPos.w", "12"),
+        set_field("panels.0.gridPos.w", "12"),
         "Type 'string' is not assignable to type 'number'",
     ),
-    "misspelt panel key": (_set("panels.0.titel", "x"), "'\"titel\"' does not exist"),
+    "misspelt panel key": (set_field("panels.0.titel", "x"), "'\"titel\"' does not exist"),
     "unknown thresholds mode": (
-        _set("panels.0.fieldConfig.defaults.thresholds.mode", "absolut"),
+        set_field("panels.0.fieldConfig.defaults.thresholds.mode", "absolut"),
         "'\"absolut\"' is not assignable",
     ),
     "stat option outside its enum": (
-        _set("panels.0.options.colorMode", "rainbow"),
+        set_field("panels.0.options.colorMode", "rainbow"),
         "'\"rainbow\"' is not assignable",
     ),
     "panel type without published types": (
-        _set("panels.0.type", "piechart"),
+        set_field("panels.0.type", "piechart"),
         "'\"piechart\"' is not assignable",
     ),
-    "schemaVersion as a string": (_set("schemaVersion", "42"), "not assignable to type 'number'"),
+    "schemaVersion as a string": (
+        set_field("schemaVersion", "42"),
+        "not assignable to type 'number'",
+    ),
     "variable of unknown type": (
-        _set("templating.list.0.type", "datasourc"),
+        set_field("templating.list.0.type", "datasourc"),
         "'\"datasourc\"' is not assignable",
     ),
     "query without expr": (

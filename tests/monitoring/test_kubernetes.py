@@ -35,6 +35,7 @@ from tests.monitoring_tools import (
     PROMTOOL_TESTS,
     load_yaml,
     run,
+    set_field,
 )
 
 # Run by the nox session `monitoring`; the `tests` session deselects this marker.
@@ -215,55 +216,43 @@ def test_manifests_validate_against_the_operator_crd_schemas(
     assert "(PodMonitor release-gate): valid" in result.stdout
 
 
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    """An edit that sets (or, with value None, removes) one field by a dotted path."""
-
-    def edit(data: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node: Any = data
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        if value is None:
-            del node[last]
-        else:
-            node[last] = value
-
-    return edit
-
-
 BROKEN = {
     "rule without expr": (
         PROMETHEUS_RULE,
-        _set("spec.groups.0.rules.0.expr", None),
+        set_field("spec.groups.0.rules.0.expr", None),
         "must have required property 'expr'",
     ),
     "for in words": (
         PROMETHEUS_RULE,
-        _set("spec.groups.0.rules.2.for", "5 minutes"),
+        set_field("spec.groups.0.rules.2.for", "5 minutes"),
         "/spec/groups/0/rules/2/for must match pattern",
     ),
     "group without name": (
         PROMETHEUS_RULE,
-        _set("spec.groups.0.name", None),
+        set_field("spec.groups.0.name", None),
         "must have required property 'name'",
     ),
     "pod monitor without selector": (
         POD_MONITOR,
-        _set("spec.selector", None),
+        set_field("spec.selector", None),
         "spec must have required property 'selector'",
     ),
     "scrape interval in words": (
         POD_MONITOR,
-        _set("spec.podMetricsEndpoints.0.interval", "15 seconds"),
+        set_field("spec.podMetricsEndpoints.0.interval", "15 seconds"),
         "/spec/podMetricsEndpoints/0/interval must match pattern",
     ),
     "endpoints not a list": (
         POD_MONITOR,
-        _set("spec.podMetricsEndpoints", {"port": "http"}),
+        set_field("spec.podMetricsEndpoints", {"port": "http"}),
         "/spec/podMetricsEndpoints must be array",
     ),
-    "apiVersion v2": (POD_MONITOR, _set("apiVersion", "monitoring.coreos.com/v2"), "no schema"),
-    "kind misspelt": (PROMETHEUS_RULE, _set("kind", "PrometheusRules"), "no schema"),
+    "apiVersion v2": (
+        POD_MONITOR,
+        set_field("apiVersion", "monitoring.coreos.com/v2"),
+        "no schema",
+    ),
+    "kind misspelt": (PROMETHEUS_RULE, set_field("kind", "PrometheusRules"), "no schema"),
 }
 
 
