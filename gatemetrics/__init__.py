@@ -53,7 +53,7 @@ from gatemetrics.exposition import (
     samples,
 )
 from gatemetrics.http import ExpositionFormat, metrics_asgi_app, metrics_wsgi_app, negotiate
-from gatemetrics.persistence import PersistedStore, SaveState
+from gatemetrics.persistence import CellImage, LockedHook, PersistedStore, SaveState
 from gatemetrics.schema import (
     MAX_COUNT,
     CountsDict,
@@ -95,6 +95,7 @@ __all__ = [
     "Aggregate",
     "ArchiveReport",
     "Binding",
+    "CellImage",
     "CompactionReport",
     "CounterStore",
     "CountsDict",
@@ -110,6 +111,7 @@ __all__ = [
     "Kind",
     "LabelValues",
     "LockTimeoutError",
+    "LockedHook",
     "Mode",
     "PersistedStore",
     "RecordedSchema",

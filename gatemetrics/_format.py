@@ -59,6 +59,7 @@ import itertools
 import math
 import re
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ __all__ = [
     "Kind",
     "Layout",
     "ShardRecord",
+    "SlotImage",
     "V2Header",
     "decode_schema_file",
     "decode_v1",
@@ -599,11 +601,98 @@ class Layout:
         body = self.slot.pack(seq, generation, saved_at, start, *counts, *sums)
         return body + _CRC.pack(zlib.crc32(body))
 
+    def unpack_cells(self, data: bytes) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """The cells of one slot's bytes (as :meth:`pack` wrote them), or None when its
+        checksum fails or ``data`` is not one slot long."""
+        if len(data) != self.slot_size:
+            return None
+        fields = _decode_slot(data, 0, self.slot)
+        if fields is None:
+            return None
+        ints_end = _SLOT_HEAD_FIELDS + self.int_cells
+        return tuple(fields[_SLOT_HEAD_FIELDS:ints_end]), tuple(fields[ints_end:])
+
+    def image(self) -> SlotImage | None:
+        """A new :class:`SlotImage` for this layout, or None where this machine cannot hold
+        one (a big-endian machine: the image's cells are native integers)."""
+        return SlotImage(self) if _NATIVE_IS_LAYOUT else None
+
     def slot_offset(self, header_len: int, seq: int) -> int:
         return _round_up(header_len, PAGE) + (seq & 1) * self.slot_stride
 
     def file_size(self, header_len: int) -> int:
         return _round_up(header_len, PAGE) + 2 * self.slot_stride
+
+
+# A slot image keeps its cells as native machine integers and floats: that is the slot's own
+# little-endian layout only on a little-endian machine with 8-byte "q"/"d" and 4-byte "I".
+_NATIVE_IS_LAYOUT = (
+    sys.byteorder == "little"
+    and struct.calcsize("=q") == struct.calcsize("q") == 8
+    and struct.calcsize("d") == 8
+    and struct.calcsize("I") == 4
+)
+_HEAD = struct.Struct(_SLOT_HEAD)
+
+
+class SlotImage:
+    """One v2 slot held in memory, whose cells a store counts in directly.
+
+    A write-through save of the default durability writes a whole slot after every record
+    call. Packing the cells into a slot is most of that cost, so a shard lends a store an image
+    instead (:meth:`gatemetrics.CounterStore.lend_cells`): ``counts`` and ``sums`` are views
+    of the slot's own bytes, the store's increments land in them, and a save is :meth:`seal`
+    (the slot's header fields and checksum) and one ``pwrite`` of :attr:`buffer`. The bytes
+    are exactly what :meth:`Layout.pack` writes for the same fields.
+
+    Not thread-safe by itself: the store's lock guards the cells, and whoever seals and
+    writes the image holds that lock, so no increment lands between the checksum and the
+    write. ``lent``, ``generation`` and ``start`` belong to the store while the image is lent
+    (it sets ``lent`` to False when it takes its cells back, counts its saves in
+    ``generation``, and ``start`` is its start timestamp).
+    """
+
+    __slots__ = (
+        "body",
+        "buffer",
+        "counts",
+        "crc",
+        "generation",
+        "lent",
+        "pack_head",
+        "size",
+        "start",
+        "sums",
+    )
+
+    def __init__(self, layout: Layout) -> None:
+        if not _NATIVE_IS_LAYOUT:
+            raise RuntimeError("a slot image needs a little-endian machine")
+        head = _HEAD.size
+        ints_end = head + 8 * layout.int_cells
+        body_end = layout.slot.size
+        self.buffer = bytearray(layout.slot_size)
+        view = memoryview(self.buffer)
+        self.counts = view[head:ints_end].cast("q")
+        self.sums = view[ints_end:body_end].cast("d")
+        #: The slot's header fields (seq, generation, saved_at, start): ``pack_head(buffer, 0,
+        #: ...)``; the checksummed bytes, and the checksum's cell.
+        self.pack_head = _HEAD.pack_into
+        self.body = view[:body_end]
+        self.crc = view[body_end:].cast("I")
+        self.size = layout.slot_size
+        self.lent = False
+        self.generation = 0
+        self.start = 0.0
+
+    def seal(self, seq: int, generation: int, saved_at: float, start: float) -> bytearray:
+        """Set the slot's header fields and checksum; the buffer, ready to be written.
+
+        The write-through hot path (``Shard._changed``) inlines these two steps.
+        """
+        self.pack_head(self.buffer, 0, seq, generation, saved_at, start)
+        self.crc[0] = zlib.crc32(self.body)
+        return self.buffer
 
 
 @functools.lru_cache(maxsize=64)

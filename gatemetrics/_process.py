@@ -21,6 +21,7 @@ The members are reached through what they publish for the purpose (the methods n
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import threading
 import weakref
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from gatemetrics.persistence import PersistedStore
     from gatemetrics.shards import Binding, Shard
 
-__all__ = ["PROCESS", "ForkAware", "Pausable", "ProcessState"]
+__all__ = ["PROCESS", "ForkAware", "ForkFlag", "Pausable", "ProcessState", "fork_flag"]
 
 
 class ForkAware(Protocol):
@@ -100,6 +101,54 @@ class ProcessState:
         paused, self._paused = self._paused, []
         for binding in paused:
             binding.resume_after_fork()
+
+
+class ForkFlag(Protocol):
+    """``flag[0]`` is 1 in the process that made the flag and 0 in any process forked from it."""
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+
+# Linux's MADV_WIPEONFORK (since 4.14): the kernel gives a forked child zeros in place of the
+# region's pages. The mmap module of Python 3.11 lacks the constant; the number is the ABI's.
+_MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18)
+
+
+class _PidFlag:
+    """The fallback flag, where the kernel cannot wipe a page: a ``getpid`` system call."""
+
+    __slots__ = ("_pid",)
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+
+    def __getitem__(self, index: int, /) -> int:
+        return int(os.getpid() == self._pid)
+
+
+def fork_flag() -> ForkFlag:
+    """A flag that tells, without a system call where the kernel allows it, whether this is
+    still the process that made it, however the fork happened (a C extension calling libc's
+    ``fork()`` runs no ``os.register_at_fork`` hook, and a child of one would otherwise write
+    its counts through its parent's descriptors).
+
+    A byte of a private anonymous page marked ``MADV_WIPEONFORK``, set to 1 here; a forked
+    child reads 0. Reading it costs about a tenth of ``os.getpid()``, which is a real system
+    call on every call (glibc caches nothing) and measured on every write-through record call
+    (benchmarks/PROFILE.md, fifth round). Elsewhere (another kernel, or ``madvise`` refused)
+    the flag compares ``os.getpid()``.
+    """
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, AttributeError, ValueError):
+        return _PidFlag()
+    try:
+        page.madvise(_MADV_WIPEONFORK)
+    except (OSError, AttributeError, ValueError):
+        page.close()
+        return _PidFlag()
+    page[0] = 1
+    return page
 
 
 #: The engine's process-wide state.

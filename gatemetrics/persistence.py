@@ -13,6 +13,15 @@ it, and persistence uses nothing else of a store. A save is a three-step exchang
    write-through binding hears of each public write: called once per write, on the writing
    thread, after the counts are visible and the store's lock released.
 
+The write-through fast path (the default durability, ``process-crash``): a shard lends the
+store a :class:`CellImage` (:meth:`PersistedStore.lend_cells`), the slot it writes, kept in
+memory. The store's cells *are* that slot's cells from then on, and the shard's change hook,
+installed ``under_lock``, runs with the store's lock held after each write: it seals the image
+(sequence, generation, checksum) and writes it with one ``pwrite``, and no snapshot, no packing
+and no second lock are needed. The store takes its cells back (``lent`` becomes False) on a
+restore, in a forked child and on :meth:`PersistedStore.reclaim_cells`; the shard then saves
+through the exchange above again.
+
 :meth:`PersistedStore.reset_for_new_process` is the store's part of the forked child's reset
 (``gatemetrics._process``): counts made before a fork belong to the parent.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 import enum
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
@@ -30,7 +40,7 @@ if TYPE_CHECKING:
     from gatemetrics.schema import Schema
     from gatemetrics.store import Snapshot
 
-__all__ = ["Durability", "Mode", "PersistedStore", "SaveState"]
+__all__ = ["CellImage", "Durability", "LockedHook", "Mode", "PersistedStore", "SaveState"]
 
 #: How a bound store persists itself: after every public write, or from a thread.
 Mode = Literal["write-through", "periodic"]
@@ -38,6 +48,26 @@ Mode = Literal["write-through", "periodic"]
 #: What :meth:`PersistedStore.begin_save` returns: ``(counts, generation, start_timestamp,
 #: restores)``, a plain tuple because it is built on every write-through save.
 SaveState: TypeAlias = tuple[tuple[int, ...], int, float, int]
+
+#: A change hook installed ``under_lock``: called with the store's lock held, it returns None
+#: or what the writer calls once the lock is released.
+LockedHook: TypeAlias = Callable[[], Callable[[], object] | None]
+
+
+class CellImage(Protocol):
+    """What a store needs of an image it counts in (see :meth:`PersistedStore.lend_cells`;
+    :class:`gatemetrics._format.SlotImage` is the one the engine lends)."""
+
+    #: The integer cells (int64) and float cells (float64), in the schema's slot order.
+    counts: memoryview[int]
+    sums: memoryview[float]
+    #: The store's generation while the image is lent (the store's own otherwise), and its
+    #: start timestamp (set when lent).
+    generation: int
+    start: float
+    #: True from :meth:`PersistedStore.lend_cells` until the store takes its cells back.
+    lent: bool
+
 
 # The previous release's durability names, accepted with a DeprecationWarning.
 _LEGACY_DURABILITY = {"none": "process-crash", "file": "power-loss", "full": "power-loss"}
@@ -127,13 +157,24 @@ class PersistedStore(Protocol):
 
     def snapshot(self) -> Snapshot: ...
 
-    def set_change_hook(self, hook: Callable[[], object] | None) -> None:
+    def set_change_hook(
+        self, hook: Callable[[], object] | None, *, under_lock: bool = False
+    ) -> None:
         """Install (or remove, with None) the callable every public write calls once.
 
         The hook must not raise for ordinary failures and must not record into the store
         through a public write method (that would call it again). ``TypeError`` for a read-only
-        store.
+        store. With ``under_lock`` it is a :data:`LockedHook`: it runs with the store's lock
+        held and must not call the store at all.
         """
+
+    def lend_cells(self, image: CellImage) -> threading.Lock:
+        """Make ``image``'s views the store's cells (current values copied in) and its
+        ``generation`` the store's; the lock every write holds (``ValueError`` for an image of
+        other sizes)."""
+
+    def reclaim_cells(self) -> None:
+        """Take the cells back from a lent image (lists again; ``image.lent`` becomes False)."""
 
     def begin_save(self) -> SaveState:
         """Advance the generation; the counts and metadata that carry it, atomically."""

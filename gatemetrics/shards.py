@@ -66,16 +66,17 @@ import socket
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gatemetrics import _faults
 from gatemetrics._checks import check_seconds, check_writable
 from gatemetrics._flock import try_flock
-from gatemetrics._format import layout_for, v2_names, valid_incarnation
-from gatemetrics._process import PROCESS
+from gatemetrics._format import SlotImage, layout_for, v2_names, valid_incarnation
+from gatemetrics._process import PROCESS, fork_flag
 from gatemetrics.errors import GatemetricsError, ShardWriteError
-from gatemetrics.persistence import Durability, Mode, PersistedStore
+from gatemetrics.persistence import Durability, LockedHook, Mode, PersistedStore
 
 __all__ = [
     "CREATE_STEPS",
@@ -112,6 +113,10 @@ SAVE_STEPS = (
 VANISHED_CHECK_S = 1.0
 
 _log = logging.getLogger("gatemetrics.shards")
+
+# The functions of the write-through fast path, looked up once (Shard._changed).
+_crc32 = zlib.crc32
+_pwrite = os.pwrite
 
 # Attempts at a fresh incarnation when creating its shard collides with an aggregator that is
 # probing or removing that very temp file (see Shard._create).
@@ -211,7 +216,10 @@ class Shard:
         # Where slot A (even seq) and slot B (odd seq) start, from the header's length.
         self._slot_offsets = (0, 0)
         self._seq = 0  # the slot sequence of the last good save of this incarnation
-        self._next_check = 0.0  # monotonic time of the next "still at its path?" check
+        # The wall-clock time of the last and of the next "still at its path?" check (the
+        # clock the saves stamp anyway; one that went back makes the check due at once).
+        self._checked_at = 0.0
+        self._next_check = 0.0
         # Counts of closed predecessor incarnations (None: all zero, the common case), and of
         # this incarnation's last good save.
         self._baseline: tuple[int, ...] | None = None
@@ -229,6 +237,18 @@ class Shard:
         self._ticket_lock = threading.Lock()
         self._tickets_issued = 0
         self._ticket_durable = 0
+        # The write-through fast path (see _changed): whether this shard lends its store a slot
+        # image, the image lent (None while none is), the store's lock that guards it, and
+        # whether the image's cells are exactly what the file holds (False after a write that
+        # failed, or that never ran because an exception stopped it).
+        self._lends = False
+        self._image: SlotImage | None = None
+        self._cells_lock: threading.Lock | None = None
+        self._image_clean = False
+        self._image_error: Exception | None = None
+        self._image_fd = -1  # the shard's descriptor while an image is lent
+        # 0 in a forked child however it forked: the fast path's pid guard (see fork_flag).
+        self._same_process = fork_flag()
         PROCESS.shards.add(self)
 
     # -- introspection -----------------------------------------------------------------------
@@ -266,6 +286,79 @@ class Shard:
             self._guard_pid()
             return self._open_locked()
 
+    def write_through_hook(self) -> LockedHook:
+        """The change hook a write-through binding installs ``under_lock`` (see
+        :meth:`gatemetrics.CounterStore.set_change_hook`): after every write, with the store's
+        lock held, it saves the write before the lock is released.
+
+        With the default durability it makes the shard lend its store a slot image
+        (:class:`gatemetrics._format.SlotImage`): the store counts in the slot's own bytes, and
+        a save is a checksum and one ``pwrite`` under the lock the write already holds, with no
+        snapshot, no packing and no other lock. ``power-loss`` durability never lends (an
+        ``fdatasync`` must not run under the store's lock): its hook runs :meth:`save` once the
+        lock is released, where concurrent savers share an ``fdatasync`` (group commit).
+        """
+        self._lends = not self._sync and self._layout.image() is not None
+        return self._changed
+
+    def _changed(self, checks: bool = True) -> Callable[[], object] | None:
+        """The write-through hook: called with the store's lock held, right after a write, it
+        writes the lent image as the next slot (so no write lands between the checksum and the
+        ``pwrite``).
+
+        Returns None once the write is in the shard, else what the writer runs after the lock
+        is released: :meth:`save` (no image lent, a fork, or the throttled "still at its
+        path?" check due) or the handling of a failed write. A failed write leaves the last
+        good slot untouched; the next one rewrites the same slot with everything. Never raises
+        (but for a test's simulated crash). :meth:`save` calls it with ``checks`` False, the
+        save lock held and those checks done.
+        """
+        image = self._image
+        now = self._clock()
+        if checks:
+            if image is None or not image.lent or not self._same_process[0]:
+                return self.save  # not lent (yet, or any more), or a fork that bypassed hooks
+            if not self._checked_at <= now < self._next_check:
+                # The check comes first, as in save(): a write into a removed shard would be
+                # lost. Until save() writes it, this write is only in the image.
+                self._image_clean = False
+                return self.save
+        assert image is not None
+        # Every write-through record call pays what follows, so it is one function (each call
+        # and attribute lookup shows in figure 1, benchmarks/PROFILE.md, fifth round): the
+        # crash points skipped inline when no test hook is installed, and SlotImage.seal
+        # inlined (the same two steps; test_shard_saving checks the bytes against it).
+        self._image_clean = False
+        seq = self._seq + 1
+        generation = image.generation + 1
+        faults = _faults.HOOK
+        try:
+            if faults is not None:
+                _faults.point("save.locked")
+            data = image.buffer
+            image.pack_head(data, 0, seq, generation, now, image.start)
+            image.crc[0] = _crc32(image.body)
+            if _pwrite(self._image_fd, data, self._slot_offsets[seq & 1]) != image.size:
+                raise OSError(errno.EIO, "short write to the shard")
+            if faults is not None:
+                _faults.point("save.written")
+                _faults.point("save.done")
+        except Exception as exc:  # noqa: BLE001 - a save never raises; the failure is counted
+            self._image_error = exc
+            return self._after_image_failure
+        self._seq = seq
+        image.generation = generation
+        self._image_clean = True
+        return None
+
+    def _after_image_failure(self) -> None:
+        # Run by the writer once the store's lock is released: count and log the failure.
+        store = self._store_ref()
+        if store is not None and self._failure_slot is not None:
+            store.count_failure(self._failure_slot)
+        exc = self._image_error or OSError(errno.EIO, "write to the shard failed")
+        self._log_failure(self.path or self._directory, exc)
+
     def save(self) -> bool:  # noqa: PLR0912, PLR0915 - the write-through hot path, inlined
         """Write the store's cumulative counts into this incarnation's shard; never raises.
 
@@ -295,15 +388,18 @@ class Shard:
             generation = 0
             try:
                 fd = self._fd
-                if fd is None or time.monotonic() >= self._next_check:
+                if fd is None or not self._checked_at <= self._clock() < self._next_check:
                     self._open_locked()
                     fd = self._fd
                     assert fd is not None
-                if _faults.HOOK is not None:
-                    _faults.point("save.locked")
                 with self._ticket_lock:  # drawn before the snapshot (see above)
                     self._tickets_issued += 1
                     ticket = self._tickets_issued
+                if self._lends and self._save_lent(store):
+                    self._ticket_durable = ticket
+                    return True
+                if _faults.HOOK is not None:
+                    _faults.point("save.locked")
                 (counts, generation, start, restores), totals = store.begin_save_cells()
                 sums = totals
                 if (
@@ -340,6 +436,73 @@ class Shard:
         finally:
             save_lock.release()
 
+    def _save_lent(self, store: PersistedStore) -> bool:
+        """The save of a shard that lends its store an image (save lock held): lend one if
+        none is lent and the store may count in it, then write it under the store's lock. False
+        when no image is lent (the caller saves through the snapshot); raises the write's
+        error when it failed."""
+        image = self._image
+        if image is not None and not image.lent:
+            self._drop_image()  # the store took its cells back (a restore)
+            image = None
+        if image is None:
+            if (
+                self._baseline is not None
+                or self._sum_baseline is not None
+                or store.restores != self._restores_seen
+                or self._fd is None
+            ):
+                return False  # the snapshot path subtracts baselines and checks restores
+            image = self._layout.image()
+            assert image is not None  # _lends is only set where images exist
+            self._image_fd = self._fd
+            self._cells_lock = store.lend_cells(image)
+            self._image = image
+        lock = self._cells_lock
+        assert lock is not None
+        lock.acquire()
+        try:
+            if not image.lent:  # taken back since: the snapshot path
+                return False
+            failed = self._changed(False) is not None
+        finally:
+            lock.release()
+        if failed:
+            raise self._image_error or OSError(errno.EIO, "write to the shard failed")
+        return True
+
+    def _drop_image(self) -> None:
+        """Forget an image the store no longer counts in (save lock held), keeping what the
+        file holds as this incarnation's last save."""
+        image, self._image = self._image, None
+        self._cells_lock = None
+        if image is None:
+            return
+        cells: tuple[tuple[int, ...], tuple[float, ...]] | None
+        if self._image_clean:
+            cells = (tuple(image.counts), tuple(image.sums))
+        elif self._seq == 0:
+            return  # nothing saved in this incarnation yet
+        else:
+            cells = self._read_own_slot()
+        if cells is None:
+            # The file's last good slot cannot be read back (the write failed and the file
+            # fails too): the image's cells stand for it, so counts whose saves failed may
+            # be missing from the next incarnation.
+            _log.warning("shard %s: its last save cannot be read back", self.path)
+            cells = (tuple(image.counts), tuple(image.sums))
+        self._last_saved, self._last_sums = cells
+
+    def _read_own_slot(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        fd = self._fd
+        if fd is None:
+            return None
+        try:
+            data = os.pread(fd, self._layout.slot_size, self._slot_offsets[self._seq & 1])
+        except OSError:
+            return None
+        return self._layout.unpack_cells(data)
+
     def close(self, *, save: bool = True) -> bool:
         """Optionally save once more, then release the lifetime lock (the shard becomes dead).
 
@@ -359,6 +522,9 @@ class Shard:
         store = self._store_ref()
         if store is None:
             return False
+        image = self._image
+        if image is not None and image.lent:
+            return not self._image_clean
         counts = store.snapshot().counts
         baseline = self._baseline or (0,) * len(counts)
         last = self._last_saved
@@ -370,6 +536,12 @@ class Shard:
 
     def _end_incarnation(self) -> None:
         """Close the shard (releasing its lock); what it saved becomes the next baseline."""
+        image = self._image
+        if image is not None:
+            store = self._store_ref()
+            if store is not None and image.lent:
+                store.reclaim_cells()
+            self._drop_image()
         fd, self._fd = self._fd, None
         if self._last_saved is not None:
             base = self._baseline or (0,) * len(self._last_saved)
@@ -408,6 +580,9 @@ class Shard:
                 os.close(fd)
         self._save_lock = threading.Lock()
         self._ticket_lock = threading.Lock()  # a parent thread may have held it at the fork
+        self._image = None  # the parent's; the store's reset took its cells back
+        self._cells_lock = None
+        self._same_process = fork_flag()
         self._pid = os.getpid()
         self._identity = None
         self._inode = None
@@ -439,7 +614,8 @@ class Shard:
     def _open_locked(self) -> Identity:
         ident = self._identity
         if ident is not None and self._fd is not None:
-            self._next_check = time.monotonic() + VANISHED_CHECK_S
+            self._checked_at = now = self._clock()
+            self._next_check = now + VANISHED_CHECK_S
             if self._still_in_place():
                 return ident
             _log.warning(
@@ -481,7 +657,8 @@ class Shard:
             )
             self._seq = 0
             self._last_saved = None
-            self._next_check = time.monotonic() + VANISHED_CHECK_S
+            self._checked_at = now = self._clock()
+            self._next_check = now + VANISHED_CHECK_S
             return ident
         raise ShardWriteError(self._directory, f"no new shard after retries: {last}")
 
@@ -750,7 +927,7 @@ class Binding:
         # The shard exists, locked, from now on: a bind that cannot work fails here, loudly.
         self._shard.open()
         if mode == "write-through":
-            store.set_change_hook(self._shard.save)
+            store.set_change_hook(self._shard.write_through_hook(), under_lock=True)
         else:
             self._start_thread()
         with PROCESS.lock:

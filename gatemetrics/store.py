@@ -36,7 +36,7 @@ from typing import Any
 
 from gatemetrics._process import PROCESS
 from gatemetrics.errors import SchemaError
-from gatemetrics.persistence import SaveState
+from gatemetrics.persistence import CellImage, LockedHook, SaveState
 from gatemetrics.schema import (
     GENERATION_KEY,
     MAX_COUNT,
@@ -136,6 +136,8 @@ class CounterStore:
         "_counts",
         "_generation",
         "_handles",
+        "_hook",
+        "_image",
         "_lock",
         "_on_change",
         "_pid",
@@ -160,7 +162,12 @@ class CounterStore:
         self._clock = clock
         self._start = float(clock())
         self._pid = os.getpid()
-        self._on_change: Callable[[], object] | None = None
+        # The hook as installed (see set_change_hook), and what every write calls under the
+        # lock: the hook itself when installed with under_lock, else a wrapper returning it.
+        self._hook: Callable[[], object] | None = None
+        self._on_change: LockedHook | None = None
+        # The slot image the store's cells are lent to (see lend_cells), or None.
+        self._image: CellImage | None = None
         self._restores = 0
         self._handles: dict[str, FamilyHandle] = {}
         PROCESS.stores.add(self)
@@ -172,7 +179,8 @@ class CounterStore:
     @property
     def generation(self) -> int:
         """How many times this store's state has been persisted (0 for a fresh store)."""
-        return self._generation
+        image = self._image
+        return self._generation if image is None else image.generation
 
     @property
     def start_timestamp(self) -> float:
@@ -270,7 +278,8 @@ class CounterStore:
         ``amount`` a non-negative int. All or none of the additions become visible. With
         ``check``, a sum above :data:`MAX_COUNT` raises :class:`SchemaError` and changes nothing
         (recorders adding one at a time skip it: 2**63 calls never happen). The change hook runs
-        once, after the lock is released. :meth:`SeriesHandle.inc` is this write for one slot,
+        once (see :meth:`set_change_hook`: under the lock, and what it returns after the lock
+        is released). :meth:`SeriesHandle.inc` is this write for one slot,
         inlined for the hot path: a change here is a change there.
 
         With ``sum_cell`` (a histogram observation), ``value`` (finite, non-negative) is added
@@ -279,6 +288,7 @@ class CounterStore:
         """
         # acquire/try/finally rather than ``with``: measurably cheaper per call on CPython 3.11
         # (see benchmarks/PROFILE.md), and this is every record call's cost.
+        after = None
         lock = self._lock
         lock.acquire()
         try:
@@ -294,11 +304,13 @@ class CounterStore:
                 self._sums[sum_cell] = total
             for s in slots:
                 counts[s] += amount
+            hook = self._on_change
+            if hook is not None:
+                after = hook()
         finally:
             lock.release()
-        hook = self._on_change
-        if hook is not None:
-            hook()
+        if after is not None:
+            after()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -322,7 +334,8 @@ class CounterStore:
         with self._lock:
             counts = tuple(self._counts)
             sums = tuple(self._sums)
-            generation = self._generation
+            image = self._image
+            generation = self._generation if image is None else image.generation
         return Snapshot(self._schema, counts, generation, self._start, sums)
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,6 +357,7 @@ class CounterStore:
         generation = check_generation(data[GENERATION_KEY])
         start = check_timestamp(data[START_TIMESTAMP_KEY])
         with self._lock:
+            self._take_cells_back()  # the lender sees it and saves through its checks again
             self._counts = counts
             self._sums = sums
             self._generation = generation
@@ -355,18 +369,30 @@ class CounterStore:
     @property
     def change_hook(self) -> Callable[[], object] | None:
         """The installed change hook (see :meth:`set_change_hook`), or None."""
-        return self._on_change
+        return self._hook
 
-    def set_change_hook(self, hook: Callable[[], object] | None) -> None:
+    def set_change_hook(
+        self, hook: Callable[[], object] | None, *, under_lock: bool = False
+    ) -> None:
         """Install (or remove, with ``None``) the callable every public write calls once.
 
         The hook runs on the writing thread after the lock is released. It must not raise for
         ordinary failures (write-through saving never does) and must not record into this store
         through a public write method (that would call it again).
+
+        With ``under_lock`` the hook runs *with the store's lock held*, right after the write's
+        cells changed (so nothing else changes them while it runs), and returns None or a
+        callable that the writer calls once the lock is released. Such a hook must not call any
+        method of the store (the lock is not reentrant: that would deadlock); it is how a
+        write-through shard writes a lent slot image (:meth:`lend_cells`).
         """
         if hook is not None and self.read_only:
             raise TypeError(f"{type(self).__name__} is read-only")
-        self._on_change = hook
+        self._hook = hook
+        if hook is None or under_lock:
+            self._on_change = hook  # type: ignore[assignment] # under_lock: it returns the rest
+        else:
+            self._on_change = lambda: hook
 
     def begin_save(self) -> SaveState:
         """Advance the generation for a save: ``(counts, generation, start, restores)``."""
@@ -374,11 +400,15 @@ class CounterStore:
 
     def begin_save_cells(self) -> tuple[SaveState, tuple[float, ...]]:
         """:meth:`begin_save`, and the float cells (histogram sums) of the same state."""
-        # Every write-through save calls this: acquire/try/finally, as in _add (PROFILE.md).
+        # Every periodic and power-loss save calls this: acquire/try/finally, as in _add.
         lock = self._lock
         lock.acquire()
         try:
-            self._generation = generation = self._generation + 1
+            image = self._image
+            if image is None:
+                self._generation = generation = self._generation + 1
+            else:
+                image.generation = generation = image.generation + 1
             state = (tuple(self._counts), generation, self._start, self._restores)
             return state, tuple(self._sums)
         finally:
@@ -388,8 +418,57 @@ class CounterStore:
         """Undo the :meth:`begin_save` that returned ``generation``, unless another save has
         moved the generation on since."""
         with self._lock:
-            if self._generation == generation:
+            image = self._image
+            if image is not None:
+                if image.generation == generation:
+                    image.generation = generation - 1
+            elif self._generation == generation:
                 self._generation = generation - 1
+
+    def lend_cells(self, image: CellImage) -> threading.Lock:
+        """Count in ``image`` from now on: its ``counts`` and ``sums`` (views of the same sizes
+        as this store's cells) take the current values and become the cells, its ``generation``
+        the store's generation and its ``start`` the store's start timestamp. Returns the lock
+        every write holds.
+
+        While the image is lent, whoever holds that lock may read the image's bytes as the
+        store's exact state (a write-through shard writes them as its slot, see
+        :class:`gatemetrics.shards.Shard`). The store takes its cells back, setting
+        ``image.lent`` to False, on :meth:`reclaim_cells`, :meth:`restore` and in a forked
+        child; only one image is lent at a time.
+        """
+        if self.read_only:
+            raise TypeError(f"{type(self).__name__} is read-only")
+        if len(image.counts) != len(self._counts) or len(image.sums) != len(self._sums):
+            raise ValueError("the image's cells do not match this store's schema")
+        with self._lock:
+            self._take_cells_back()
+            for i, v in enumerate(self._counts):
+                image.counts[i] = v
+            for i, f in enumerate(self._sums):
+                image.sums[i] = f
+            image.generation = self._generation
+            image.start = self._start
+            image.lent = True
+            self._counts = image.counts  # type: ignore[assignment] # a view of int64 cells
+            self._sums = image.sums  # type: ignore[assignment] # a view of float64 cells
+            self._image = image
+            return self._lock
+
+    def reclaim_cells(self) -> None:
+        """Take the cells back from a lent image (a no-op if none is lent)."""
+        with self._lock:
+            self._take_cells_back()
+
+    def _take_cells_back(self) -> None:
+        # Called with the lock held: lists again, with the image's values (it keeps them).
+        image = self._image
+        if image is not None:
+            self._counts = list(image.counts)
+            self._sums = list(image.sums)
+            self._generation = image.generation
+            image.lent = False
+            self._image = None
 
     def count_failure(self, slot: int) -> None:
         """Add one to ``slot`` without calling the change hook (for failures of the hook)."""
@@ -399,6 +478,9 @@ class CounterStore:
     def reset_for_new_process(self) -> None:
         """Start again from zero as a new process's store (runs in a forked child)."""
         self._lock = threading.Lock()
+        image, self._image = self._image, None
+        if image is not None:  # the child's copy of the parent's image: its cells stay there
+            image.lent = False
         self._counts = self._schema.zeros()
         self._sums = self._schema.float_zeros()
         self._generation = 0
@@ -512,7 +594,8 @@ class SeriesHandle:
         # CounterStore._add for one slot, inlined: the call it saves is a third of a handle's
         # cost (benchmarks figure 1). Keep the two the same: the store's lock and counts read
         # afresh each time (a fork or a restore replaces them), the sum checked (an
-        # inc(2**63 - 1) may have come first), the change hook once, after the lock.
+        # inc(2**63 - 1) may have come first), the change hook once, as _add calls it.
+        after = None
         store = self._store
         lock = store._lock
         lock.acquire()
@@ -522,11 +605,13 @@ class SeriesHandle:
             if total > MAX_COUNT:
                 raise SchemaError(self.key, "count would exceed 2**63-1")
             counts[self._slot] = total
+            hook = store._on_change
+            if hook is not None:
+                after = hook()
         finally:
             lock.release()
-        hook = store._on_change
-        if hook is not None:
-            hook()
+        if after is not None:
+            after()
 
     def get(self) -> int:
         """The series' current count."""
@@ -561,11 +646,12 @@ class HistogramHandle(SeriesHandle):
         # (the call it saves is a third of an observation's cost, benchmarks figure 1); any
         # other value takes CounterStore.observe's own checks. Keep the two the same: the
         # store's lock, counts and sums read afresh each time (a fork or a restore replaces
-        # them), both changed or neither, the change hook once, after the lock.
+        # them), both changed or neither, the change hook once, as _add calls it.
         if type(value) is not float or not 0.0 <= value < _INF:
             self._store._observe(self._series, self.key, value)
             return
         bucket = self._first + bisect_left(self._bounds, value)
+        after = None
         store = self._store
         lock = store._lock
         lock.acquire()
@@ -578,11 +664,13 @@ class HistogramHandle(SeriesHandle):
                 raise SchemaError(self.key, "sum would overflow or count would exceed 2**63-1")
             sums[self._sum_cell] = total
             counts[bucket] = n
+            hook = store._on_change
+            if hook is not None:
+                after = hook()
         finally:
             lock.release()
-        hook = store._on_change
-        if hook is not None:
-            hook()
+        if after is not None:
+            after()
 
     def inc(self, amount: int = 1) -> None:
         """Refused (:class:`SchemaError`): a histogram's series records with :meth:`observe`."""

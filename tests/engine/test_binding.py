@@ -118,8 +118,10 @@ def _queued_behind_a_blocked_save(
 def test_write_through_calls_queued_behind_a_save_share_the_next_save(
     tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
 ) -> None:
+    # Group commit is the power-loss path: the default durability writes each call's save
+    # under the store's lock (see test_write_through_fast_path_*).
     store = shop_store()
-    binding = bind(store, tmp_path)
+    binding = bind(store, tmp_path, durability=Durability.POWER_LOSS)
     _queued_behind_a_blocked_save(store, binding.shard, fault, waiters=5, then=lambda: None)
     # The blocked save, then one save for all five waiters (each counted before it began).
     assert store.generation == 2
@@ -131,7 +133,7 @@ def test_write_through_callers_save_themselves_when_the_save_they_waited_for_fai
     tmp_path: Path, fault: Callable[[Callable[[str], None]], None]
 ) -> None:
     store = shop_store()
-    binding = bind(store, tmp_path, failure_key=FAILURES)
+    binding = bind(store, tmp_path, failure_key=FAILURES, durability=Durability.POWER_LOSS)
 
     def fail() -> None:
         raise OSError(errno.EIO, "I/O error")
