@@ -27,14 +27,25 @@ Fork: counts made before a fork stay with the parent. The forked child's one res
 (``gatemetrics._process``) zeroes every store and makes every shard start over as a new
 incarnation; the child closes its copy of the parent's shard descriptor without unlocking it (an
 ``flock`` belongs to the open file description, which the parent still holds). A pid guard
-repeats the reset of a shard and its store for forks that bypass ``os.register_at_fork``.
+repeats the reset of a shard and its store for forks that bypass ``os.register_at_fork`` (on the
+write-through fast path, a ``MADV_WIPEONFORK`` byte: :func:`gatemetrics._process.fork_flag`).
 
 A shard talks to its store only through :class:`gatemetrics.persistence.PersistedStore`.
 
 Binding: :func:`bind` makes a store persist itself, either after every public write
 (``"write-through"``: exact even if the process is SIGKILLed right after the write returned; one
 ``pwrite`` of a few hundred bytes per write) or from a background thread every ``interval``
-seconds (``"periodic"``). Both save once more at interpreter exit (``atexit``) and in
+seconds (``"periodic"``).
+
+The write-through fast path (the default durability): the shard lends its store a slot image
+(:class:`gatemetrics._format.SlotImage`, see :meth:`gatemetrics.CounterStore.lend_cells`), so
+the store counts in the very bytes of the slot, and its change hook, installed ``under_lock``,
+writes the image while the write's own lock is held: a checksum and one ``pwrite``, no snapshot,
+no packing, no second lock (:meth:`Shard.write_through_hook`). ``power-loss`` durability, a
+restored store and an incarnation with a baseline save through the snapshot instead, where
+concurrent callers share a save (group commit).
+
+Both modes save once more at interpreter exit (``atexit``) and in
 :func:`close_all_bindings` (gunicorn's ``worker_exit``). Periodic threads are stopped before any
 ``os.fork`` and restarted after it in parent and child, so a process that forks never does so
 with one of our threads running.
@@ -52,6 +63,10 @@ Hazards, stated plainly:
   noticed within :data:`VANISHED_CHECK_S`: the owner then starts a new incarnation carrying only
   the counts made after its last save into the removed file. Saves made into the removed file in
   that window are lost, never counted twice.
+* On the write-through fast path the store's lock is held during the ``pwrite``: a file system
+  that stalls a write (a hung network mount) stalls every thread recording into that store, and
+  its readers (:meth:`gatemetrics.CounterStore.snapshot`), not only the savers. A local disk or
+  tmpfs answers a ``pwrite`` of a few hundred bytes in well under a microsecond of kernel time.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ live views. The store has no I/O of its own: persistence (shards) and merging (t
 are built on :meth:`CounterStore.snapshot` and the dictionary layout.
 
 Every write goes through one mechanism, :meth:`CounterStore._add`: add to some slots (and, for
-a histogram observation, to one float sum) under the lock, then notify the change hook once.
+a histogram observation, to one float sum) under the lock, then notify the change hook once
+(:meth:`CounterStore.set_change_hook`: after the lock is released, or, for a hook installed
+``under_lock``, before it is, and then what that hook returned after).
 :meth:`CounterStore.increment`, :meth:`CounterStore.increment_slots` and
 :meth:`CounterStore.observe` validate their arguments and call it; a subclass whose
 recorders resolve their slots from constants of its schema (the release gate's) calls it
@@ -16,8 +18,13 @@ and make the same write for that one slot, inlined (:meth:`SeriesHandle.inc`): t
 a prometheus_client user.
 
 A store implements :class:`gatemetrics.persistence.PersistedStore`, the protocol through which
-shards and bindings persist it (the change hook, the save exchange, the fork reset), and costs
-an unbound store nothing measurable. Fork safety: counts made before ``os.fork()`` belong to the
+shards and bindings persist it (the change hook, the save exchange, the lent slot image, the
+fork reset), and costs an unbound store nothing measurable. A store bound write-through with the
+default durability counts in a slot image its shard lent it (:meth:`CounterStore.lend_cells`):
+its cells are then ``memoryview`` casts of the slot's bytes instead of lists, which costs an
+increment about 50 ns and saves the save its snapshot and packing (benchmarks/PROFILE.md).
+
+Fork safety: counts made before ``os.fork()`` belong to the
 parent; in a forked child every store starts again at zero (``gatemetrics._process``), with a
 fresh lock (the parent's may have been held by a thread that does not exist in the child) and a
 new start time, so nothing is ever counted twice.
