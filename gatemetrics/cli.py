@@ -42,6 +42,7 @@ from gatemetrics.aggregate import (
     Aggregate,
     aggregate_dir,
     default_namespace,
+    read_dir,
     recorded_schema,
 )
 from gatemetrics.errors import LockTimeoutError, SchemaError, ShardWriteError
@@ -143,7 +144,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     agg.add_argument(
         "--no-compact",
         action="store_true",
-        help="only read: do not fold dead shards into the archive or remove anything",
+        help="only read, under shared locks as a scrape does: do not fold dead shards into the "
+        "archive or remove anything",
     )
 
     status = sub.add_parser(
@@ -423,11 +425,15 @@ def _aggregate(
         raise _Failure(f"{exposed[0]}{_WORLD_WRITABLE_HINT}")
     schema, namespace = _schema_and_namespace(args, directory)
     try:
+        if not compact:
+            # A run that writes nothing into the directory (status, --no-compact) reads under
+            # shared locks, as a scrape does: it never queues behind a scrape or another reader.
+            return read_dir(directory, schema, namespace=namespace, lock_timeout=args.lock_timeout)
         return aggregate_dir(
             directory,
             schema,
             namespace=namespace,
-            compact=compact,
+            compact=True,
             lock_timeout=args.lock_timeout,
         )
     except LockTimeoutError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import os
 import re
@@ -783,3 +784,21 @@ def test_status_of_a_directory_the_user_can_read_but_not_write(
     assert re.search(r"^access +read-only for this user", out, re.M)
     assert "shards      0 live, 2 dead" in out
     assert after == before
+
+
+def test_a_run_that_only_reads_never_queues_behind_a_scrape(shard_dir: Path) -> None:
+    # A scrape (read_dir) holds the directory's flock and aggregate.lock shared.
+    dir_fd = os.open(shard_dir, os.O_RDONLY | os.O_DIRECTORY)
+    lock_fd = os.open(shard_dir / "aggregate.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_SH)
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        for command in (("aggregate", "--no-compact"), ("status",)):
+            result = run_cli(*command, "--dir", str(shard_dir), "--lock-timeout", "0")
+            assert result.returncode == 0, (command, result.stderr)
+        # A compaction needs the lock to itself: it waits, then gives up.
+        result = run_cli("aggregate", "--dir", str(shard_dir), "--lock-timeout", "0.1")
+        assert result.returncode == 75
+    finally:
+        os.close(lock_fd)
+        os.close(dir_fd)
