@@ -601,16 +601,16 @@ class Layout:
         body = self.slot.pack(seq, generation, saved_at, start, *counts, *sums)
         return body + _CRC.pack(zlib.crc32(body))
 
-    def unpack_cells(self, data: bytes) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
-        """The cells of one slot's bytes (as :meth:`pack` wrote them), or None when its
-        checksum fails or ``data`` is not one slot long."""
+    def unpack_slot(self, data: bytes) -> tuple[int, tuple[int, ...], tuple[float, ...]] | None:
+        """The sequence and cells of one slot's bytes (as :meth:`pack` wrote them), or None
+        when its checksum fails or ``data`` is not one slot long."""
         if len(data) != self.slot_size:
             return None
         fields = _decode_slot(data, 0, self.slot)
         if fields is None:
             return None
         ints_end = _SLOT_HEAD_FIELDS + self.int_cells
-        return tuple(fields[_SLOT_HEAD_FIELDS:ints_end]), tuple(fields[ints_end:])
+        return fields[0], tuple(fields[_SLOT_HEAD_FIELDS:ints_end]), tuple(fields[ints_end:])
 
     def image(self) -> SlotImage | None:
         """A new :class:`SlotImage` for this layout, or None where this machine cannot hold

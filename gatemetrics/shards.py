@@ -477,38 +477,44 @@ class Shard:
         assert lock is not None
         lock.acquire()
         try:
-            if not image.lent:  # taken back since: the snapshot path
-                return False
-            failed = self._changed(False) is not None
+            lent = image.lent
+            failed = lent and self._changed(False) is not None
         finally:
             lock.release()
+        if not lent:  # taken back since (a restore): the snapshot path
+            self._drop_image()
+            return False
         if failed:
             raise self._image_error or OSError(errno.EIO, "write to the shard failed")
         return True
 
     def _drop_image(self) -> None:
-        """Forget an image the store no longer counts in (save lock held), keeping what the
-        file holds as this incarnation's last save."""
+        """Forget an image the store no longer counts in (save lock held): what the file's
+        newest slot holds becomes this incarnation's last save.
+
+        Read back from the file rather than taken from the image: the image may hold counts
+        that never reached the file (a failed write, or a write made after the hook was
+        removed), and those must be saved by the next incarnation, not counted as saved.
+        """
         image, self._image = self._image, None
         self._cells_lock = None
-        if image is None:
-            return
-        cells: tuple[tuple[int, ...], tuple[float, ...]] | None
-        if self._image_clean:
-            cells = (tuple(image.counts), tuple(image.sums))
-        elif self._seq == 0:
+        if image is None or self._seq == 0:
             return  # nothing saved in this incarnation yet
-        else:
-            cells = self._read_own_slot()
+        live = (tuple(image.counts), tuple(image.sums))
+        cells = self._read_own_slot(live)
         if cells is None:
-            # The file's last good slot cannot be read back (the write failed and the file
-            # fails too): the image's cells stand for it, so counts whose saves failed may
-            # be missing from the next incarnation.
+            # Unreadable, or not what this owner wrote (someone with write access to the
+            # file): the image stands for it, so counts whose saves failed may be missing from
+            # the next incarnation.
             _log.warning("shard %s: its last save cannot be read back", self.path)
-            cells = (tuple(image.counts), tuple(image.sums))
+            cells = live
         self._last_saved, self._last_sums = cells
 
-    def _read_own_slot(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    def _read_own_slot(
+        self, live: tuple[tuple[int, ...], tuple[float, ...]]
+    ) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """The cells of this owner's newest slot, if it reads back as what this owner last
+        wrote: its sequence, checksum, and cells no higher than the store's ``live`` ones."""
         fd = self._fd
         if fd is None:
             return None
@@ -516,7 +522,16 @@ class Shard:
             data = os.pread(fd, self._layout.slot_size, self._slot_offsets[self._seq & 1])
         except OSError:
             return None
-        return self._layout.unpack_cells(data)
+        slot = self._layout.unpack_slot(data)
+        if slot is None:
+            return None
+        seq, counts, sums = slot
+        ours = (
+            seq == self._seq
+            and all(0 <= c <= n for c, n in zip(counts, live[0], strict=True))
+            and all(0.0 <= f <= n for f, n in zip(sums, live[1], strict=True))
+        )
+        return (counts, sums) if ours else None
 
     def close(self, *, save: bool = True) -> bool:
         """Optionally save once more, then release the lifetime lock (the shard becomes dead).
