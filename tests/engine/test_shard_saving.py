@@ -985,3 +985,59 @@ def test_periodic_and_power_loss_bindings_never_lend_an_image_and_save_exactly(
     assert binding.close()
     assert binding.shard._image is None
     assert totals(tmp_path) == {"paid": 5, "refused": 4}
+
+
+HOSTILE_OWNER = """
+from gatemetrics import bind
+from tests.engine.shard_helpers import pay, shop_store
+store = shop_store()
+binding = bind(store, sys.argv[1])
+pay(store)
+assert binding.shard._image is not None and binding.shard._image.lent
+print(binding.shard.path, flush=True)
+for _ in range(2):
+    sys.stdin.readline()  # the attacker did its part: record on through it
+    for _ in range(3000):
+        pay(store)
+    print("recorded", flush=True)
+assert binding.close()
+print(store.get("orders", "paid"), flush=True)
+"""
+
+
+def test_an_owner_on_the_fast_path_survives_its_shard_overwritten_and_cut_short(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    """A same-user attacker writing garbage over the live shard's slots, then truncating it:
+    the owner pwrites (no mapping, so no SIGBUS) and never fails; its next writes make the
+    garbage shard exact again, and a cut-short one is skipped while live (as
+    test_aggregate_kept_shards expects of any live shard cut short), never a crash."""
+    proc = reaper.python(HOSTILE_OWNER, str(tmp_path), stdin=True)
+    path = Path(read_line(proc))
+    assert proc.stdin is not None
+    data = path.read_bytes()
+    layout = layout_for(SHOP_SCHEMA)
+    with open(path, "r+b") as f:
+        for seq in (0, 1):
+            f.seek(layout.slot_offset(header_length(data), seq))
+            f.write(b"\xa5" * layout.slot_size)
+    assert totals(tmp_path) == {"paid": 0, "refused": 0}  # both slots torn: nothing to count
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert read_line(proc) == "recorded"
+    assert totals(tmp_path) == {"paid": 3001, "refused": 0}  # the owner's writes repaired it
+    with open(path, "r+b") as f:
+        f.truncate(header_length(data) // 2)  # cut in place, into the header
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    seen = [agg(tmp_path) for _ in range(20)]  # while the owner records: never raises
+    assert read_line(proc) == "recorded"
+    assert read_line(proc) == "6001"
+    assert proc.wait(timeout=30) == 0  # no SIGBUS, no failure
+    for result in seen:
+        for report in result.shards:
+            if report.state == "live":
+                assert report.action == "skipped"
+                assert report.problem is not None
+                assert "wrong size" in report.problem
+    agg(tmp_path)  # dead and cut short: handled as any bad dead shard, never a crash
