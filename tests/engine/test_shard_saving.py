@@ -804,6 +804,7 @@ def test_the_fast_paths_slot_is_the_bytes_pack_and_seal_write_for_its_fields(
     assert (record.counts, record.sums) == (snap.counts, snap.sums)
     assert record.generation == store.generation == image.generation
     assert record.seq >= 5
+    assert record.start == store.start_timestamp == image.start
     fields = (record.seq, record.generation, record.saved_at, record.start)
     packed = layout_for(schema).pack(*fields, record.counts, sums=record.sums)
     slot = _slot_bytes(path, schema, record.seq)

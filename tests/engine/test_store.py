@@ -304,7 +304,7 @@ def test_a_hook_under_the_lock_sees_the_changed_cells_and_its_rest_runs_after_re
     assert store.change_hook is probe
     write(store)
     expected = store.snapshot()
-    assert expected.counts != HISTOGRAMS.zeros()  # the write changed something
+    assert expected.counts != tuple(HISTOGRAMS.zeros())  # the write changed something
     assert probe.under == [(True, expected.counts, expected.sums)]
     assert probe.after == [False]
     write(store)
@@ -351,6 +351,10 @@ def _image_for(schema: Schema) -> SlotImage:
     return image
 
 
+def _is_lent(image: SlotImage) -> bool:
+    return image.lent  # read afresh (mypy narrows the attribute after an assert)
+
+
 def test_lent_cells_carry_values_and_generation_both_ways() -> None:
     store = CounterStore(HISTOGRAMS, clock=lambda: 7.0)
     store.increment("hits", "a", 5)
@@ -378,7 +382,7 @@ def test_lent_cells_carry_values_and_generation_both_ways() -> None:
     assert store.generation == 9
     lent = store.snapshot()
     store.reclaim_cells()
-    assert not image.lent
+    assert not _is_lent(image)
     assert store.snapshot().counts == lent.counts
     assert store.snapshot().sums == lent.sums
     assert store.generation == 9
@@ -389,6 +393,17 @@ def test_lent_cells_carry_values_and_generation_both_ways() -> None:
     assert store.get("hits", "a") == 6
 
 
+class _OddImage:
+    """A :class:`gatemetrics.CellImage` of any sizes (a slot image always fits its schema)."""
+
+    def __init__(self, ints: int, floats: int) -> None:
+        self.counts = memoryview(bytearray(8 * ints)).cast("q")
+        self.sums = memoryview(bytearray(8 * floats)).cast("d")
+        self.generation = 0
+        self.start = 0.0
+        self.lent = False
+
+
 def test_lending_an_image_of_other_sizes_or_to_a_read_only_store_is_refused() -> None:
     store = CounterStore(SCHEMA)
     store.increment("misses")
@@ -397,6 +412,10 @@ def test_lending_an_image_of_other_sizes_or_to_a_read_only_store_is_refused() ->
     wider = Schema((*SCHEMA.families, Family("more_total", "More.", key="more")))
     with pytest.raises(ValueError, match="do not match"):
         store.lend_cells(_image_for(wider))
+    odd = _OddImage(len(SCHEMA.zeros()), 1)  # the int cells fit, but a float cell too many
+    with pytest.raises(ValueError, match="do not match"):
+        store.lend_cells(odd)
+    assert not odd.lent
     assert store.get("misses") == 1
     store.increment("misses")  # still counting in its own cells
     assert store.get("misses") == 2
