@@ -4,6 +4,7 @@ from a thread, exit saves, bad options refused."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import threading
@@ -19,8 +20,10 @@ from gatemetrics import (
     Shard,
     ShardWriteError,
     _faults,
+    aggregate_dir,
     bind,
 )
+from tests.engine.schema import HISTOGRAM_SCHEMA, REQUESTS_SCHEMA
 from tests.engine.shard_helpers import (
     FAILURES,
     WHYS,
@@ -284,3 +287,48 @@ def test_binding_an_unusable_directory_fails_loudly(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(ShardWriteError):
         bind(shop_store(), tmp_path / "f" / "shards")
+
+
+KILLED_THREADS = """
+import json, threading
+from gatemetrics import CounterStore, bind
+from tests.engine.schema import HISTOGRAM_SCHEMA, REQUESTS_SCHEMA, request_mix
+SCHEMA = HISTOGRAM_SCHEMA.extend([REQUESTS_SCHEMA.families[-1]])
+store = CounterStore(SCHEMA)
+bind(store, sys.argv[1])
+assert store.family("requests").labels("basket", "2xx") is not None
+
+def work(seed):
+    requests = store.family("requests")
+    basket = store.family("basket").labels("paid" if seed % 2 else "refused")
+    for i, (route, code) in enumerate(request_mix(seed, 120)):
+        requests.labels(route, code).inc()
+        basket.observe(float(i % 60))  # exact in binary: the sums do not depend on the order
+        store.observe("checkout", 0.5 if i % 3 else 2.0)
+
+threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+snap = store.snapshot()
+print(json.dumps([list(snap.counts), list(snap.sums)]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_write_through_is_exact_for_histograms_and_two_labels_when_threads_are_sigkilled(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    proc = reaper.python(KILLED_THREADS, str(tmp_path), stdin=True)
+    counts, sums = json.loads(read_line(proc, timeout=60))
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    schema = HISTOGRAM_SCHEMA.extend([REQUESTS_SCHEMA.families[-1]])
+    snap = aggregate_dir(tmp_path, schema, namespace="shop").snapshot()
+    assert list(snap.counts) == counts
+    assert list(snap.sums) == sums
+    assert sum(snap.series("requests").values()) == 4 * 120
+    buckets, total = snap.histogram("checkout")
+    assert buckets == (0, 0, 4 * 80, 4 * 120)  # cumulative
+    assert total == 4 * (80 * 0.5 + 40 * 2.0)

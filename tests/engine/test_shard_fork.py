@@ -290,3 +290,96 @@ def test_a_new_process_with_a_dead_owners_pid_is_a_new_incarnation(
     result = agg(tmp_path, compact=True)
     assert result.snapshot().family("orders") == {"paid": 3, "refused": 2}
     assert sorted(os.listdir(tmp_path)) == CLEAN
+
+
+# -- forks while the write-through fast path lends its store a slot image --------------------
+
+
+def test_an_os_fork_child_of_a_lent_image_records_into_its_own_shard_only(tmp_path: Path) -> None:
+    store = shop_store()
+    binding = bind(store, tmp_path)
+    for _ in range(3):
+        pay(store)
+    image = binding.shard._image
+    assert image is not None
+    assert image.lent
+    parent = binding.shard.path
+    assert parent is not None
+    before = Path(parent).read_bytes()
+
+    def child() -> bool:
+        refuse(store)  # the fast path, right after the fork: no save() first
+        refuse(store)
+        mine = binding.shard.path
+        return (
+            mine not in (None, parent)
+            and read_shard(str(mine)).counts == store.snapshot().counts
+            and store.snapshot().family("orders") == {"paid": 0, "refused": 2}
+        )
+
+    assert in_forked_child(child)
+    assert Path(parent).read_bytes() == before  # the parent's shard untouched
+    assert image.lent  # still the parent's fast path
+    assert totals(tmp_path) == {"paid": 3, "refused": 2}
+    pay(store)
+    assert read_shard(parent).counts == store.snapshot().counts
+    assert totals(tmp_path) == {"paid": 4, "refused": 2}
+    binding.close()
+
+
+HOOKLESS_FORK_LENT = """
+import ctypes
+from pathlib import Path
+from gatemetrics import bind
+from tests.engine.shard_helpers import pay, read_shard, refuse, shop_store
+from tests.shard_tools import is_locked
+
+store = shop_store()
+binding = bind(store, sys.argv[1])
+for _ in range(3):
+    pay(store)
+assert binding.shard._image is not None and binding.shard._image.lent
+parent = binding.shard.path
+before = Path(parent).read_bytes()
+pid = ctypes.CDLL(None, use_errno=True).fork()  # libc's fork: no os.register_at_fork hooks
+if pid == 0:
+    ok = False
+    try:
+        # The fast path's pid guard (fork_flag) sees the fork at the first write, before it
+        # writes anything: the reset then clears that write with the parent's counts (as the
+        # snapshot path's guard always did), and the child counts exactly from there.
+        refuse(store)
+        assert Path(parent).read_bytes() == before
+        refuse(store)
+        refuse(store)
+        mine = binding.shard.path
+        ok = (
+            mine != parent
+            and is_locked(parent)
+            and Path(parent).read_bytes() == before
+            and read_shard(mine).counts == store.snapshot().counts
+            and store.snapshot().family("orders") == {"paid": 0, "refused": 2}
+        )
+    finally:
+        os._exit(0 if ok else 1)
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(status, Path(parent).read_bytes() == before, flush=True)
+sys.stdin.read()
+pay(store)
+print(read_shard(parent).counts == store.snapshot().counts, flush=True)
+"""
+
+
+def test_a_libc_fork_child_of_a_lent_image_records_into_its_own_shard_only(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    proc = reaper.python(HOOKLESS_FORK_LENT, str(tmp_path), stdin=True)
+    assert read_line(proc) == "0 True"  # the child passed; the parent's file untouched
+    result = agg(tmp_path)
+    assert result.snapshot().family("orders") == {"paid": 3, "refused": 2}
+    assert (result.live, result.dead) == (1, 1)
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert read_line(proc) == "True"  # the parent goes on in its own shard
+    assert proc.wait(timeout=30) == 0
+    assert totals(tmp_path) == {"paid": 4, "refused": 2}

@@ -21,9 +21,11 @@ import pytest
 import gatemetrics.shards as shards_module
 from gatemetrics import (
     Aggregate,
+    Binding,
     CounterStore,
     Durability,
     Identity,
+    Schema,
     Shard,
     _faults,
     aggregate_dir,
@@ -32,9 +34,9 @@ from gatemetrics import (
     save_to_dir,
     shard_for,
 )
-from gatemetrics._format import layout_for, v2_names
+from gatemetrics._format import SlotImage, decode_v2, layout_for, v2_names
 from gatemetrics.shards import CREATE_STEPS
-from tests.engine.schema import SHOP_SCHEMA
+from tests.engine.schema import HISTOGRAM_SCHEMA, SHOP_SCHEMA
 from tests.engine.shard_helpers import (
     FAILURES,
     SHARD_NAME,
@@ -762,3 +764,281 @@ def test_counter_store_of_any_schema_saves_too(tmp_path: Path) -> None:
     assert result.snapshot().family("jobs") == {"a": 0, "b": 4}
     assert 'jobs_shards{state="live"} 1' in result.render_prometheus()
     shard_for(store, tmp_path).close(save=False)
+
+
+# -- the write-through fast path: a slot image lent to the store -----------------------------
+
+
+def _slot_bytes(path: str | Path, schema: Schema, seq: int) -> bytes:
+    data = Path(path).read_bytes()
+    layout = layout_for(schema)
+    offset = layout.slot_offset(header_length(data), seq)
+    return data[offset : offset + layout.slot_size]
+
+
+def _lent(binding: Binding) -> SlotImage:
+    image = binding.shard._image
+    assert image is not None
+    assert image.lent
+    return image
+
+
+@pytest.mark.parametrize("schema", [SHOP_SCHEMA, HISTOGRAM_SCHEMA], ids=["counter", "histogram"])
+def test_the_fast_paths_slot_is_the_bytes_pack_and_seal_write_for_its_fields(
+    tmp_path: Path, schema: Schema
+) -> None:
+    store = CounterStore(schema)
+    binding = bind(store, tmp_path)
+    for i in range(5):
+        store.increment("orders", "paid" if i % 2 else "refused", i + 1)
+        if schema is HISTOGRAM_SCHEMA:
+            store.observe("checkout", 0.05 * i)
+            store.family("basket").labels("paid").observe(float(i * 7))
+    image = _lent(binding)
+    ident = binding.shard.identity
+    path = binding.shard.path
+    assert ident is not None
+    assert path is not None
+    record = decode_v2(Path(path).read_bytes(), schema, ident.incarnation)
+    snap = store.snapshot()
+    assert (record.counts, record.sums) == (snap.counts, snap.sums)
+    assert record.generation == store.generation == image.generation
+    assert record.seq >= 5
+    assert record.start == store.start_timestamp == image.start
+    fields = (record.seq, record.generation, record.saved_at, record.start)
+    packed = layout_for(schema).pack(*fields, record.counts, sums=record.sums)
+    slot = _slot_bytes(path, schema, record.seq)
+    assert slot == packed
+    # Shard._changed inlines SlotImage.seal: sealing the same fields gives the same bytes.
+    assert bytes(image.seal(*fields)) == packed
+    other = layout_for(schema).image()
+    assert other is not None
+    for i, v in enumerate(record.counts):
+        other.counts[i] = v
+    for i, f in enumerate(record.sums):
+        other.sums[i] = f
+    assert bytes(other.seal(*fields)) == packed
+    assert layout_for(schema).unpack_cells(slot) == (snap.counts, snap.sums)
+    binding.close()
+
+
+def test_a_restore_below_what_was_saved_is_refused_while_an_image_was_lent(
+    tmp_path: Path,
+) -> None:
+    store = shop_store()
+    binding = bind(store, tmp_path)
+    for _ in range(3):
+        pay(store)
+    image = _lent(binding)
+    (name,) = files(tmp_path, ".shard")
+    before = (tmp_path / name).read_bytes()
+    store.restore(shop_store().to_dict())  # all zero: less than what was saved
+    assert not image.lent  # the store took its cells back
+    assert binding.shard.save() is False  # the snapshot path's restore check refuses it
+    assert binding.shard._image is None
+    assert (tmp_path / name).read_bytes() == before
+    assert totals(tmp_path) == {"paid": 3, "refused": 0}
+    binding.shard.close(save=False)
+
+
+def test_a_restore_above_what_was_saved_while_lent_saves_through_the_checks(
+    tmp_path: Path,
+) -> None:
+    store = shop_store()
+    binding = bind(store, tmp_path)
+    for _ in range(3):
+        pay(store)
+    _lent(binding)
+    more = shop_store()
+    for _ in range(5):
+        pay(more)
+    refuse(more)
+    store.restore(more.to_dict())  # the same process's counts, carried on: kept
+    pay(store)
+    assert binding.shard._image is None  # the restore check runs on every save now
+    assert totals(tmp_path) == {"paid": 6, "refused": 1}
+    assert binding.close()
+    assert totals(tmp_path) == {"paid": 6, "refused": 1}
+
+
+@pytest.mark.parametrize("step", ["save.locked", "save.written"])
+def test_a_failed_fast_path_save_is_counted_logged_and_the_next_one_writes_everything(
+    tmp_path: Path,
+    fault: Callable[[Callable[[str], None]], None],
+    caplog: pytest.LogCaptureFixture,
+    step: str,
+) -> None:
+    store = shop_store()
+    binding = bind(store, tmp_path, failure_key=FAILURES)
+    pay(store)
+    pay(store)
+    image = _lent(binding)
+    fault(raise_at(step, OSError(errno.EIO, "Input/output error")))
+    with caplog.at_level(logging.WARNING, logger="gatemetrics.shards"):
+        for _ in range(3):
+            refuse(store, "fraud")  # never raises
+    assert binding.shard._image is image  # the failures were the fast path's
+    assert store.get(FAILURES) == 3
+    assert store.snapshot().family("orders") == {"paid": 2, "refused": 3}
+    logged = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(logged) == 1  # once per interval
+    assert "Input/output error" in logged[0].getMessage()
+    if step == "save.locked":
+        assert totals(tmp_path) == {"paid": 2, "refused": 0}  # nothing reached the file
+    _faults.HOOK = None
+    pay(store)
+    snap = agg(tmp_path).snapshot()
+    assert snap.family("orders") == {"paid": 3, "refused": 3}
+    assert snap.get("refusals", "fraud") == 3
+    assert snap.get(FAILURES) == 3
+    assert binding.close()
+    assert agg(tmp_path).snapshot().counts == store.snapshot().counts
+
+
+def test_a_failed_fast_path_save_then_a_vanished_shard_keeps_the_next_incarnation_exact(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Callable[[Callable[[str], None]], None],
+) -> None:
+    directory = tmp_path / "shards"
+    store = shop_store()
+    binding = bind(store, directory, failure_key=FAILURES)
+    for _ in range(3):
+        pay(store)
+    _lent(binding)
+    first = binding.shard.identity
+    fault(raise_at("save.locked", OSError(errno.EIO, "Input/output error")))
+    pay(store)  # in memory only: the file keeps 3
+    assert store.get(FAILURES) == 1
+    _faults.HOOK = None
+    assert binding.shard.path is not None
+    Path(binding.shard.path).unlink()  # what it held (3) is gone with it
+    monkeypatch.setattr(shards_module, "VANISHED_CHECK_S", 0.0)  # check at the next save
+    binding.shard._next_check = 0.0
+    pay(store)
+    assert binding.shard.identity not in (None, first)
+    # The new incarnation's baseline is the last good slot (3 paid), read back from the
+    # unlinked file: not the image's 4 paid and 1 failure that never reached it.
+    snap = agg(directory).snapshot()
+    assert snap.family("orders") == {"paid": 2, "refused": 0}
+    assert snap.get(FAILURES) == 1
+    assert binding.close()
+    assert agg(directory, compact=True).snapshot().family("orders") == {"paid": 2, "refused": 0}
+
+
+def test_a_last_good_slot_that_cannot_be_read_back_is_logged_not_raised(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Callable[[Callable[[str], None]], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    directory = tmp_path / "shards"
+    store = shop_store()
+    binding = bind(store, directory, failure_key=FAILURES)
+    for _ in range(3):
+        pay(store)
+    _lent(binding)
+    seq = binding.shard._seq
+    fault(raise_at("save.locked", OSError(errno.EIO, "Input/output error")))
+    pay(store)
+    _faults.HOOK = None
+    path = binding.shard.path
+    assert path is not None
+    # The file fails too: its last good slot is garbage now, and then it goes.
+    layout = layout_for(SHOP_SCHEMA)
+    offset = layout.slot_offset(header_length(Path(path).read_bytes()), seq)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xa5" * layout.slot_size)
+    Path(path).unlink()
+    monkeypatch.setattr(shards_module, "VANISHED_CHECK_S", 0.0)
+    binding.shard._next_check = 0.0
+    with caplog.at_level(logging.WARNING, logger="gatemetrics.shards"):
+        pay(store)  # never raises
+    assert any("cannot be read back" in r.getMessage() for r in caplog.records)
+    assert store.snapshot().family("orders") == {"paid": 5, "refused": 0}
+    # The image's cells stood for the baseline (5 paid: this call's count had landed in it
+    # before the check found the shard gone), so the new shard starts from nothing of them.
+    assert totals(directory) == {"paid": 0, "refused": 0}
+    pay(store)
+    assert totals(directory) == {"paid": 1, "refused": 0}
+    assert binding.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"mode": "periodic", "interval": 3600.0}, {"durability": "power-loss"}],
+    ids=["periodic", "power-loss"],
+)
+def test_periodic_and_power_loss_bindings_never_lend_an_image_and_save_exactly(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    store = shop_store()
+    binding = bind(store, tmp_path, **options)
+    for _ in range(4):
+        pay(store)
+        refuse(store, "no_money")
+    for _ in range(3):
+        assert binding.shard.save()
+    assert binding.shard._image is None
+    assert totals(tmp_path) == {"paid": 4, "refused": 4}
+    pay(store)
+    assert binding.close()
+    assert binding.shard._image is None
+    assert totals(tmp_path) == {"paid": 5, "refused": 4}
+
+
+HOSTILE_OWNER = """
+from gatemetrics import bind
+from tests.engine.shard_helpers import pay, shop_store
+store = shop_store()
+binding = bind(store, sys.argv[1])
+pay(store)
+assert binding.shard._image is not None and binding.shard._image.lent
+print(binding.shard.path, flush=True)
+for _ in range(2):
+    sys.stdin.readline()  # the attacker did its part: record on through it
+    for _ in range(3000):
+        pay(store)
+    print("recorded", flush=True)
+assert binding.close()
+print(store.get("orders", "paid"), flush=True)
+"""
+
+
+def test_an_owner_on_the_fast_path_survives_its_shard_overwritten_and_cut_short(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    """A same-user attacker writing garbage over the live shard's slots, then truncating it:
+    the owner pwrites (no mapping, so no SIGBUS) and never fails; its next writes make the
+    garbage shard exact again, and a cut-short one is skipped while live (as
+    test_aggregate_kept_shards expects of any live shard cut short), never a crash."""
+    proc = reaper.python(HOSTILE_OWNER, str(tmp_path), stdin=True)
+    path = Path(read_line(proc))
+    assert proc.stdin is not None
+    data = path.read_bytes()
+    layout = layout_for(SHOP_SCHEMA)
+    with open(path, "r+b") as f:
+        for seq in (0, 1):
+            f.seek(layout.slot_offset(header_length(data), seq))
+            f.write(b"\xa5" * layout.slot_size)
+    assert totals(tmp_path) == {"paid": 0, "refused": 0}  # both slots torn: nothing to count
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert read_line(proc) == "recorded"
+    assert totals(tmp_path) == {"paid": 3001, "refused": 0}  # the owner's writes repaired it
+    with open(path, "r+b") as f:
+        f.truncate(header_length(data) // 2)  # cut in place, into the header
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    seen = [agg(tmp_path) for _ in range(20)]  # while the owner records: never raises
+    assert read_line(proc) == "recorded"
+    assert read_line(proc) == "6001"
+    assert proc.wait(timeout=30) == 0  # no SIGBUS, no failure
+    for result in seen:
+        for report in result.shards:
+            if report.state == "live":
+                assert report.action == "skipped"
+                assert report.problem is not None
+                assert "wrong size" in report.problem
+    agg(tmp_path)  # dead and cut short: handled as any bad dead shard, never a crash

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -18,6 +19,7 @@ from gatemetrics import (
     SchemaError,
     Snapshot,
 )
+from gatemetrics._format import SlotImage, layout_for
 from tests.shard_tools import in_forked_child
 
 SCHEMA = Schema(
@@ -246,3 +248,222 @@ def test_a_counter_store_implements_the_persistence_protocol() -> None:
     assert store.read_only is False
     protocol: PersistedStore = store
     assert protocol.schema is SCHEMA
+
+
+# -- hooks under the lock and lent cells (the write-through fast path) -----------------------
+
+HISTOGRAMS = Schema(
+    (
+        Family("hits_total", "Hits.", key="hits", label="kind", values=("a", "b", "c")),
+        Family(
+            "wait_seconds",
+            "Waits.",
+            key="wait",
+            label="kind",
+            values=("a", "b"),
+            kind="histogram",
+            buckets=(1.0, 2.0),
+        ),
+    )
+)
+
+
+class _LockedHookProbe:
+    """An ``under_lock`` hook that records, for every call, whether the store's lock was held
+    and the cells it saw; the callable it returns records whether the lock was released."""
+
+    def __init__(self, store: CounterStore) -> None:
+        self.store = store
+        self.under: list[tuple[bool, tuple[int, ...], tuple[float, ...]]] = []
+        self.after: list[bool] = []
+
+    def __call__(self) -> Callable[[], object]:
+        store = self.store
+        # No store method here (the lock is held and not reentrant): the cells directly.
+        self.under.append((store._lock.locked(), tuple(store._counts), tuple(store._sums)))
+        return lambda: self.after.append(store._lock.locked())
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda s: s.increment("hits", "b", 2), id="increment"),
+        pytest.param(lambda s: s.increment_slots([0, 2]), id="increment_slots"),
+        pytest.param(lambda s: s.family("hits").labels("c").inc(3), id="SeriesHandle.inc"),
+        pytest.param(lambda s: s.observe("wait", 1.5, "a"), id="observe"),
+        pytest.param(lambda s: s.family("wait").labels("b").observe(0.5), id="HistogramHandle"),
+        pytest.param(lambda s: s.family("wait").labels("b").observe(3), id="HistogramHandle-int"),
+    ],
+)
+def test_a_hook_under_the_lock_sees_the_changed_cells_and_its_rest_runs_after_release_once(
+    write: Callable[[CounterStore], None],
+) -> None:
+    store = CounterStore(HISTOGRAMS)
+    probe = _LockedHookProbe(store)
+    store.set_change_hook(probe, under_lock=True)
+    assert store.change_hook is probe
+    write(store)
+    expected = store.snapshot()
+    assert expected.counts != tuple(HISTOGRAMS.zeros())  # the write changed something
+    assert probe.under == [(True, expected.counts, expected.sums)]
+    assert probe.after == [False]
+    write(store)
+    assert [held for held, _, _ in probe.under] == [True, True]
+    assert probe.after == [False, False]
+
+
+def test_a_hook_under_the_lock_that_returns_none_leaves_nothing_to_run() -> None:
+    store = CounterStore(SCHEMA)
+    calls: list[bool] = []
+
+    def hook() -> None:
+        calls.append(store._lock.locked())
+
+    store.set_change_hook(hook, under_lock=True)
+    store.increment("misses")
+    store.family("hits").labels("a").inc()
+    assert calls == [True, True]
+    assert store.get("misses") == 1
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda s: s.increment("hits", "b"), id="increment"),
+        pytest.param(lambda s: s.family("hits").labels("c").inc(), id="SeriesHandle.inc"),
+        pytest.param(lambda s: s.family("wait").labels("b").observe(0.5), id="HistogramHandle"),
+    ],
+)
+def test_a_public_hook_still_runs_once_after_the_lock_is_released(
+    write: Callable[[CounterStore], None],
+) -> None:
+    store = CounterStore(HISTOGRAMS)
+    seen: list[tuple[bool, tuple[int, ...]]] = []
+    # A public hook may call the store: snapshot() takes the lock, so it must be free.
+    store.set_change_hook(lambda: seen.append((store._lock.locked(), store.snapshot().counts)))
+    write(store)
+    assert seen == [(False, store.snapshot().counts)]
+
+
+def _image_for(schema: Schema) -> SlotImage:
+    image = layout_for(schema).image()
+    assert image is not None  # a little-endian machine
+    return image
+
+
+def _is_lent(image: SlotImage) -> bool:
+    return image.lent  # read afresh (mypy narrows the attribute after an assert)
+
+
+def test_lent_cells_carry_values_and_generation_both_ways() -> None:
+    store = CounterStore(HISTOGRAMS, clock=lambda: 7.0)
+    store.increment("hits", "a", 5)
+    store.observe("wait", 1.5, "b")
+    store.begin_save()
+    store.begin_save()
+    before = store.snapshot()
+    image = _image_for(HISTOGRAMS)
+    lock = store.lend_cells(image)
+    assert lock is store._lock
+    assert image.lent
+    assert (tuple(image.counts), tuple(image.sums)) == (before.counts, before.sums)
+    assert (image.generation, image.start) == (2, 7.0)
+    # The store counts in the image from now on; its snapshot and generation read it.
+    store.increment("hits", "c", 4)
+    store.family("wait").labels("a").observe(0.25)
+    assert tuple(image.counts) == store.snapshot().counts
+    assert tuple(image.sums) == store.snapshot().sums == (0.25, 1.5)
+    assert store.get("hits", "c") == 4
+    assert store.begin_save()[1] == 3
+    assert image.generation == 3 == store.generation == store.snapshot().generation
+    store.abort_save(3)
+    assert image.generation == 2 == store.generation
+    image.generation = 9  # the shard's fast path counts its saves in the image
+    assert store.generation == 9
+    lent = store.snapshot()
+    store.reclaim_cells()
+    assert not _is_lent(image)
+    assert store.snapshot().counts == lent.counts
+    assert store.snapshot().sums == lent.sums
+    assert store.generation == 9
+    store.increment("hits", "a")  # lists again: the image keeps what it had
+    assert tuple(image.counts) == lent.counts
+    assert store.get("hits", "a") == 6
+    store.reclaim_cells()  # nothing lent: a no-op
+    assert store.get("hits", "a") == 6
+
+
+class _OddImage:
+    """A :class:`gatemetrics.CellImage` of any sizes (a slot image always fits its schema)."""
+
+    def __init__(self, ints: int, floats: int) -> None:
+        self.counts = memoryview(bytearray(8 * ints)).cast("q")
+        self.sums = memoryview(bytearray(8 * floats)).cast("d")
+        self.generation = 0
+        self.start = 0.0
+        self.lent = False
+
+
+def test_lending_an_image_of_other_sizes_or_to_a_read_only_store_is_refused() -> None:
+    store = CounterStore(SCHEMA)
+    store.increment("misses")
+    with pytest.raises(ValueError, match="do not match"):
+        store.lend_cells(_image_for(HISTOGRAMS))  # other int cells and float cells
+    wider = Schema((*SCHEMA.families, Family("more_total", "More.", key="more")))
+    with pytest.raises(ValueError, match="do not match"):
+        store.lend_cells(_image_for(wider))
+    odd = _OddImage(len(SCHEMA.zeros()), 1)  # the int cells fit, but a float cell too many
+    with pytest.raises(ValueError, match="do not match"):
+        store.lend_cells(odd)
+    assert not odd.lent
+    assert store.get("misses") == 1
+    store.increment("misses")  # still counting in its own cells
+    assert store.get("misses") == 2
+
+    class ReadOnly(CounterStore):
+        read_only = True
+
+    image = _image_for(SCHEMA)
+    with pytest.raises(TypeError, match="read-only"):
+        ReadOnly(SCHEMA).lend_cells(image)
+    assert not image.lent
+
+
+def test_a_restore_while_lent_takes_the_cells_back() -> None:
+    store = CounterStore(SCHEMA)
+    store.increment("hits", "a", 3)
+    image = _image_for(SCHEMA)
+    store.lend_cells(image)
+    store.increment("hits", "b")
+    donor = CounterStore(SCHEMA)
+    donor.increment("misses", None, 2)
+    donor.begin_save()
+    store.restore(donor.to_dict())
+    assert not image.lent
+    assert tuple(image.counts) == (3, 1, 0, 0)  # the image keeps what it had
+    assert store.snapshot().counts == (0, 0, 0, 2)
+    assert store.generation == 1
+    assert store.restores == 1
+    store.increment("hits", "a")
+    assert tuple(image.counts) == (3, 1, 0, 0)
+    assert store.snapshot().counts == (1, 0, 0, 2)
+
+
+def test_a_forked_child_takes_its_cells_back_from_the_parents_image() -> None:
+    store = CounterStore(SCHEMA)
+    image = _image_for(SCHEMA)
+    store.lend_cells(image)
+    store.increment("hits", "a", 2)
+
+    def child() -> bool:
+        store.increment("misses")
+        return (
+            not image.lent
+            and store.snapshot().counts == (0, 0, 0, 1)
+            and tuple(image.counts) == (2, 0, 0, 0)
+        )
+
+    assert in_forked_child(child)
+    assert image.lent
+    store.increment("hits", "a")
+    assert tuple(image.counts) == (3, 0, 0, 0)
