@@ -504,8 +504,9 @@ class Shard:
         cells = self._read_own_slot(live)
         if cells is None:
             # Unreadable, or not what this owner wrote (someone with write access to the
-            # file): the image stands for it, so counts whose saves failed may be missing from
-            # the next incarnation.
+            # file): the image stands for it. Counts that are in the image but never reached
+            # the file (failed saves, and the write that found the shard gone) are then lost,
+            # never counted twice: a copy of the file may still be counted by an aggregator.
             _log.warning("shard %s: its last save cannot be read back", self.path)
             cells = live
         self._last_saved, self._last_sums = cells
