@@ -895,22 +895,31 @@ def test_a_failed_fast_path_save_is_counted_logged_and_the_next_one_writes_every
     assert agg(tmp_path).snapshot().counts == store.snapshot().counts
 
 
+def _three_saved_then_one_failed(
+    directory: Path, fault: Callable[[Callable[[str], None]], None]
+) -> tuple[CounterStore, Binding]:
+    """A store bound write-through on the fast path: three payments saved, a fourth whose
+    save failed (in memory only); the fault is removed again."""
+    store = shop_store()
+    binding = bind(store, directory, failure_key=FAILURES)
+    for _ in range(3):
+        pay(store)
+    _lent(binding)
+    fault(raise_at("save.locked", OSError(errno.EIO, "Input/output error")))
+    pay(store)
+    _faults.HOOK = None
+    return store, binding
+
+
 def test_a_failed_fast_path_save_then_a_vanished_shard_keeps_the_next_incarnation_exact(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     fault: Callable[[Callable[[str], None]], None],
 ) -> None:
     directory = tmp_path / "shards"
-    store = shop_store()
-    binding = bind(store, directory, failure_key=FAILURES)
-    for _ in range(3):
-        pay(store)
-    _lent(binding)
+    store, binding = _three_saved_then_one_failed(directory, fault)
     first = binding.shard.identity
-    fault(raise_at("save.locked", OSError(errno.EIO, "Input/output error")))
-    pay(store)  # in memory only: the file keeps 3
-    assert store.get(FAILURES) == 1
-    _faults.HOOK = None
+    assert store.get(FAILURES) == 1  # the fourth payment is in memory only: the file keeps 3
     assert binding.shard.path is not None
     Path(binding.shard.path).unlink()  # what it held (3) is gone with it
     monkeypatch.setattr(shards_module, "VANISHED_CHECK_S", 0.0)  # check at the next save
@@ -933,15 +942,8 @@ def test_a_last_good_slot_that_cannot_be_read_back_is_logged_not_raised(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     directory = tmp_path / "shards"
-    store = shop_store()
-    binding = bind(store, directory, failure_key=FAILURES)
-    for _ in range(3):
-        pay(store)
-    _lent(binding)
+    store, binding = _three_saved_then_one_failed(directory, fault)
     seq = binding.shard._seq
-    fault(raise_at("save.locked", OSError(errno.EIO, "Input/output error")))
-    pay(store)
-    _faults.HOOK = None
     path = binding.shard.path
     assert path is not None
     # The file fails too: its last good slot is garbage now, and then it goes.
