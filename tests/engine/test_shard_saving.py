@@ -783,6 +783,16 @@ def _lent(binding: Binding) -> SlotImage:
     return image
 
 
+def _three_paid(directory: Path, **options: Any) -> tuple[CounterStore, Binding, SlotImage]:
+    """A shop store bound write-through (``options`` go to bind) with three payments saved
+    through the fast path, and the image it counts in."""
+    store = shop_store()
+    binding = bind(store, directory, **options)
+    for _ in range(3):
+        pay(store)
+    return store, binding, _lent(binding)
+
+
 @pytest.mark.parametrize("schema", [SHOP_SCHEMA, HISTOGRAM_SCHEMA], ids=["counter", "histogram"])
 def test_the_fast_paths_slot_is_the_bytes_pack_and_seal_write_for_its_fields(
     tmp_path: Path, schema: Schema
@@ -825,11 +835,7 @@ def test_the_fast_paths_slot_is_the_bytes_pack_and_seal_write_for_its_fields(
 def test_a_restore_below_what_was_saved_is_refused_while_an_image_was_lent(
     tmp_path: Path,
 ) -> None:
-    store = shop_store()
-    binding = bind(store, tmp_path)
-    for _ in range(3):
-        pay(store)
-    image = _lent(binding)
+    store, binding, image = _three_paid(tmp_path)
     (name,) = files(tmp_path, ".shard")
     before = (tmp_path / name).read_bytes()
     store.restore(shop_store().to_dict())  # all zero: less than what was saved
@@ -844,11 +850,7 @@ def test_a_restore_below_what_was_saved_is_refused_while_an_image_was_lent(
 def test_a_restore_above_what_was_saved_while_lent_saves_through_the_checks(
     tmp_path: Path,
 ) -> None:
-    store = shop_store()
-    binding = bind(store, tmp_path)
-    for _ in range(3):
-        pay(store)
-    _lent(binding)
+    store, binding, _ = _three_paid(tmp_path)
     more = shop_store()
     for _ in range(5):
         pay(more)
@@ -900,11 +902,7 @@ def _three_saved_then_one_failed(
 ) -> tuple[CounterStore, Binding]:
     """A store bound write-through on the fast path: three payments saved, a fourth whose
     save failed (in memory only); the fault is removed again."""
-    store = shop_store()
-    binding = bind(store, directory, failure_key=FAILURES)
-    for _ in range(3):
-        pay(store)
-    _lent(binding)
+    store, binding, _ = _three_paid(directory, failure_key=FAILURES)
     fault(raise_at("save.locked", OSError(errno.EIO, "Input/output error")))
     pay(store)
     _faults.HOOK = None
