@@ -367,12 +367,11 @@ class Shard:
         return None
 
     def _after_image_failure(self) -> None:
-        # Run by the writer once the store's lock is released: count and log the failure.
+        # Run by the writer once the store's lock is released.
         store = self._store_ref()
-        if store is not None and self._failure_slot is not None:
-            store.count_failure(self._failure_slot)
-        exc = self._image_error or OSError(errno.EIO, "write to the shard failed")
-        self._log_failure(self.path or self._directory, exc)
+        if store is not None:
+            exc = self._image_error or OSError(errno.EIO, "write to the shard failed")
+            self._count_failure(store, exc)
 
     def save(self) -> bool:  # noqa: PLR0912, PLR0915 - the write-through hot path, inlined
         """Write the store's cumulative counts into this incarnation's shard; never raises.
@@ -438,9 +437,7 @@ class Shard:
                 # same (possibly torn) slot with the same sequence.
                 if generation:
                     store.abort_save(generation)
-                if self._failure_slot is not None:
-                    store.count_failure(self._failure_slot)
-                self._log_failure(self.path or self._directory, exc)
+                self._count_failure(store, exc)
                 return False
             self._seq = seq
             self._last_saved = counts
@@ -642,11 +639,15 @@ class Shard:
             return False
         return (st.st_dev, st.st_ino) == self._inode
 
+    def _schedule_check(self) -> None:
+        # The next "still at its path?" check, VANISHED_CHECK_S from now on the saves' clock.
+        self._checked_at = now = self._clock()
+        self._next_check = now + VANISHED_CHECK_S
+
     def _open_locked(self) -> Identity:
         ident = self._identity
         if ident is not None and self._fd is not None:
-            self._checked_at = now = self._clock()
-            self._next_check = now + VANISHED_CHECK_S
+            self._schedule_check()
             if self._still_in_place():
                 return ident
             _log.warning(
@@ -688,8 +689,7 @@ class Shard:
             )
             self._seq = 0
             self._last_saved = None
-            self._checked_at = now = self._clock()
-            self._next_check = now + VANISHED_CHECK_S
+            self._schedule_check()
             return ident
         raise ShardWriteError(self._directory, f"no new shard after retries: {last}")
 
@@ -783,10 +783,14 @@ class Shard:
                 self.path or self._directory, "store counts went down since the last save"
             )
 
-    def _log_failure(self, path: str, exc: Exception) -> None:
+    def _count_failure(self, store: PersistedStore, exc: Exception) -> None:
+        """Count a failed save in the failure key (if any) and log it (rate-limited)."""
+        if self._failure_slot is not None:
+            store.count_failure(self._failure_slot)
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_S or self._last_log == 0.0:
             self._last_log = now
+            path = self.path or self._directory
             _log.warning("saving shard %s failed (counted; counts stay in memory): %s", path, exc)
 
 
